@@ -1,0 +1,1 @@
+"""Prefect flows of instructflow: wiring only; the logic lives in `tasks`."""

@@ -1,0 +1,73 @@
+"""The `instruction-tuning` flow: seeds -> self_instruct -> evol_instruct -> quality -> mix -> finetune.
+
+Each stage reads the artifact of the stage before it and returns the path of its own. A stage whose artifact
+already exists for this config and these inputs is not run again (Prefect shows it as Cached).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, runtime, tags
+from prefect.artifacts import create_markdown_artifact
+
+from tasks import prefect_tasks
+from tasks.artifacts import Artifact
+from tasks.config import Config, load_config
+from tasks.runs import RunRecord, StageRecord
+from tasks.stages import plan
+
+
+def run_stage(stage: str, cfg: Config, run: RunRecord, inputs: dict[str, str]) -> str:
+    """Plan the stage's artifact, run its task (or reuse the artifact), and record it in the manifest."""
+    artifact = plan(stage, cfg, inputs)
+    reused = artifact.is_done()
+    task = getattr(prefect_tasks, stage).with_options(refresh_cache=not reused)
+    path = task(key=artifact.path.name, config=cfg.model_dump(mode="json"), inputs=inputs,
+                artifacts_dir=str(artifact.path.parent.parent.resolve()))
+    run.add(StageRecord.of(stage, Artifact(artifact.path), reused))
+    return path
+
+
+@flow(name="instruction-tuning", log_prints=True)
+def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    # 1. Configuration: a bad file, key or value stops here, before any stage.
+    overrides = list(overrides or [])
+    cfg = load_config(config, overrides)
+    run = RunRecord.start(cfg, config, overrides, flow_run_id=runtime.flow_run.id)
+    print(f"run directory: {run.path}")
+
+    with tags(f"model:{cfg.llm.model}", f"profile:{cfg.run.name}"):
+        # 2. Data: seed tasks, bootstrapped tasks, evolved tasks.
+        seeds = run_stage("seeds", cfg, run, {})
+        generated = run_stage("self_instruct", cfg, run, {"seeds": seeds})
+        evolved = run_stage("evol_instruct", cfg, run, {"self_instruct": generated})
+        # 3. Selection: score and filter, then mix the training set and hold out an eval split.
+        scored = run_stage("quality", cfg, run, {"evol_instruct": evolved})
+        mixed = run_stage("mix", cfg, run, {"quality": scored})
+        # 4. Training: instruction-tune the base model on the mix; eval loss before and after.
+        tuned = run_stage("finetune", cfg, run, {"mix": mixed})
+
+    metrics = Artifact(Path(tuned)).stats()
+    summary = {"run_id": run.run_id, "run_dir": str(run.path), "model_path": metrics["model_path"],
+               "eval_loss_before": metrics["eval_loss_before"], "eval_loss_after": metrics["eval_loss_after"],
+               "stages": [s.__dict__ for s in run.stages]}
+    run.save(status="completed", extra={"model_path": summary["model_path"],
+                                        "eval_loss_before": summary["eval_loss_before"],
+                                        "eval_loss_after": summary["eval_loss_after"]})
+    create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary),
+                             description="instruction-tuning run summary")
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# instruction-tuning run `{summary['run_id']}`", "",
+             "| stage | rows in | rows out | seconds | reused | dropped |", "|---|---|---|---|---|---|"]
+    for s in summary["stages"]:
+        dropped = ", ".join(f"{k}: {v}" for k, v in sorted(s["dropped"].items())) or "-"
+        lines.append(f"| {s['stage']} | {s['rows_in']} | {s['rows_out']} | {s['seconds']} | "
+                     f"{'yes' if s['reused'] else 'no'} | {dropped} |")
+    lines += ["", f"Tuned model: `{summary['model_path']}`", "",
+              f"Eval loss: {summary['eval_loss_before']:.4f} (base) -> {summary['eval_loss_after']:.4f} (tuned)"]
+    return "\n".join(lines)

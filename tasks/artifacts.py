@@ -1,0 +1,204 @@
+"""Content-addressed stage artifacts, atomic writes and run manifests.
+
+An artifact lives in `<artifacts_dir>/<NN_stage>/<key>/` and holds `data.parquet`, `stats.json` and
+`_SUCCESS`, written last. `key` hashes the stage name, the config sections the stage reads, the content
+hashes of its inputs and the stage's code version, so a changed input or setting gives a new directory and
+an old one is never overwritten. While a long stage runs, its checkpoints sit in `parts/`; a directory
+without `_SUCCESS` is never read as done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STAGES = ("seeds", "self_instruct", "evol_instruct", "quality", "mix", "finetune")
+KEY_LENGTH = 16
+
+
+def stage_dirname(stage: str) -> str:
+    return f"{STAGES.index(stage) + 1:02d}_{stage}"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def code_version(*modules: Any) -> str:
+    """Hash of the source files of the given modules: editing a stage's code invalidates its artifacts."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:KEY_LENGTH]
+
+
+def artifact_key(stage: str, config: dict[str, Any], input_hashes: Iterable[str], version: str) -> str:
+    payload = canonical_json({"stage": stage, "config": config, "inputs": list(input_hashes),
+                              "code": version})
+    return sha256_bytes(payload.encode())[:KEY_LENGTH]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One stage output directory."""
+
+    path: Path
+
+    @classmethod
+    def at(cls, artifacts_dir: str | Path, stage: str, key: str) -> "Artifact":
+        return cls(Path(artifacts_dir) / stage_dirname(stage) / key)
+
+    @property
+    def data_path(self) -> Path:
+        return self.path / "data.parquet"
+
+    @property
+    def stats_path(self) -> Path:
+        return self.path / "stats.json"
+
+    @property
+    def success_path(self) -> Path:
+        return self.path / "_SUCCESS"
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.path / "parts"
+
+    def is_done(self) -> bool:
+        if not (self.success_path.is_file() and self.data_path.is_file()):
+            return False
+        try:
+            marker = json.loads(self.success_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(marker, dict) and "content_hash" in marker
+
+    def marker(self) -> dict[str, Any]:
+        if not self.is_done():
+            raise FileNotFoundError(f"{self.path} is not a finished artifact (no valid _SUCCESS)")
+        return json.loads(self.success_path.read_text())
+
+    def content_hash(self) -> str:
+        return self.marker()["content_hash"]
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self.stats_path.read_text())
+
+    def read_table(self) -> pa.Table:
+        if not self.is_done():
+            raise FileNotFoundError(f"{self.path} is not a finished artifact (no valid _SUCCESS)")
+        return pq.read_table(self.data_path)
+
+    def begin(self) -> None:
+        """Prepare to (re)write this artifact: any stale `_SUCCESS` goes first, parts are kept."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.success_path.unlink(missing_ok=True)
+
+    def commit(self, table: pa.Table, stats: dict[str, Any]) -> None:
+        """Write data, then stats, then `_SUCCESS` naming the data's content hash; drop the parts."""
+        atomic_write_parquet(self.data_path, table)
+        atomic_write_json(self.stats_path, stats)
+        marker = {"content_hash": sha256_file(self.data_path), "rows": table.num_rows,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_json(self.success_path, marker)
+        if self.parts_dir.exists():
+            shutil.rmtree(self.parts_dir)
+
+
+class PartWriter:
+    """Checkpoints of a long stage: numbered Parquet parts, each written atomically."""
+
+    def __init__(self, parts_dir: Path):
+        self.parts_dir = parts_dir
+
+    def existing(self) -> list[Path]:
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(self.parts_dir.glob("part-*.parquet"))
+
+    def read_all(self) -> list[pa.Table]:
+        return [pq.read_table(p) for p in self.existing()]
+
+    def write(self, table: pa.Table) -> Path:
+        path = self.parts_dir / f"part-{len(self.existing()):05d}.parquet"
+        atomic_write_parquet(path, table)
+        return path
+
+
+def input_hashes(paths: Iterable[str | Path]) -> list[str]:
+    return [Artifact(Path(p)).content_hash() for p in paths]

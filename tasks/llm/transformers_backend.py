@@ -1,0 +1,147 @@
+"""The in-process Hugging Face backend: batched, left-padded generation on GPU when present, else CPU."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
+
+from tasks.llm.base import Completion, GenerationParams, truncate_at_stop
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device `cuda` was asked for, but torch sees no CUDA device; use `auto` or `cpu`")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(model_dir: Path, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.padding_side = padding_side
+    tokenizer.truncation_side = "left"  # keep the end of an over-long prompt: that is where the task is
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    return model.to(device)
+
+
+class NucleusSampling:
+    """Temperature, then top-p, as one logits processor that avoids sorting the whole vocabulary.
+
+    Sorting Gemma's 262K logits for every row at every step costs more on a CPU than the transformer
+    itself. The nucleus almost always lies inside the top few hundred tokens, so this takes the top
+    `candidates` first and falls back to a full sort only for rows where those hold less than `top_p`
+    of the probability mass. The result is the same nucleus as a full sort.
+    """
+
+    def __init__(self, temperature: float, top_p: float, candidates: int = 512):
+        self.temperature = temperature
+        self.top_p = top_p
+        self.candidates = candidates
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores / self.temperature
+        if self.top_p >= 1.0:
+            return scores
+        k = min(self.candidates, scores.shape[-1])
+        log_z = torch.logsumexp(scores, dim=-1, keepdim=True)
+        top_vals, top_idx = torch.topk(scores, k, dim=-1)
+        probs = torch.exp(top_vals - log_z)
+        cum = probs.cumsum(dim=-1)
+        inside = cum[:, -1] >= self.top_p
+        if not bool(inside.all()):  # rare: the nucleus is wider than the candidates, sort those rows fully
+            rows = (~inside).nonzero().flatten()
+            full_vals, full_idx = torch.sort(scores[rows], descending=True, dim=-1)
+            full_cum = torch.exp(full_vals - log_z[rows]).cumsum(dim=-1)
+            drop = (full_cum - torch.exp(full_vals - log_z[rows])) >= self.top_p
+            scores[rows] = scores[rows].scatter(-1, full_idx, full_vals.masked_fill(drop, float("-inf")))
+        # Keep a token if the mass before it is still below top_p (so the top token always stays).
+        keep = (cum - probs) < self.top_p
+        kept = torch.full_like(scores, float("-inf")).scatter(-1, top_idx, top_vals.masked_fill(~keep, float("-inf")))
+        return torch.where(inside.unsqueeze(-1), kept, scores)
+
+
+class TransformersLLM:
+    def __init__(self, model_dir: Path, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
+                 max_prompt_tokens: int = 1024):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.name = f"transformers:{model_dir.name}"
+        self.batch_size = batch_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = load_causal_lm(model_dir, self.device, self.dtype).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {int(e) for e in eos if e is not None} | {int(self.tokenizer.eos_token_id)}
+        log.info("loaded %s on %s (%s)", model_dir, self.device, self.dtype)
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams,
+                 desc: str = "generate") -> list[Completion]:
+        # Similar lengths in one batch waste less padding; results go back in prompt order.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        results: list[Completion | None] = [None] * len(prompts)
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                for i, completion in zip(batch, self._generate_batch([prompts[i] for i in batch], params,
+                                                                     start)):
+                    results[i] = completion
+                bar.update(len(batch))
+        return [r for r in results if r is not None]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[str], params: GenerationParams, offset: int) -> list[Completion]:
+        tok = self.tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
+                  max_length=self.max_prompt_tokens).to(self.device)
+        kwargs: dict = {"max_new_tokens": params.max_new_tokens, "pad_token_id": tok.pad_token_id}
+        if params.temperature > 0:
+            processors = LogitsProcessorList([NucleusSampling(params.temperature, params.top_p)])
+            kwargs.update(do_sample=True, temperature=None, top_p=None, top_k=None, logits_processor=processors)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+        if params.seed is not None:
+            torch.manual_seed(params.seed + offset)
+        out = self.model.generate(**enc, **kwargs)
+        new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
+        prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
+        completions = []
+        for ids, n_prompt in zip(new_tokens, prompt_lengths):
+            hit_eos = False
+            for pos, token in enumerate(ids):
+                if token in self.eos_ids:
+                    ids, hit_eos = ids[:pos], True
+                    break
+            while ids and ids[-1] == tok.pad_token_id:
+                ids = ids[:-1]
+            text = tok.decode(ids, skip_special_tokens=True)
+            text, hit_stop = truncate_at_stop(text, params.stop)
+            finish = "stop" if hit_eos or hit_stop else "length"
+            completions.append(Completion(text=text, finish_reason=finish, prompt_tokens=int(n_prompt),
+                                          completion_tokens=len(ids) + int(hit_eos)))
+        return completions

@@ -1,0 +1,53 @@
+"""One thin Prefect task per stage. Each takes paths and returns the path of its artifact.
+
+The task's cache key is the artifact key (plus the artifacts directory), and results are persisted, so a
+repeated run shows every reused stage as `Cached` in Prefect. The flow passes `refresh_cache` when the
+artifact behind a cache record has gone, so a deleted artifact is rebuilt rather than returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from tasks.config import Config
+from tasks.stages import execute
+
+
+def _cache_key(stage: str):
+    def key_fn(context: Any, parameters: dict[str, Any]) -> str:
+        where = hashlib.sha256(str(parameters["artifacts_dir"]).encode()).hexdigest()[:8]
+        return f"instructflow-{stage}-{parameters['key']}-{where}"
+    return key_fn
+
+
+def _publish_stats(stage: str, stats: dict[str, Any]) -> None:
+    rows = [{"metric": k, "value": v if isinstance(v, (int, float, str)) else str(v)}
+            for k, v in stats.items() if k not in ("inputs",)]
+    create_table_artifact(key=f"{stage.replace('_', '-')}-stats", table=rows,
+                          description=f"{stage}: stats.json of this run's artifact")
+
+
+def _stage_task(stage: str, retries: int):
+    @task(name=stage, task_run_name=f"{stage} [{{key}}]", tags=["instructflow", f"stage:{stage}"],
+          retries=retries, retry_delay_seconds=5, cache_key_fn=_cache_key(stage), persist_result=True,
+          result_serializer="json")
+    def run(key: str, config: dict[str, Any], inputs: dict[str, str], artifacts_dir: str) -> str:
+        artifact = execute(stage, Config.model_validate(config), inputs)
+        if artifact.path.name != key:
+            raise RuntimeError(f"{stage}: planned artifact {key} but wrote {artifact.path.name}; "
+                               f"the stage's code changed during the run")
+        _publish_stats(stage, artifact.stats())
+        return str(artifact.path)
+    return run
+
+
+seeds = _stage_task("seeds", retries=0)
+self_instruct = _stage_task("self_instruct", retries=1)
+evol_instruct = _stage_task("evol_instruct", retries=1)
+quality = _stage_task("quality", retries=0)
+mix = _stage_task("mix", retries=0)
+finetune = _stage_task("finetune", retries=1)

@@ -1,0 +1,69 @@
+"""Run records: `data/runs/<run_id>/` holds the resolved config and a manifest naming each stage's artifact."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.artifacts import Artifact, atomic_write_json, atomic_write_text
+from tasks.config import Config
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    key: str
+    path: str
+    reused: bool
+    rows_in: int | None
+    rows_out: int | None
+    seconds: float | None  # what producing the artifact took (its own run, not this one if reused)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, stage: str, artifact: Artifact, reused: bool) -> "StageRecord":
+        stats = artifact.stats()
+        return cls(stage=stage, key=artifact.path.name, path=str(artifact.path), reused=reused,
+                   rows_in=stats.get("rows_in"), rows_out=stats.get("rows_out"), seconds=stats.get("seconds"),
+                   dropped=stats.get("dropped", {}))
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    path: Path
+    config_path: str
+    overrides: list[str]
+    started_at: float
+    stages: list[StageRecord] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, cfg: Config, config_path: str, overrides: list[str], flow_run_id: str | None = None) -> "RunRecord":
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        run_id = f"{stamp}-{(flow_run_id or secrets.token_hex(4))[:8]}"
+        path = Path(cfg.run.runs_dir).resolve() / run_id
+        path.mkdir(parents=True, exist_ok=False)
+        atomic_write_text(path / "config.yaml", cfg.to_yaml())
+        record = cls(run_id, path, config_path, list(overrides), time.time())
+        record.save(status="running")
+        return record
+
+    def add(self, stage: StageRecord) -> None:
+        self.stages.append(stage)
+        self.save(status="running")
+
+    def save(self, status: str, extra: dict[str, Any] | None = None) -> None:
+        manifest = {"run_id": self.run_id, "status": status, "config": self.config_path,
+                    "overrides": self.overrides, "started_at": time.strftime(
+                        "%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started_at)),
+                    "seconds": round(time.time() - self.started_at, 3),
+                    "stages": {s.stage: asdict(s) for s in self.stages}, **(extra or {})}
+        atomic_write_json(self.path / "manifest.json", manifest)
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "manifest.json").read_text())

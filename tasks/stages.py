@@ -1,0 +1,131 @@
+"""The six stages as data: what each reads, what its artifact key covers, and how it runs.
+
+Nothing here imports Prefect. `plan` names a stage's output artifact from the config and its inputs;
+`execute` runs the stage into that artifact unless it is already done, and writes `stats.json` and
+`_SUCCESS` last. The Prefect tasks (tasks/prefect_tasks.py) and the flow only call these two.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from tasks import evol_instruct, finetune, mix, prompts, quality, seeds, self_instruct, text
+from tasks.artifacts import Artifact, PartWriter, artifact_key, code_version
+from tasks.config import Config
+from tasks.llm import get_llm
+from tasks.llm import transformers_backend
+
+Inputs = dict[str, Artifact]
+StageOutput = tuple[pd.DataFrame | pa.Table, dict[str, Any]]
+
+
+def _table(data: pd.DataFrame | pa.Table) -> pa.Table:
+    return data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
+
+
+def _frame(artifact: Artifact) -> pd.DataFrame:
+    return artifact.read_table().to_pandas()
+
+
+def _run_seeds(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
+    return seeds.load_seeds(cfg.seeds)
+
+
+def _run_self_instruct(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
+    seed_table = inputs["seeds"].read_table()
+    generated, stats = self_instruct.generate_tasks(seed_table, cfg.self_instruct, get_llm(cfg.llm), cfg.run.seed,
+                                                    PartWriter(out.parts_dir))
+    examples = self_instruct.seed_examples(seed_table)
+    rows = pd.concat([examples, generated], ignore_index=True) if len(generated) else examples
+    return rows, {"rows_in": seed_table.num_rows, "seed_examples": len(examples), **stats}
+
+
+def _run_evol(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
+    rows = _frame(inputs["self_instruct"])
+    evolved, stats = evol_instruct.evolve(rows, cfg.evol_instruct, get_llm(cfg.llm), cfg.run.seed)
+    return evolved, {"rows_in": len(rows), **stats}
+
+
+def _run_quality(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
+    rows = _frame(inputs["evol_instruct"])
+    decided, stats = quality.run_quality(rows, cfg.quality)
+    return decided, {"rows_in": len(rows), **stats}
+
+
+def _run_mix(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
+    rows = _frame(inputs["quality"])
+    mixed, stats = mix.mix(rows, cfg.mix)
+    return mixed, {"rows_in": len(rows), **stats}
+
+
+def _run_finetune(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
+    from tasks.llm.models import resolve_model
+
+    rows = _frame(inputs["mix"])
+    model_dir = resolve_model(cfg.finetune.base_model or cfg.llm.model)
+    per_example, stats = finetune.finetune(rows, cfg.finetune, cfg.evaluate, model_dir, out.path, cfg.run.seed)
+    return per_example, {"rows_in": len(rows), **stats}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    key_config: Callable[[Config], dict[str, Any]]
+    run: Callable[[Config, Inputs, Artifact], StageOutput]
+    code: tuple[ModuleType, ...]
+    uses_llm: bool = False
+
+    def version(self) -> str:
+        return code_version(*self.code)
+
+
+_GEN = (text, prompts, transformers_backend)
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("seeds", (), lambda c: {"seeds": c.section("seeds")}, _run_seeds, (seeds,)),
+    Stage("self_instruct", ("seeds",),
+          lambda c: {"seed": c.run.seed, "llm": c.section("llm"), "self_instruct": c.section("self_instruct")},
+          _run_self_instruct, (self_instruct, *_GEN), uses_llm=True),
+    Stage("evol_instruct", ("self_instruct",),
+          lambda c: {"seed": c.run.seed, "llm": c.section("llm"), "evol_instruct": c.section("evol_instruct")},
+          _run_evol, (evol_instruct, *_GEN), uses_llm=True),
+    Stage("quality", ("evol_instruct",), lambda c: {"quality": c.section("quality")}, _run_quality, (quality,)),
+    Stage("mix", ("quality",), lambda c: {"mix": c.section("mix")}, _run_mix, (mix,)),
+    Stage("finetune", ("mix",),
+          lambda c: {"seed": c.run.seed, "model": c.finetune.base_model or c.llm.model,
+                     "finetune": c.section("finetune"), "evaluate": c.section("evaluate")},
+          _run_finetune, (finetune, prompts, transformers_backend)),
+]}
+
+
+def plan(stage: str, cfg: Config, inputs: dict[str, str | Path]) -> Artifact:
+    """The artifact a stage writes for this config and these (finished) input artifacts."""
+    spec = STAGES[stage]
+    hashes = [Artifact(Path(inputs[name])).content_hash() for name in spec.inputs]
+    key = artifact_key(stage, spec.key_config(cfg), hashes, spec.version())
+    return Artifact.at(cfg.run.artifacts_dir, stage, key)
+
+
+def execute(stage: str, cfg: Config, inputs: dict[str, str | Path]) -> Artifact:
+    """Run `stage` into its planned artifact unless that is already done; return the artifact."""
+    spec = STAGES[stage]
+    out = plan(stage, cfg, inputs)
+    if out.is_done():
+        return out
+    out.begin()
+    t0 = time.perf_counter()
+    data, stats = spec.run(cfg, {name: Artifact(Path(inputs[name])) for name in spec.inputs}, out)
+    table = _table(data)
+    stats = {"stage": stage, "key": out.path.name, "inputs": {n: str(inputs[n]) for n in spec.inputs},
+             "rows_in": stats.pop("rows_in", None), "rows_out": table.num_rows,
+             "dropped": stats.pop("dropped", {}), **stats, "seconds": round(time.perf_counter() - t0, 3)}
+    out.commit(table, stats)
+    return out
