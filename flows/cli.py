@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -55,7 +56,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_defaults() -> None:
+    # No telemetry from the temporary Prefect server, and never a model hub: everything is local.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_defaults()
     args = _parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)

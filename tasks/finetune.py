@@ -51,12 +51,8 @@ def build_example(tokenizer, instruction: str, input: str, output: str, max_leng
 
 
 def build_examples(tokenizer, df: pd.DataFrame, max_length: int) -> list[Example]:
-    examples = [build_example(tokenizer, r.instruction, r.input or "", r.output, max_length)
-                for r in df.itertuples()]
-    empty = [i for i, ex in enumerate(examples) if ex.trainable_tokens == 0]
-    if empty:
-        raise ValueError(f"{len(empty)} examples have no trainable token (first: row {empty[0]})")
-    return examples
+    # Every example trains on at least its end-of-sequence token: the response is never cut to nothing.
+    return [build_example(tokenizer, r.instruction, r.input or "", r.output, max_length) for r in df.itertuples()]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -73,13 +69,22 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response-token loss and response-token count per example of the batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    """Summed response-token loss and response-token count per example of the batch.
+
+    Logits are computed only at the positions that predict a response token: with Gemma's 262K-token
+    vocabulary the output layer costs more than the transformer, and prompt positions carry no loss.
+    """
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     target = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE,
-                                             reduction="none")
-    counts = (target != IGNORE).sum(dim=1)
-    return loss.sum(dim=1), counts
+    mask = target != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    loss = torch.nn.functional.cross_entropy(logits, target[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(target.shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
+    return sums, mask.sum(dim=1)
 
 
 @torch.inference_mode()
@@ -136,7 +141,7 @@ def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id
             batch = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
             s, c = token_losses(model, batch)
             (s.sum() / n_tokens).backward()  # mean over all response tokens of the optimizer step
-            step_sum += float(s.sum())
+            step_sum += float(s.detach().sum())
             step_tokens += int(c.sum())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

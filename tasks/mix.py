@@ -35,6 +35,23 @@ def largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
     return dict(zip(names, counts.tolist()))
 
 
+def fill_to_capacity(total: int, weights: dict[str, float], available: dict[str, int]) -> dict[str, int]:
+    """Weighted counts without replacement: a category that runs out gives all it has, and what it could
+    not give is shared among the others by their weights, until `total` is placed or all are exhausted."""
+    counts = {name: 0 for name in weights}
+    open_ = {n for n, w in weights.items() if w > 0 and available.get(n, 0) > 0}
+    left = min(total, sum(available.get(n, 0) for n in open_))
+    while left > 0 and open_:
+        share = largest_remainder(left, {n: weights[n] for n in open_})
+        for name, k in share.items():
+            take = min(k, available[name] - counts[name])
+            counts[name] += take
+            left -= take
+            if counts[name] == available[name]:
+                open_.discard(name)
+    return counts
+
+
 def split_eval(df: pd.DataFrame, cfg: MixConfig, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask of eval rows, stratified by category."""
     n_eval = min(max(cfg.min_eval, round(cfg.eval_fraction * len(df))), len(df) // 2)
@@ -63,9 +80,7 @@ def mix(df: pd.DataFrame, cfg: MixConfig) -> tuple[pd.DataFrame, dict[str, Any]]
                        f"available: {', '.join(sorted(available))}")
     weights = dict(cfg.weights) if cfg.weights else {c: float(n) for c, n in available.items()}
     total = cfg.total if cfg.total is not None else len(pool)
-    if not cfg.replace:
-        total = min(total, sum(available.get(c, 0) for c, w in weights.items() if w > 0))
-    requested = largest_remainder(total, weights)
+    requested = largest_remainder(total, weights) if cfg.replace else fill_to_capacity(total, weights, available)
     chosen = []
     achieved = {}
     positions = np.arange(len(pool))

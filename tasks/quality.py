@@ -86,11 +86,12 @@ def score(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
 
 def decide(scored: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
     out = scored.copy()
-    reason = pd.Series(None, index=out.index, dtype=object)
-    empty = out["output"].fillna("").str.strip() == ""
-    reason = reason.mask(reason.isna() & empty, "empty_output")
-    reason = reason.mask(reason.isna() & (out["score_safety"] < 1.0), "unsafe")
-    reason = reason.mask(reason.isna() & (out["score_total"] < cfg.min_total), "low_total")
+    empty = (out["output"].fillna("").str.strip() == "").to_numpy()
+    unsafe = (out["score_safety"] < 1.0).to_numpy()
+    low = (out["score_total"] < cfg.min_total).to_numpy()
+    # The first failing rule names the reason, in this order.
+    reason = pd.Series(np.select([empty, unsafe, low], ["empty_output", "unsafe", "low_total"], default=None),
+                       index=out.index, dtype=object)
     out["drop_reason"] = reason
     out["keep"] = reason.isna()
     return out

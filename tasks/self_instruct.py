@@ -269,11 +269,23 @@ def _in_context(seed_instructions: list[str], generated: list[str], cfg: SelfIns
     return picked
 
 
-def _classification_shots(seed_rows: list[dict[str, Any]], per_label: int = 3) -> list[tuple[str, bool]]:
-    yes = [(t["instruction"], True) for t in seed_rows if t["is_classification"]][:per_label]
-    no = [(t["instruction"], False) for t in seed_rows if not t["is_classification"]][:per_label]
-    shots = [s for pair in zip(no, yes) for s in pair]
-    return shots or no or yes
+def _classification_shots(seed_rows: list[dict[str, Any]], n_yes: int = 4, n_no: int = 8) -> list[tuple[str, bool]]:
+    """In-context examples for the yes/no judgement: more No than Yes, as among real tasks, interleaved so
+    that a No comes last (a small model tends to repeat the last label it saw)."""
+    yes = [(t["instruction"], True) for t in seed_rows if t["is_classification"]][:n_yes]
+    no = [(t["instruction"], False) for t in seed_rows if not t["is_classification"]][:n_no]
+    shots: list[tuple[str, bool]] = []
+    while yes or no:
+        if no:
+            shots.append(no.pop())
+        if yes:
+            shots.append(yes.pop())
+        if no:
+            shots.append(no.pop())
+    if shots and shots[-1][1] and no == [] and any(not s[1] for s in shots):
+        last_no = max(i for i, s in enumerate(shots) if not s[1])
+        shots.append(shots.pop(last_no))
+    return shots
 
 
 def _complete_tasks(candidates: list[tuple[str, float, str]], seed_rows: list[dict[str, Any]],

@@ -1,0 +1,87 @@
+"""The whole `instruction-tuning` flow under Prefect's test harness, on configs/tiny.yaml and a tiny model."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import instruction_tuning
+from tasks.artifacts import STAGES, stage_dirname
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+async def _task_states(flow_run_id) -> dict[str, str]:
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.split(" ")[0]: run.state.name for run in runs}
+
+
+def run_flow(overrides):
+    state = instruction_tuning(config=str(ROOT / "configs" / "tiny.yaml"), overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    states = asyncio.run(_task_states(state.state_details.flow_run_id))
+    return summary, states
+
+
+def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir, tmp_path):
+    base = [f"llm.model={tiny_model_dir}", f"run.artifacts_dir={tmp_path / 'artifacts'}",
+            f"run.runs_dir={tmp_path / 'runs'}", f"seeds.path={ROOT / 'data' / 'seed_tasks.jsonl'}"]
+
+    first, states = run_flow(base)
+    assert states == {stage: "Completed" for stage in STAGES}
+    assert [s["reused"] for s in first["stages"]] == [False] * 6
+    for stage in STAGES:
+        (key_dir,) = (tmp_path / "artifacts" / stage_dirname(stage)).iterdir()
+        assert {"data.parquet", "stats.json", "_SUCCESS"} <= {p.name for p in key_dir.iterdir()}
+    run_dir = Path(first["run_dir"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and list(manifest["stages"]) == list(STAGES)
+    assert (run_dir / "config.yaml").is_file()
+    assert Path(first["model_path"], "config.json").is_file()
+    assert first["stages"][0]["rows_out"] == 40  # seeds.limit in tiny.yaml
+
+    second, states = run_flow(base)
+    assert states == {stage: "Cached" for stage in STAGES}
+    assert [s["reused"] for s in second["stages"]] == [True] * 6
+    assert second["model_path"] == first["model_path"]
+
+    third, states = run_flow(base + ["mix.seed=2"])
+    assert [s["reused"] for s in third["stages"]] == [True] * 4 + [False] * 2
+    assert states["mix"] == "Completed" and states["finetune"] == "Completed"
+    assert third["model_path"] != first["model_path"]
+
+
+def test_deleted_artifact_is_rebuilt_not_returned(harness, tiny_model_dir, tmp_path):
+    import shutil
+
+    base = [f"llm.model={tiny_model_dir}", f"run.artifacts_dir={tmp_path / 'artifacts'}",
+            f"run.runs_dir={tmp_path / 'runs'}", f"seeds.path={ROOT / 'data' / 'seed_tasks.jsonl'}",
+            "finetune.max_steps=1"]
+    first, _ = run_flow(base)
+    mix_dir = Path(next(s["path"] for s in first["stages"] if s["stage"] == "mix"))
+    (mix_dir / "_SUCCESS").unlink()  # a half-written artifact must never be read as done
+    shutil.rmtree(Path(first["model_path"]).parent)
+    second, states = run_flow(base)
+    assert states["mix"] == "Completed" and states["finetune"] == "Completed" and states["quality"] == "Cached"
+    assert (mix_dir / "_SUCCESS").is_file() and Path(second["model_path"]).is_dir()
+
+
+def test_bad_config_fails_before_any_stage(harness, tmp_path):
+    state = instruction_tuning(config=str(ROOT / "configs" / "tiny.yaml"),
+                               overrides=["mix.sed=2", f"run.runs_dir={tmp_path}"], return_state=True)
+    assert state.is_failed()
+    assert "unknown key `mix.sed`" in state.message or "unknown key `mix.sed`" in str(state.result(raise_on_failure=False))
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,82 @@
+import json
+
+import pandas as pd
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasks.config import EvaluateConfig, FinetuneConfig
+from tasks.finetune import IGNORE, build_example, build_examples, collate, finetune
+from tasks.prompts import alpaca_prompt
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gemma_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(gemma_tokenizer_dir)
+
+
+def test_loss_mask_covers_response_and_eos_only(tokenizer):
+    ex = build_example(tokenizer, "Name a color.", "", "Blue.", max_length=256)
+    prompt_ids = tokenizer(alpaca_prompt("Name a color."))["input_ids"]
+    response_ids = tokenizer("Blue.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ex.input_ids == prompt_ids + response_ids
+    assert ex.labels == [IGNORE] * len(prompt_ids) + response_ids
+    assert ex.input_ids[0] == tokenizer.bos_token_id and ex.trainable_tokens == len(response_ids)
+
+
+def test_over_long_example_keeps_bos_and_response(tokenizer):
+    long_input = "word " * 300
+    ex = build_example(tokenizer, "Summarize.", long_input, "Short summary.", max_length=64)
+    response_ids = tokenizer("Short summary.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(ex.input_ids) == 64 and ex.input_ids[0] == tokenizer.bos_token_id
+    assert ex.input_ids[-len(response_ids):] == response_ids and ex.trainable_tokens == len(response_ids)
+
+
+def test_collate_pads_right_with_ignored_labels(tokenizer):
+    a = build_example(tokenizer, "Say hi.", "", "Hi.", 128)
+    b = build_example(tokenizer, "Say hello to the world politely.", "", "Hello, world.", 128)
+    batch = collate([a, b], tokenizer.pad_token_id)
+    n = len(a.input_ids)
+    assert batch["input_ids"].shape == (2, len(b.input_ids))
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (len(b.input_ids) - n)
+    assert (batch["labels"][0, n:] == IGNORE).all()
+
+
+def mixed_frame(n_train=8, n_eval=4):
+    rows = []
+    for i in range(n_train + n_eval):
+        rows.append({"id": f"r{i}", "instruction": f"Repeat the number {i % 3}.", "input": "",
+                     "output": f"The number is {i % 3}.", "split": "train" if i < n_train else "eval"})
+    return pd.DataFrame(rows)
+
+
+def test_finetune_tiny_model_lowers_eval_loss_and_saves(tiny_model_dir, tmp_path):
+    cfg = FinetuneConfig(max_steps=12, batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, max_length=96,
+                         train_embeddings=True)
+    per_example, stats = finetune(mixed_frame(), cfg, EvaluateConfig(batch_size=4), tiny_model_dir, tmp_path, seed=0)
+    assert stats["steps"] == 12 and stats["train_examples"] == 8 and stats["eval_examples"] == 4
+    assert stats["eval_loss_after"] < stats["eval_loss_before"]
+    assert list(per_example.columns) == ["id", "instruction", "loss_before", "loss_after"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["train_log"]) == 12 and metrics["eval_loss_after"] == stats["eval_loss_after"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert model.config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").padding_side == "left"
+    assert not (tmp_path / "model.tmp").exists()
+
+
+def test_response_only_logits_match_full_forward(tiny_model_dir, tokenizer):
+    import torch
+
+    from tasks.finetune import token_losses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples = [build_example(tokenizer, "Say hi.", "", "Hi there.", 64),
+                build_example(tokenizer, "Count to three.", "please", "One, two, three.", 64)]
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        sums, counts = token_losses(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:],
+                                                 ignore_index=IGNORE, reduction="none").sum(dim=1)
+    assert counts.tolist() == [ex.trainable_tokens for ex in examples]
+    assert torch.allclose(sums, full, rtol=1e-5, atol=1e-4)

@@ -1,0 +1,77 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tasks.config import SeedsConfig
+from tasks.seeds import SeedFormatError, load_seeds, read_self_instruct_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+EXTERNAL = ROOT.parent / "shared" / "external" / "self_instruct_seed_tasks.jsonl"
+GOOD = {"id": "t1", "name": "n", "instruction": "Say hi.", "instances": [{"input": "", "output": "Hi."}],
+        "is_classification": False}
+
+
+def test_project_seeds():
+    table, stats = load_seeds(SeedsConfig(), base_dir=ROOT)
+    rows = table.to_pylist()
+    assert len(rows) >= 100
+    cats = Counter(r["category"] for r in rows)
+    for needed in ("qa", "open_generation", "summarization", "translation", "rewriting", "classification",
+                   "extraction", "reasoning", "math", "coding", "dialog"):
+        assert cats[needed] >= 5, needed
+    assert all(r["instances"] and r["instances"][0]["output"] for r in rows)
+    assert stats["classification_tasks"] == sum(r["is_classification"] for r in rows) > 0
+    assert all(r["is_classification"] for r in rows if r["category"] == "classification")
+
+
+@pytest.mark.skipif(not EXTERNAL.exists(), reason="../shared/external is not beside this checkout")
+def test_self_instruct_paper_seeds_load_unchanged():
+    table = read_self_instruct_jsonl(EXTERNAL)
+    assert table.num_rows == 175
+    assert sum(table.column("is_classification").to_pylist()) == 26
+    assert set(table.column("category").to_pylist()) == {"unknown"}
+
+
+def write_lines(tmp_path, lines, raw=None):
+    path = tmp_path / "seeds.jsonl"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([GOOD, "{not json"], r"seeds.jsonl:2: malformed JSON"),
+    ([GOOD, {**GOOD, "id": "t2", "instruction": ""}], r":2: `instruction` must be a non-empty string"),
+    ([{k: v for k, v in GOOD.items() if k != "instruction"}], r":1: missing `instruction`"),
+    ([GOOD, GOOD], r":2: duplicate id `t1` \(first on line 1\)"),
+    ([{**GOOD, "instances": []}], r":1: `instances` must be a non-empty list"),
+    ([{**GOOD, "instances": [{"input": 1, "output": "x"}]}], r":1: instances\[0\].input must be a string"),
+    ([{**GOOD, "is_classification": "yes"}], r":1: `is_classification` must be true or false"),
+    ([[1, 2]], r":1: expected a JSON object"),
+])
+def test_bad_seed_files_name_file_and_line(tmp_path, lines, message):
+    with pytest.raises(SeedFormatError, match=message):
+        read_self_instruct_jsonl(write_lines(tmp_path, lines))
+
+
+def test_invalid_utf8_and_empty(tmp_path):
+    good = json.dumps(GOOD).encode()
+    with pytest.raises(SeedFormatError, match=r"seeds.jsonl:2: not valid UTF-8"):
+        read_self_instruct_jsonl(write_lines(tmp_path, None, raw=good + b"\n\xff\xfe\n"))
+    with pytest.raises(SeedFormatError, match=r"no seed tasks"):
+        read_self_instruct_jsonl(write_lines(tmp_path, None, raw=b"\n\n"))
+
+
+def test_missing_file_names_config_key(tmp_path):
+    with pytest.raises(SeedFormatError, match=r"seed file not found \(config key `seeds.path`\)"):
+        load_seeds(SeedsConfig(path=str(tmp_path / "none.jsonl")))
+
+
+def test_limit(tmp_path):
+    path = write_lines(tmp_path, [{**GOOD, "id": f"t{i}"} for i in range(5)])
+    table, stats = load_seeds(SeedsConfig(path=str(path), limit=3))
+    assert table.num_rows == 3 and stats["rows_in"] == 5 and stats["dropped"] == {"over_limit": 2}
