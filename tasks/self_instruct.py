@@ -14,6 +14,7 @@ then the generated ones (origin `self_instruct`) with their novelty columns.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ def instruction_drop_reason(text: str, cfg: SelfInstructConfig) -> str | None:
 
 
 def instance_drop_reason(inp: str, out: str) -> str | None:
-    if not out.strip():
+    if not out.strip() or out.strip() == NO_INPUT:
         return "empty_output"
     if inp.strip() == out.strip():
         return "input_equals_output"
@@ -192,10 +193,13 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
     pool = RougeIndex(seed_instructions + progress.pool_added)
     usage = Usage()
     cls_shots = _classification_shots(seed_rows)
+    cls_threshold: float | None = None
+    if len(progress.rows) < cfg.num_instructions:
+        cls_threshold = classification_threshold(llm, cls_shots, seed_rows)
 
     while len(progress.rows) < cfg.num_instructions and progress.requests < cfg.max_requests:
         rng = np.random.default_rng([seed, progress.rounds])  # a resumed round draws what it would have
-        n_requests = min(cfg.requests_per_batch, cfg.max_requests - progress.requests)
+        n_requests = _requests_for_round(cfg, progress)
         generated_so_far = [r["instruction"] for r in progress.rows]
         prompts = [instruction_prompt(_in_context(seed_instructions, generated_so_far, cfg, rng))
                    for _ in range(n_requests)]
@@ -229,7 +233,8 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
                 if reason:
                     dropped[reason] += 1
 
-        new_rows = _complete_tasks(candidates, seed_rows, seed_index, cls_shots, cfg, llm, rng, usage, dropped,
+        new_rows = _complete_tasks(candidates, seed_rows, seed_index, cls_shots, cls_threshold, cfg, llm, rng,
+                                   usage, dropped,
                                    progress.rounds)
         part = pa.Table.from_pylist(new_rows, schema=_generated_schema()).replace_schema_metadata({
             "requests": str(n_requests), "generated": str(n_generated), "dropped": _encode_counts(dropped),
@@ -246,9 +251,21 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
     stop_reason = "target_reached" if len(progress.rows) >= cfg.num_instructions else "max_requests"
     generated = pd.DataFrame(progress.rows, columns=GENERATED_COLUMNS)
     stats = {"requests": progress.requests, "rounds": progress.rounds, "generated": progress.generated,
+             "classification_method": "generated yes/no" if cls_threshold is None else
+             f"log-odds > {cls_threshold:.3f} (fitted on seeds)",
              "kept": len(generated), "dropped": dict(progress.dropped), "stop_reason": stop_reason,
              "usage_this_attempt": usage.as_dict()}
     return generated, stats
+
+
+def _requests_for_round(cfg: SelfInstructConfig, progress: Progress) -> int:
+    """A full batch, or fewer near the target: enough for what is missing at the yield seen so far (x1.5)."""
+    budget = min(cfg.requests_per_batch, cfg.max_requests - progress.requests)
+    if not progress.rows or not progress.requests:
+        return budget
+    per_request = len(progress.rows) / progress.requests
+    wanted = math.ceil(1.5 * (cfg.num_instructions - len(progress.rows)) / per_request)
+    return max(1, min(budget, wanted))
 
 
 def _generated_schema() -> pa.Schema:
@@ -288,23 +305,68 @@ def _classification_shots(seed_rows: list[dict[str, Any]], n_yes: int = 4, n_no:
     return shots
 
 
+def _yes_no_margins(llm: LLM, texts: list[str], shots: list[tuple[str, bool]]) -> np.ndarray:
+    lp = llm.next_token_logprobs([classification_prompt(t, shots) for t in texts], [" Yes", " No"])
+    return lp[:, 0] - lp[:, 1]
+
+
+def classification_threshold(llm: LLM, shots: list[tuple[str, bool]], seed_rows: list[dict[str, Any]],
+                             max_tasks: int = 64) -> float | None:
+    """The log-odds threshold for " Yes" that best separates the labelled seed tasks left out of the shots.
+
+    A small model leans towards one answer whatever the task; its log-odds still rank tasks well (AUC
+    0.88 on this project's seeds with Gemma 3 270M), so the cut-off is fitted on labelled seeds, by
+    balanced accuracy. None when the backend gives no log-probabilities or the seeds hold only one label.
+    """
+    if not hasattr(llm, "next_token_logprobs"):
+        return None
+    used = {text for text, _ in shots}
+    held = [t for t in seed_rows if t["instruction"] not in used]
+    pos = [t for t in held if t["is_classification"]]
+    neg = [t for t in held if not t["is_classification"]]
+    if not pos or not neg:
+        return None
+    pos, neg = pos[: max_tasks // 2], neg[: max_tasks - min(len(pos), max_tasks // 2)]
+    margins = _yes_no_margins(llm, [t["instruction"] for t in pos + neg], shots)
+    labels = np.array([True] * len(pos) + [False] * len(neg))
+    order = np.unique(margins)
+    cuts = np.concatenate([[order[0] - 1.0], (order[1:] + order[:-1]) / 2, [order[-1] + 1.0]])
+    balanced = [((margins > c) & labels).sum() / len(pos) + ((margins <= c) & ~labels).sum() / len(neg)
+                for c in cuts]
+    return float(cuts[int(np.argmax(balanced))])
+
+
+def judge_classification(texts: list[str], shots: list[tuple[str, bool]], llm: LLM, usage: Usage,
+                         dropped: Counter, threshold: float | None = None) -> list[bool]:
+    """Few-shot yes/no: is each task a classification task with a finite set of labels?
+
+    With a fitted `threshold` (see `classification_threshold`), the answer is whether the log-odds of
+    " Yes" over " No" exceed it. Otherwise the backend generates the answer greedily.
+    """
+    if threshold is not None:
+        return [bool(m > threshold) for m in _yes_no_margins(llm, texts, shots)]
+    judged = llm.generate([classification_prompt(t, shots) for t in texts],
+                          GenerationParams(max_new_tokens=3, temperature=0.0), desc="classify")
+    usage.add("classification", judged)
+    verdicts = []
+    for completion in judged:
+        verdict = parse_yes_no(completion.text)
+        if verdict is None:
+            dropped["classification_unparsed_as_no"] += 1
+        verdicts.append(bool(verdict))
+    return verdicts
+
+
 def _complete_tasks(candidates: list[tuple[str, float, str]], seed_rows: list[dict[str, Any]],
-                    seed_index: RougeIndex, cls_shots: list[tuple[str, bool]], cfg: SelfInstructConfig,
+                    seed_index: RougeIndex, cls_shots: list[tuple[str, bool]], cls_threshold: float | None,
+                    cfg: SelfInstructConfig,
                     llm: LLM, rng: np.random.Generator, usage: Usage, dropped: Counter,
                     round_no: int) -> list[dict[str, Any]]:
     """Judge classification, generate one instance each, filter; return the finished example rows."""
     if not candidates:
         return []
     texts = [c[0] for c in candidates]
-    judged = llm.generate([classification_prompt(t, cls_shots) for t in texts],
-                          GenerationParams(max_new_tokens=3, temperature=0.0), desc="classify")
-    usage.add("classification", judged)
-    is_cls = []
-    for completion in judged:
-        verdict = parse_yes_no(completion.text)
-        if verdict is None:
-            dropped["classification_unparsed_as_no"] += 1
-        is_cls.append(bool(verdict))
+    is_cls = judge_classification(texts, cls_shots, llm, usage, dropped, cls_threshold)
 
     by_kind = {kind: [t for t in seed_rows if t["is_classification"] == kind] for kind in (True, False)}
     prompts = []

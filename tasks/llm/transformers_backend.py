@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
@@ -111,6 +112,23 @@ class TransformersLLM:
                     results[i] = completion
                 bar.update(len(batch))
         return [r for r in results if r is not None]
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        """Log-probability of each candidate's first token right after each prompt: shape (prompts, candidates).
+
+        One forward pass per batch, no sampling; the output layer runs on the last position only.
+        """
+        tok = self.tokenizer
+        ids = [tok(c, add_special_tokens=False)["input_ids"][0] for c in candidates]
+        rows = []
+        for start in range(0, len(prompts), self.batch_size):
+            enc = tok(list(prompts[start:start + self.batch_size]), return_tensors="pt", padding=True,
+                      truncation=True, max_length=self.max_prompt_tokens).to(self.device)
+            hidden = self.model.get_decoder()(**enc).last_hidden_state[:, -1]  # left padding: last is real
+            logits = self.model.get_output_embeddings()(hidden).float()
+            rows.append(torch.log_softmax(logits, dim=-1)[:, ids].cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, len(candidates)))
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[str], params: GenerationParams, offset: int) -> list[Completion]:

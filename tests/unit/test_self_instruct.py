@@ -147,3 +147,41 @@ def test_seed_examples_one_row_per_instance():
     table = seeds_table(3)
     df = seed_examples(table)
     assert list(df["id"]) == ["s0#0", "s1#0", "s2#0"] and set(df["origin"]) == {"seed"}
+
+
+def test_last_round_asks_only_for_what_is_missing():
+    from tasks.self_instruct import Progress, _requests_for_round
+
+    cfg = SelfInstructConfig(num_instructions=20, requests_per_batch=8, max_requests=30)
+    assert _requests_for_round(cfg, Progress()) == 8
+    rows = [{}] * 16
+    assert _requests_for_round(cfg, Progress(rows=rows, requests=8)) == 3  # 2 per request, 4 missing: 1.5*4/2
+    assert _requests_for_round(cfg, Progress(rows=[{}] * 2, requests=8)) == 8
+    assert _requests_for_round(cfg, Progress(rows=[{}] * 2, requests=28)) == 2  # budget left
+
+
+def test_classification_threshold_fitted_on_seeds():
+    from collections import Counter
+
+    import numpy as np
+
+    from tasks.llm.base import Usage
+    from tasks.self_instruct import classification_threshold, judge_classification
+
+    class LogprobLLM(ScriptedLLM):
+        # Leans to " Yes" for every task (log-odds > 0), a bit more for classification tasks.
+        def next_token_logprobs(self, prompts, candidates):
+            assert candidates == [" Yes", " No"]
+            tasks = [p.rsplit("Task: ", 1)[1].split("\n")[0] for p in prompts]
+            return np.array([[0.0, -2.0 if "label" in t else -1.0] for t in tasks])
+
+    seeds = [{"instruction": f"Give the label of text {i}.", "is_classification": True} for i in range(3)]
+    seeds += [{"instruction": f"Write a story number {i}.", "is_classification": False} for i in range(5)]
+    llm = LogprobLLM(lambda p, params: "unused")
+    threshold = classification_threshold(llm, [("shot", True)], seeds)
+    assert threshold == 1.5  # halfway between the two groups' log-odds, 1 and 2
+    verdicts = judge_classification(["Which label fits this review?", "Write a poem."], [("shot", True)], llm,
+                                    Usage(), Counter(), threshold)
+    assert verdicts == [True, False] and llm.calls == []
+    assert classification_threshold(ScriptedLLM(lambda p, q: ""), [], seeds) is None  # no log-probs
+    assert classification_threshold(llm, [], seeds[3:]) is None  # one label only
