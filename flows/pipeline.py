@@ -38,16 +38,20 @@ def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str
     run = RunRecord.start(cfg, config, overrides, flow_run_id=runtime.flow_run.id)
     print(f"run directory: {run.path}")
 
-    with tags(f"model:{cfg.llm.model}", f"profile:{cfg.run.name}"):
-        # 2. Data: seed tasks, bootstrapped tasks, evolved tasks.
-        seeds = run_stage("seeds", cfg, run, {})
-        generated = run_stage("self_instruct", cfg, run, {"seeds": seeds})
-        evolved = run_stage("evol_instruct", cfg, run, {"self_instruct": generated})
-        # 3. Selection: score and filter, then mix the training set and hold out an eval split.
-        scored = run_stage("quality", cfg, run, {"evol_instruct": evolved})
-        mixed = run_stage("mix", cfg, run, {"quality": scored})
-        # 4. Training: instruction-tune the base model on the mix; eval loss before and after.
-        tuned = run_stage("finetune", cfg, run, {"mix": mixed})
+    try:
+        with tags(f"model:{cfg.llm.model}", f"profile:{cfg.run.name}"):
+            # 2. Data: seed tasks, bootstrapped tasks, evolved tasks.
+            seeds = run_stage("seeds", cfg, run, {})
+            generated = run_stage("self_instruct", cfg, run, {"seeds": seeds})
+            evolved = run_stage("evol_instruct", cfg, run, {"self_instruct": generated})
+            # 3. Selection: score and filter, then mix the training set and hold out an eval split.
+            scored = run_stage("quality", cfg, run, {"evol_instruct": evolved})
+            mixed = run_stage("mix", cfg, run, {"quality": scored})
+            # 4. Training: instruction-tune the base model on the mix; eval loss before and after.
+            tuned = run_stage("finetune", cfg, run, {"mix": mixed})
+    except BaseException as exc:
+        run.save(status="failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        raise
 
     metrics = Artifact(Path(tuned)).stats()
     summary = {"run_id": run.run_id, "run_dir": str(run.path), "model_path": metrics["model_path"],

@@ -85,3 +85,15 @@ def test_bad_config_fails_before_any_stage(harness, tmp_path):
     assert state.is_failed()
     assert "unknown key `mix.sed`" in state.message or "unknown key `mix.sed`" in str(state.result(raise_on_failure=False))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_stage_marks_run_failed_and_nothing_done(harness, tmp_path):
+    bad = tmp_path / "seeds.jsonl"
+    bad.write_text('{"id": "a", "instruction": "Say hi.", "instances": [{"input": "", "output": "Hi"}]}\n{oops\n')
+    state = instruction_tuning(config=str(ROOT / "configs" / "tiny.yaml"), return_state=True, overrides=[
+        f"seeds.path={bad}", f"run.artifacts_dir={tmp_path / 'artifacts'}", f"run.runs_dir={tmp_path / 'runs'}"])
+    assert state.is_failed()
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and f"{bad}:2: malformed JSON" in manifest["error"]
+    assert not list((tmp_path / "artifacts").rglob("_SUCCESS"))
