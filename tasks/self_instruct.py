@@ -337,7 +337,7 @@ def classification_threshold(llm: LLM, shots: list[tuple[str, bool]], seed_rows:
 
 
 def judge_classification(texts: list[str], shots: list[tuple[str, bool]], llm: LLM, usage: Usage,
-                         dropped: Counter, threshold: float | None = None) -> list[bool]:
+                         threshold: float | None = None) -> list[bool | None]:
     """Few-shot yes/no: is each task a classification task with a finite set of labels?
 
     With a fitted `threshold` (see `classification_threshold`), the answer is whether the log-odds of
@@ -348,13 +348,7 @@ def judge_classification(texts: list[str], shots: list[tuple[str, bool]], llm: L
     judged = llm.generate([classification_prompt(t, shots) for t in texts],
                           GenerationParams(max_new_tokens=3, temperature=0.0), desc="classify")
     usage.add("classification", judged)
-    verdicts = []
-    for completion in judged:
-        verdict = parse_yes_no(completion.text)
-        if verdict is None:
-            dropped["classification_unparsed_as_no"] += 1
-        verdicts.append(bool(verdict))
-    return verdicts
+    return [parse_yes_no(c.text) for c in judged]
 
 
 def _complete_tasks(candidates: list[tuple[str, float, str]], seed_rows: list[dict[str, Any]],
@@ -365,8 +359,14 @@ def _complete_tasks(candidates: list[tuple[str, float, str]], seed_rows: list[di
     """Judge classification, generate one instance each, filter; return the finished example rows."""
     if not candidates:
         return []
+    verdicts = judge_classification([c[0] for c in candidates], cls_shots, llm, usage, cls_threshold)
+    if unparsed := sum(v is None for v in verdicts):
+        dropped["classification_unparsed"] += unparsed
+    candidates = [c for c, v in zip(candidates, verdicts) if v is not None]
+    is_cls = [v for v in verdicts if v is not None]
     texts = [c[0] for c in candidates]
-    is_cls = judge_classification(texts, cls_shots, llm, usage, dropped, cls_threshold)
+    if not candidates:
+        return []
 
     by_kind = {kind: [t for t in seed_rows if t["is_classification"] == kind] for kind in (True, False)}
     prompts = []

@@ -122,8 +122,11 @@ def test_budget_stop_is_reported():
 
 
 def test_truncated_last_item_is_dropped():
-    llm = ScriptedLLM(lambda p, params: (" Explain why the sky looks blue.\n10. Explain how tides wo", "length")
-                      if p.startswith("Come up with a series") else " <noinput>\nOutput: Because.")
+    def respond(p, params):
+        if p.startswith("Come up with a series"):
+            return " Explain why the sky looks blue.\n10. Explain how tides wo", "length"
+        return " No" if p.startswith("Can the following") else " <noinput>\nOutput: Because."
+    llm = ScriptedLLM(respond)
     df, stats = generate_tasks(seeds_table(), SelfInstructConfig(num_instructions=1, requests_per_batch=1),
                                llm, seed=1)
     assert list(df["instruction"]) == ["Explain why the sky looks blue."] and stats["dropped"]["truncated"] == 1
@@ -161,8 +164,6 @@ def test_last_round_asks_only_for_what_is_missing():
 
 
 def test_classification_threshold_fitted_on_seeds():
-    from collections import Counter
-
     import numpy as np
 
     from tasks.llm.base import Usage
@@ -181,7 +182,21 @@ def test_classification_threshold_fitted_on_seeds():
     threshold = classification_threshold(llm, [("shot", True)], seeds)
     assert threshold == 1.5  # halfway between the two groups' log-odds, 1 and 2
     verdicts = judge_classification(["Which label fits this review?", "Write a poem."], [("shot", True)], llm,
-                                    Usage(), Counter(), threshold)
+                                    Usage(), threshold)
     assert verdicts == [True, False] and llm.calls == []
     assert classification_threshold(ScriptedLLM(lambda p, q: ""), [], seeds) is None  # no log-probs
     assert classification_threshold(llm, [], seeds[3:]) is None  # one label only
+
+
+def test_unparsable_classification_answer_drops_the_task():
+    def respond(prompt, params):
+        if prompt.startswith("Come up with a series"):
+            return " Explain how rainbows form in the sky.\n10. Describe how bees make honey from nectar.", "stop"
+        if prompt.startswith("Can the following task"):
+            return (" Maybe", "stop") if "rainbows" in prompt.rsplit("Task:", 1)[1] else (" No", "stop")
+        return " <noinput>\nOutput: An answer.", "stop"
+    df, stats = generate_tasks(seeds_table(), SelfInstructConfig(num_instructions=2, requests_per_batch=1,
+                                                                 max_requests=1), ScriptedLLM(respond), seed=0)
+    assert list(df["instruction"]) == ["Describe how bees make honey from nectar."]
+    assert stats["dropped"] == {"classification_unparsed": 1}
+    assert stats["generated"] == stats["kept"] + sum(stats["dropped"].values())

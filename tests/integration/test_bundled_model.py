@@ -1,0 +1,52 @@
+"""The real bundled Gemma 3 270M: conversion from GGUF, generation, log-probs, and the LLM stages on it."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from tasks.config import EvolInstructConfig, LLMConfig, SeedsConfig, SelfInstructConfig
+from tasks.evol_instruct import evolve
+from tasks.llm import GenerationParams, get_llm
+from tasks.llm.models import bundled_model_dir
+from tasks.seeds import load_seeds
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return get_llm(LLMConfig(batch_size=4))
+
+
+def test_conversion_is_cached_and_plain_safetensors():
+    path = bundled_model_dir()
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "gemma3_text"
+    assert (path / "model.safetensors").is_file() and (path / "_COMPLETE").is_file()
+    assert bundled_model_dir() == path
+
+
+def test_generate_and_logprobs(llm):
+    prompts = ["Monday, Tuesday, Wednesday,", "1, 2, 3, 4,"]
+    out = llm.generate(prompts, GenerationParams(max_new_tokens=6, temperature=0.0))
+    assert len(out) == 2 and out[0].text.strip().startswith("Thursday") and out[1].text.strip().startswith("5")
+    assert all(c.completion_tokens <= 6 and c.prompt_tokens > 3 for c in out)
+    lp = llm.next_token_logprobs(["The capital of France is"], [" Paris", " banana"])
+    assert lp.shape == (1, 2) and lp[0, 0] > lp[0, 1]
+
+
+def test_self_instruct_and_evol_on_real_model(llm):
+    from tasks.self_instruct import generate_tasks
+
+    seeds, _ = load_seeds(SeedsConfig(), base_dir=ROOT)
+    cfg = SelfInstructConfig(num_instructions=2, max_requests=2, requests_per_batch=2, max_new_tokens=48,
+                             temperature=1.0, top_p=0.9, instance_max_new_tokens=48)
+    generated, stats = generate_tasks(seeds, cfg, llm, seed=0)
+    assert stats["requests"] == 2 and stats["classification_method"].startswith("log-odds")
+    assert stats["generated"] == stats["kept"] + sum(stats["dropped"].values())
+    rows = pd.DataFrame([{"id": "a#0", "task_id": "a", "instruction": "Describe the water cycle.", "input": "",
+                          "output": "x", "category": "qa", "is_classification": False, "origin": "seed"}])
+    out, estats = evolve(rows, EvolInstructConfig(rounds=1, max_new_tokens=48, response_max_new_tokens=48), llm, 0)
+    assert estats["attempted"] == 1 and len(out) == 1 + estats["kept"]
