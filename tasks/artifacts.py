@@ -47,6 +47,20 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def source_hash(path: str | Path) -> str:
+    """Content hash of an input file, or of every file under a directory (names included); `missing` if
+    there is nothing there, so that the stage itself reports the missing input."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(item.relative_to(path)).encode() + b"\0" + sha256_file(item).encode())
+        return digest.hexdigest()
+    return "missing"
+
+
 def code_version(*modules: Any) -> str:
     """Hash of the source files of the given modules: editing a stage's code invalidates its artifacts."""
     digest = hashlib.sha256()

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks import evol_instruct, finetune, mix, prompts, quality, seeds, self_instruct, text
-from tasks.artifacts import Artifact, PartWriter, artifact_key, code_version
+from tasks.artifacts import Artifact, PartWriter, artifact_key, code_version, source_hash
 from tasks.config import Config
 from tasks.llm import get_llm
 from tasks.llm import transformers_backend
@@ -90,7 +90,9 @@ class Stage:
 
 _GEN = (text, prompts, transformers_backend)
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("seeds", (), lambda c: {"seeds": c.section("seeds")}, _run_seeds, (seeds,)),
+    # The seed file is an input too: editing it must give a new key, not a stale cached table.
+    Stage("seeds", (), lambda c: {"seeds": c.section("seeds"), "source": source_hash(c.seeds.path)},
+          _run_seeds, (seeds,)),
     Stage("self_instruct", ("seeds",),
           lambda c: {"seed": c.run.seed, "llm": c.section("llm"), "self_instruct": c.section("self_instruct")},
           _run_self_instruct, (self_instruct, *_GEN), uses_llm=True),

@@ -76,3 +76,26 @@ def test_part_writer_numbers_parts(tmp_path):
         parts.write(pa.table({"n": [n]}))
     assert [p.name for p in parts.existing()] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert [t.column("n")[0].as_py() for t in parts.read_all()] == [0, 1, 2]
+
+
+def test_seeds_key_follows_the_seed_file_content(tmp_path):
+    from tasks.config import Config
+    from tasks.stages import plan
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"id": "a", "instruction": "Say hi.", "instances": [{"input": "", "output": "Hi"}]}\n')
+    cfg = Config.model_validate({"seeds": {"path": str(seeds)}, "run": {"artifacts_dir": str(tmp_path / "a")}})
+    first = plan("seeds", cfg, {})
+    assert plan("seeds", cfg, {}) == first
+    seeds.write_text('{"id": "a", "instruction": "Say hello.", "instances": [{"input": "", "output": "Hi"}]}\n')
+    assert plan("seeds", cfg, {}) != first
+
+
+def test_source_hash_of_directory_and_missing(tmp_path):
+    from tasks.artifacts import source_hash
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("1")
+    before = source_hash(tmp_path / "d")
+    (tmp_path / "d" / "x").write_text("2")
+    assert source_hash(tmp_path / "d") != before and source_hash(tmp_path / "nope") == "missing"
