@@ -44,7 +44,7 @@ class LLMConfig(Section):
 
 class SeedsConfig(Section):
     path: str = "data/seed_tasks.jsonl"
-    format: Literal["auto", "self_instruct"] = "auto"
+    format: Literal["auto", "self_instruct", "alpaca", "table", "hf_dataset"] = "auto"
     limit: int | None = Field(None, ge=1, description="keep only the first N tasks")
 
 

@@ -1,8 +1,13 @@
 """Stage 1, seeds: load human-written seed tasks into a table, one row per task, instances kept.
 
-Format `self_instruct` is the Self-Instruct paper's JSONL: `id`, `name`, `instruction`,
-`instances: [{input, output}]`, `is_classification`, and optionally `category` (this project's seeds carry
-one; others get `unknown`). Every problem is reported with the file and line it was found on.
+Formats (`seeds.format`, or `auto` to detect from the path and the first record):
+- `self_instruct`: the Self-Instruct paper's JSONL: `id`, `name`, `instruction`, `instances: [{input, output}]`,
+  `is_classification`, and optionally `category` (this project's seeds carry one; others get `unknown`);
+- `alpaca`: a JSON list or JSONL of `instruction`, `input` (optional), `output`: each record is a task with one
+  instance;
+- `table`: Parquet or CSV with the Alpaca columns (and optionally `id`, `category`, `is_classification`);
+- `hf_dataset`: a Hugging Face dataset directory written by `save_to_disk`, with the Alpaca columns.
+Every problem is reported with the file and line (or record) it was found on.
 """
 
 from __future__ import annotations
@@ -56,46 +61,153 @@ def _parse_task(obj: Any, where: str) -> dict[str, Any]:
 
 
 def read_self_instruct_jsonl(path: Path) -> pa.Table:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SeedFormatError(f"{path}: cannot read seed file ({exc.strerror})") from None
-    rows: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+    tasks = []
+    for lineno, text in _decode_lines(path):
         where = f"{path}:{lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SeedFormatError(f"{where}: not valid UTF-8 (byte {exc.start} of the line)") from None
-        if not text.strip():
-            continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SeedFormatError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        task = _parse_task(obj, where)
+        tasks.append((where, _parse_task(obj, where)))
+    return _finish(path, tasks)
+
+
+def _alpaca_task(obj: Any, where: str, index: int) -> dict[str, Any]:
+    _check(isinstance(obj, dict), where, f"expected a JSON object, got {type(obj).__name__}")
+    _check(isinstance(obj.get("instruction"), str) and obj["instruction"].strip() != "", where,
+           "`instruction` must be a non-empty string")
+    _check(isinstance(obj.get("output"), str) and obj["output"].strip() != "", where,
+           "`output` must be a non-empty string")
+    inp = obj.get("input", "")
+    _check(isinstance(inp, str), where, "`input` must be a string")
+    task = {"id": obj.get("id", f"seed_{index}"), "instances": [{"input": inp, "output": obj["output"]}],
+            "instruction": obj["instruction"], "is_classification": obj.get("is_classification", False),
+            "category": obj.get("category", "unknown")}
+    _check(isinstance(task["id"], str) and task["id"] != "", where, "`id` must be a non-empty string")
+    return _parse_task(task, where)
+
+
+def _decode_lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SeedFormatError(f"{path}: cannot read seed file ({exc.strerror})") from None
+    lines = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SeedFormatError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start} of the line)") from None
+        if text.strip():
+            lines.append((lineno, text))
+    return lines
+
+
+def _finish(path: Path, tasks: list[tuple[str, dict[str, Any]]]) -> pa.Table:
+    """Check ids are unique (naming both places) and build the table."""
+    seen: dict[str, str] = {}
+    for where, task in tasks:
         if task["id"] in seen:
-            raise SeedFormatError(f"{where}: duplicate id `{task['id']}` (first on line {seen[task['id']]})")
-        seen[task["id"]] = lineno
-        rows.append(task)
-    if not rows:
+            raise SeedFormatError(f"{where}: duplicate id `{task['id']}` (first at {seen[task['id']]})")
+        seen[task["id"]] = where
+    if not tasks:
         raise SeedFormatError(f"{path}: no seed tasks in the file")
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    return pa.Table.from_pylist([t for _, t in tasks], schema=SCHEMA)
+
+
+def read_alpaca(path: Path) -> pa.Table:
+    if path.suffix == ".jsonl":
+        tasks = []
+        for n, (lineno, text) in enumerate(_decode_lines(path)):
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise SeedFormatError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            tasks.append((where, _alpaca_task(obj, where, n)))
+        return _finish(path, tasks)
+    text = "\n".join(t for _, t in _decode_lines(path))
+    try:
+        records = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as exc:
+        raise SeedFormatError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(records, list):
+        raise SeedFormatError(f"{path}: an Alpaca JSON file holds a list of records, got {type(records).__name__}")
+    return _finish(path, [(f"{path} record {n}", _alpaca_task(r, f"{path} record {n}", n))
+                          for n, r in enumerate(records)])
+
+
+def _records_table(path: Path, records: list[dict[str, Any]], first_row: int, what: str) -> pa.Table:
+    tasks = []
+    for n, record in enumerate(records):
+        where = f"{path}:{n + first_row}" if what == "line" else f"{path} {what} {n}"
+        clean = {k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and v != v)}
+        if "is_classification" in clean and not isinstance(clean["is_classification"], bool):
+            flag = str(clean["is_classification"]).strip().lower()
+            _check(flag in ("true", "false", "1", "0"), where, "`is_classification` must be true or false")
+            clean["is_classification"] = flag in ("true", "1")
+        tasks.append((where, _alpaca_task(clean, where, n)))
+    return _finish(path, tasks)
+
+
+def read_table_file(path: Path) -> pa.Table:
+    import pandas as pd
+
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            return _records_table(path, frame.to_dict("records"), 0, "row")
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise SeedFormatError(f"{path}: cannot read as {path.suffix.lstrip('.')} ({exc})") from None
+    return _records_table(path, frame.to_dict("records"), 2, "line")  # line 1 is the header
+
+
+def read_hf_dataset(path: Path) -> pa.Table:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        raise SeedFormatError(f"{path}: not a dataset saved with save_to_disk ({exc})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise SeedFormatError(f"{path}: a DatasetDict with splits {list(dataset)}; point at one split's directory")
+    return _records_table(path, dataset.to_list(), 0, "row")
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            return "hf_dataset"
+        raise SeedFormatError(f"{path}: a directory but not a saved Hugging Face dataset; set `seeds.format`")
+    if path.suffix in (".parquet", ".csv"):
+        return "table"
+    if path.suffix == ".json":
+        return "alpaca"
+    if path.suffix == ".jsonl":
+        first = next(iter(_decode_lines(path)), None)
+        if first is None:
+            raise SeedFormatError(f"{path}: no seed tasks in the file")
+        try:
+            obj = json.loads(first[1])
+        except json.JSONDecodeError as exc:
+            raise SeedFormatError(f"{path}:{first[0]}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        return "self_instruct" if isinstance(obj, dict) and "instances" in obj else "alpaca"
+    raise SeedFormatError(f"{path}: cannot detect the seed format from the name; set `seeds.format`")
+
+
+READERS = {"self_instruct": read_self_instruct_jsonl, "alpaca": read_alpaca, "table": read_table_file,
+           "hf_dataset": read_hf_dataset}
 
 
 def load_seeds(cfg: SeedsConfig, base_dir: Path = Path(".")) -> tuple[pa.Table, dict[str, Any]]:
     path = Path(cfg.path)
     if not path.is_absolute():
         path = base_dir / path
-    if not path.is_file():
+    if not path.exists():
         raise SeedFormatError(f"{path}: seed file not found (config key `seeds.path`)")
-    fmt = cfg.format
-    if fmt == "auto":
-        if path.suffix != ".jsonl":
-            raise SeedFormatError(f"{path}: cannot detect the seed format from the name; set `seeds.format`")
-        fmt = "self_instruct"
-    table = read_self_instruct_jsonl(path)
+    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    table = READERS[fmt](path)
     rows_in = table.num_rows
     if cfg.limit is not None:
         table = table.slice(0, cfg.limit)

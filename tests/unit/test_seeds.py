@@ -47,7 +47,7 @@ def write_lines(tmp_path, lines, raw=None):
     ([GOOD, "{not json"], r"seeds.jsonl:2: malformed JSON"),
     ([GOOD, {**GOOD, "id": "t2", "instruction": ""}], r":2: `instruction` must be a non-empty string"),
     ([{k: v for k, v in GOOD.items() if k != "instruction"}], r":1: missing `instruction`"),
-    ([GOOD, GOOD], r":2: duplicate id `t1` \(first on line 1\)"),
+    ([GOOD, GOOD], r":2: duplicate id `t1` \(first at .*seeds.jsonl:1\)"),
     ([{**GOOD, "instances": []}], r":1: `instances` must be a non-empty list"),
     ([{**GOOD, "instances": [{"input": 1, "output": "x"}]}], r":1: instances\[0\].input must be a string"),
     ([{**GOOD, "is_classification": "yes"}], r":1: `is_classification` must be true or false"),
@@ -75,3 +75,58 @@ def test_limit(tmp_path):
     path = write_lines(tmp_path, [{**GOOD, "id": f"t{i}"} for i in range(5)])
     table, stats = load_seeds(SeedsConfig(path=str(path), limit=3))
     assert table.num_rows == 3 and stats["rows_in"] == 5 and stats["dropped"] == {"over_limit": 2}
+
+
+ALPACA = [{"instruction": "Give a synonym of happy.", "input": "", "output": "Joyful."},
+          {"instruction": "Translate to French.", "input": "Good night", "output": "Bonne nuit."}]
+
+
+def expect_alpaca_rows(table):
+    rows = table.to_pylist()
+    assert [r["instruction"] for r in rows] == [a["instruction"] for a in ALPACA]
+    assert [r["instances"] for r in rows] == [[{"input": a["input"], "output": a["output"]}] for a in ALPACA]
+    assert [r["id"] for r in rows] == ["seed_0", "seed_1"] and not any(r["is_classification"] for r in rows)
+
+
+def test_alpaca_json_jsonl_csv_parquet_and_hf_dataset(tmp_path):
+    import datasets
+    import pandas as pd
+
+    files = {"a.json": lambda p: p.write_text(json.dumps(ALPACA)),
+             "a.jsonl": lambda p: p.write_text("\n".join(json.dumps(a) for a in ALPACA) + "\n"),
+             "a.csv": lambda p: pd.DataFrame(ALPACA).to_csv(p, index=False),
+             "a.parquet": lambda p: pd.DataFrame(ALPACA).to_parquet(p),
+             "hf": lambda p: datasets.Dataset.from_list(ALPACA).save_to_disk(str(p))}
+    expected_format = {"a.json": "alpaca", "a.jsonl": "alpaca", "a.csv": "table", "a.parquet": "table",
+                       "hf": "hf_dataset"}
+    for name, write in files.items():
+        path = tmp_path / name
+        write(path)
+        table, stats = load_seeds(SeedsConfig(path=str(path)))
+        expect_alpaca_rows(table)
+        assert stats["format"] == expected_format[name], name
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("a.json", '[{"instruction": "x y z", "output": "o"},\n {"instruction": "", "output": "o"}]',
+     r"a.json record 1: `instruction` must be a non-empty string"),
+    ("a.json", '[{"instruction": "x", "output": "o"},\n {oops}]', r"a.json:2: malformed JSON"),
+    ("a.json", '{"instruction": "x"}', r"holds a list of records, got dict"),
+    ("a.csv", "instruction,input,output\nSay hi.,,Hi\nSay bye.,,\n", r"a.csv:3: `output` must be a non-empty string"),
+    ("a.csv", "instruction,input,output,is_classification\nSay hi.,,Hi,maybe\n",
+     r"a.csv:2: `is_classification` must be true or false"),
+    ("b.jsonl", '{"instruction": "Say hi.", "output": "Hi"}\n{"instruction": "Say hi.", "output": 3}\n',
+     r"b.jsonl:2: `output` must be a non-empty string"),
+    ("c.txt", "hello", r"cannot detect the seed format"),
+])
+def test_bad_alpaca_and_table_inputs(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SeedFormatError, match=message):
+        load_seeds(SeedsConfig(path=str(path)))
+
+
+@pytest.mark.skipif(not EXTERNAL.exists(), reason="../shared/external is not beside this checkout")
+def test_paper_seeds_detected_as_self_instruct():
+    table, stats = load_seeds(SeedsConfig(path=str(EXTERNAL)))
+    assert stats["format"] == "self_instruct" and table.num_rows == 175 and stats["classification_tasks"] == 26
