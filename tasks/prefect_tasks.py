@@ -25,10 +25,15 @@ def _cache_key(stage: str):
 
 
 def _publish_stats(stage: str, stats: dict[str, Any]) -> None:
-    rows = [{"metric": k, "value": v if isinstance(v, (int, float, str)) else str(v)}
-            for k, v in stats.items() if k not in ("inputs",)]
-    create_table_artifact(key=f"{stage.replace('_', '-')}-stats", table=rows,
-                          description=f"{stage}: stats.json of this run's artifact")
+    """The stage's stats.json in the Prefect UI: its scalar figures, and its drops per reason."""
+    slug = stage.replace("_", "-")
+    rows = [{"metric": k, "value": v} for k, v in stats.items() if isinstance(v, (int, float, str)) and k != "key"]
+    usage = stats.get("usage") or stats.get("usage_this_attempt") or {}
+    rows += [{"metric": f"usage.{k}", "value": v} for k, v in usage.items() if isinstance(v, int)]
+    create_table_artifact(key=f"{slug}-stats", table=rows, description=f"{stage}: figures from stats.json")
+    drops = [{"reason": reason, "rows": count} for reason, count in sorted(stats.get("dropped", {}).items())]
+    if drops:
+        create_table_artifact(key=f"{slug}-drops", table=drops, description=f"{stage}: rows dropped, per reason")
 
 
 def _stage_task(stage: str, retries: int):

@@ -3,7 +3,8 @@
 ROUGE-L follows `rouge_score`'s default tokenizer (lowercase, every run of characters outside [a-z0-9]
 is a separator, no stemming) and its F1, which for an LCS of length l between token lists of length m and
 n is 2l / (m + n). LCS lengths come from rapidfuzz (C++). Each distinct token is mapped to one code point,
-so a token list becomes a short string and rapidfuzz compares whole batches at once.
+so a token list becomes a short string and rapidfuzz compares whole batches at once. F1 itself is
+computed with rouge_score's own float operations, so decisions at a threshold match it exactly.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ def word_count(text: str) -> int:
 
 def rouge_l_f1(a: str, b: str) -> float:
     ta, tb = rouge_tokens(a), rouge_tokens(b)
-    if not ta or not tb:
-        return 0.0
-    return 2.0 * LCSseq.similarity(ta, tb) / (len(ta) + len(tb))
+    return float(rouge_f1_from_lcs(LCSseq.similarity(ta, tb), len(ta), len(tb)))
 
 
 class RougeIndex:
@@ -80,10 +79,8 @@ class RougeIndex:
         if not self._encoded or not queries:
             return np.zeros((len(queries), len(self._encoded)))
         lcs = process.cdist(queries, self._encoded, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
-        total = np.add.outer(np.array([len(q) for q in queries]), np.array(self._lengths))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            f1 = np.where(total > 0, 2.0 * lcs / np.maximum(total, 1), 0.0)
-        return f1
+        q_len = np.array([len(q) for q in queries])
+        return rouge_f1_from_lcs(lcs, q_len[:, None], np.array(self._lengths)[None, :])
 
 
 _NUMBERED = re.compile(r"^\s*(\d{1,3})\s*[.)]\s*(.*)$")
@@ -108,3 +105,66 @@ def parse_numbered_list(text: str, first_number: int) -> tuple[list[str], bool]:
         elif any(items[-1]):
             return [" ".join(p).strip() for p in items if " ".join(p).strip()], True
     return [" ".join(p).strip() for p in items if " ".join(p).strip()], False
+
+
+def rouge_f1_from_lcs(lcs: np.ndarray, len_a: np.ndarray, len_b: np.ndarray) -> np.ndarray:
+    """ROUGE-L F1 with rouge_score's own float operations (p = l/len_b, r = l/len_a, 2pr/(p+r)), so that
+    decisions at a threshold are identical to it, not just close."""
+    lcs = np.asarray(lcs, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = lcs / np.asarray(len_b, dtype=np.float64)
+        r = lcs / np.asarray(len_a, dtype=np.float64)
+        f = 2 * p * r / (p + r)
+    empty = (np.asarray(len_a) == 0) | (np.asarray(len_b) == 0) | ~((p + r) > 0)
+    return np.where(empty, 0.0, f)
+
+
+def novelty_filter(texts: Sequence[str], threshold: float = 0.7, existing: Sequence[str] = (),
+                   block: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy in-order novelty filter: keep a text iff its ROUGE-L F1 against every kept text (and every
+    `existing` one) is at most `threshold`.
+
+    Returns (kept mask, highest F1 against what was kept before it, index of that nearest text in
+    `existing + texts`, -1 if none). Texts are compared a block at a time: the block against everything
+    kept before it in one multi-threaded rapidfuzz call, then within the block in order.
+    """
+    index = RougeIndex()
+    encoded_existing = [index._encode(t) for t in existing]
+    encoded = [index._encode(t) for t in texts]
+    n_existing = len(encoded_existing)
+    kept_strings = list(encoded_existing)
+    kept_ids = list(range(n_existing))
+    kept_mask = np.zeros(len(texts), dtype=bool)
+    best = np.zeros(len(texts))
+    nearest = np.full(len(texts), -1, dtype=np.int64)
+    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+    for start in range(0, len(encoded), block):
+        queries = encoded[start:start + block]
+        q_len = lengths[start:start + block]
+        if kept_strings:
+            lcs = process.cdist(queries, kept_strings, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
+            k_len = np.array([len(k) for k in kept_strings], dtype=np.int64)
+            f1 = rouge_f1_from_lcs(lcs, q_len[:, None], k_len[None, :])
+            arg = f1.argmax(axis=1)
+            block_best = f1[np.arange(len(queries)), arg]
+            block_nearest = np.array(kept_ids, dtype=np.int64)[arg]
+        else:
+            block_best = np.zeros(len(queries))
+            block_nearest = np.full(len(queries), -1, dtype=np.int64)
+        inner = process.cdist(queries, queries, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
+        inner_f1 = rouge_f1_from_lcs(inner, q_len[:, None], q_len[None, :])
+        kept_here: list[int] = []
+        for i in range(len(queries)):
+            score, near = block_best[i], block_nearest[i]
+            if kept_here:
+                j = int(np.argmax(inner_f1[i, kept_here]))
+                if inner_f1[i, kept_here[j]] > score:
+                    score, near = inner_f1[i, kept_here[j]], n_existing + start + kept_here[j]
+            best[start + i], nearest[start + i] = score, near
+            if score <= threshold:
+                kept_here.append(i)
+        for i in kept_here:
+            kept_mask[start + i] = True
+            kept_strings.append(queries[i])
+            kept_ids.append(n_existing + start + i)
+    return kept_mask, best, nearest
