@@ -34,6 +34,9 @@ def _publish_stats(stage: str, stats: dict[str, Any]) -> None:
     drops = [{"reason": reason, "rows": count} for reason, count in sorted(stats.get("dropped", {}).items())]
     if drops:
         create_table_artifact(key=f"{slug}-drops", table=drops, description=f"{stage}: rows dropped, per reason")
+    if operations := stats.get("operations"):
+        table = [{"operation": op, **figures} for op, figures in operations.items()]
+        create_table_artifact(key=f"{slug}-pass-rates", table=table, description=f"{stage}: pass rate per operation")
 
 
 def _stage_task(stage: str, retries: int):

@@ -147,6 +147,7 @@ class Progress:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     pool_added: list[str] = field(default_factory=list)
+    tokens: Counter = field(default_factory=Counter)  # prompt_tokens, completion_tokens, llm_calls
     requests: int = 0
     rounds: int = 0
     generated: int = 0
@@ -159,6 +160,7 @@ def _restore(parts: list[pa.Table]) -> Progress:
         meta = part.schema.metadata or {}
         progress.requests += int(meta.get(b"requests", b"0"))
         progress.generated += int(meta.get(b"generated", b"0"))
+        progress.tokens.update(_decode_counts(meta.get(b"tokens", b"")))
         for reason, count in _decode_counts(meta.get(b"dropped", b"")).items():
             progress.dropped[reason] += count
         progress.rounds += 1
@@ -199,6 +201,7 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
 
     while len(progress.rows) < cfg.num_instructions and progress.requests < cfg.max_requests:
         rng = np.random.default_rng([seed, progress.rounds])  # a resumed round draws what it would have
+        before = (usage.requests, usage.prompt_tokens, usage.completion_tokens)
         n_requests = _requests_for_round(cfg, progress)
         generated_so_far = [r["instruction"] for r in progress.rows]
         prompts = [instruction_prompt(_in_context(seed_instructions, generated_so_far, cfg, rng))
@@ -236,15 +239,19 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
         new_rows = _complete_tasks(candidates, seed_rows, seed_index, cls_shots, cls_threshold, cfg, llm, rng,
                                    usage, dropped,
                                    progress.rounds)
+        round_tokens = Counter({"llm_calls": usage.requests - before[0],
+                                "prompt_tokens": usage.prompt_tokens - before[1],
+                                "completion_tokens": usage.completion_tokens - before[2]})
         part = pa.Table.from_pylist(new_rows, schema=_generated_schema()).replace_schema_metadata({
             "requests": str(n_requests), "generated": str(n_generated), "dropped": _encode_counts(dropped),
-            "pool_added": json.dumps([c[0] for c in candidates])})
+            "pool_added": json.dumps([c[0] for c in candidates]), "tokens": _encode_counts(round_tokens)})
         if parts:
             parts.write(part)
         progress.rows.extend(new_rows)
         progress.requests += n_requests
         progress.generated += n_generated
         progress.dropped.update(dropped)
+        progress.tokens.update(round_tokens)
         progress.pool_added.extend(c[0] for c in candidates)
         progress.rounds += 1
 
@@ -254,7 +261,8 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
              "classification_method": "generated yes/no" if cls_threshold is None else
              f"log-odds > {cls_threshold:.3f} (fitted on seeds)",
              "kept": len(generated), "dropped": dict(progress.dropped), "stop_reason": stop_reason,
-             "usage_this_attempt": usage.as_dict()}
+             "llm_calls": progress.tokens["llm_calls"], "prompt_tokens": progress.tokens["prompt_tokens"],
+             "completion_tokens": progress.tokens["completion_tokens"], "usage_this_attempt": usage.as_dict()}
     return generated, stats
 
 

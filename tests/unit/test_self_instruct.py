@@ -134,7 +134,7 @@ def test_truncated_last_item_is_dropped():
 
 def test_resume_from_parts_gives_same_rows(tmp_path):
     cfg = SelfInstructConfig(num_instructions=5, requests_per_batch=1, max_requests=10)
-    full, _ = generate_tasks(seeds_table(), cfg, ScriptedLLM(scripted(ITEMS)), seed=1)
+    full, full_stats = generate_tasks(seeds_table(), cfg, ScriptedLLM(scripted(ITEMS)), seed=1)
 
     parts = PartWriter(tmp_path / "parts")
     stop_after_two = SelfInstructConfig(num_instructions=5, requests_per_batch=1, max_requests=2)
@@ -144,6 +144,8 @@ def test_resume_from_parts_gives_same_rows(tmp_path):
     resumed, stats = generate_tasks(seeds_table(), cfg, llm, seed=1, parts=parts)
     assert resumed.to_dict("records") == full.to_dict("records")
     assert stats["requests"] == 3 and len(llm.calls) == 3  # one request, classification, instances
+    assert stats["prompt_tokens"] == full_stats["prompt_tokens"] > 0  # counted across the restart
+    assert stats["completion_tokens"] == full_stats["completion_tokens"] > 0
 
 
 def test_seed_examples_one_row_per_instance():
