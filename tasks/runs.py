@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,7 +62,3 @@ class RunRecord:
                     "seconds": round(time.time() - self.started_at, 3),
                     "stages": {s.stage: asdict(s) for s in self.stages}, **(extra or {})}
         atomic_write_json(self.path / "manifest.json", manifest)
-
-
-def read_manifest(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "manifest.json").read_text())

@@ -204,8 +204,8 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
         before = (usage.requests, usage.prompt_tokens, usage.completion_tokens)
         n_requests = _requests_for_round(cfg, progress)
         generated_so_far = [r["instruction"] for r in progress.rows]
-        prompts = [instruction_prompt(_in_context(seed_instructions, generated_so_far, cfg, rng))
-                   for _ in range(n_requests)]
+        contexts = [_in_context(seed_instructions, generated_so_far, cfg, rng) for _ in range(n_requests)]
+        prompts = [instruction_prompt(context) for context in contexts]
         completions = llm.generate(prompts, GenerationParams(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             stop=("\n\n",), seed=int(rng.integers(2**31))), desc=f"self_instruct round {progress.rounds}")
@@ -214,9 +214,8 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
         dropped: Counter = Counter()
         candidates: list[tuple[str, float, str]] = []
         n_generated = 0
-        for prompt, completion in zip(prompts, completions):
-            first = int(prompt.rsplit("\n", 1)[1].rstrip("."))
-            items, ended = parse_numbered_list(completion.text, first)
+        for context, completion in zip(contexts, completions):
+            items, ended = parse_numbered_list(completion.text, len(context) + 1)
             if completion.finish_reason == "length" and not ended and items:
                 items = items[:-1]
                 dropped["truncated"] += 1
@@ -300,15 +299,12 @@ def _classification_shots(seed_rows: list[dict[str, Any]], n_yes: int = 4, n_no:
     yes = [(t["instruction"], True) for t in seed_rows if t["is_classification"]][:n_yes]
     no = [(t["instruction"], False) for t in seed_rows if not t["is_classification"]][:n_no]
     shots: list[tuple[str, bool]] = []
-    while yes or no:
-        if no:
-            shots.append(no.pop())
-        if yes:
-            shots.append(yes.pop())
-        if no:
-            shots.append(no.pop())
-    if shots and shots[-1][1] and no == [] and any(not s[1] for s in shots):
-        last_no = max(i for i, s in enumerate(shots) if not s[1])
+    while yes or no:  # no, yes, no, no, yes, no, ...
+        shots += [no.pop()] if no else []
+        shots += [yes.pop()] if yes else []
+        shots += [no.pop()] if no else []
+    if shots and shots[-1][1] and not all(label for _, label in shots):
+        last_no = max(i for i, (_, label) in enumerate(shots) if not label)
         shots.append(shots.pop(last_no))
     return shots
 

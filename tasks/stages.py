@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks import evol_instruct, finetune, mix, prompts, quality, seeds, self_instruct, text
-from tasks.artifacts import Artifact, PartWriter, artifact_key, code_version, source_hash
+from tasks.artifacts import Artifact, PartWriter, artifact_key, code_version, input_hashes, source_hash
 from tasks.config import Config
 from tasks.llm import get_llm
 from tasks.llm import transformers_backend
@@ -111,7 +111,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 def plan(stage: str, cfg: Config, inputs: dict[str, str | Path]) -> Artifact:
     """The artifact a stage writes for this config and these (finished) input artifacts."""
     spec = STAGES[stage]
-    hashes = [Artifact(Path(inputs[name])).content_hash() for name in spec.inputs]
+    hashes = input_hashes(inputs[name] for name in spec.inputs)
     key = artifact_key(stage, spec.key_config(cfg), hashes, spec.version())
     return Artifact.at(cfg.run.artifacts_dir, stage, key)
 

@@ -39,12 +39,11 @@ class RougeIndex:
     def __init__(self, texts: Iterable[str] = ()):
         self._vocab: dict[str, str] = {}
         self._encoded: list[str] = []
-        self._lengths: list[int] = []
         self.texts: list[str] = []
         for text in texts:
             self.add(text)
 
-    def _encode(self, text: str) -> str:
+    def encode(self, text: str) -> str:
         # Code points from 0x100 up, skipping the surrogate block, one per distinct token.
         chars = []
         for token in rouge_tokens(text):
@@ -60,9 +59,7 @@ class RougeIndex:
         return len(self.texts)
 
     def add(self, text: str) -> None:
-        enc = self._encode(text)
-        self._encoded.append(enc)
-        self._lengths.append(len(enc))
+        self._encoded.append(self.encode(text))
         self.texts.append(text)
 
     def most_similar(self, text: str) -> tuple[float, int]:
@@ -75,12 +72,18 @@ class RougeIndex:
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """ROUGE-L F1 of each of `texts` against every indexed entry: shape (len(texts), len(index))."""
-        queries = [self._encode(t) for t in texts]
-        if not self._encoded or not queries:
-            return np.zeros((len(queries), len(self._encoded)))
-        lcs = process.cdist(queries, self._encoded, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
-        q_len = np.array([len(q) for q in queries])
-        return rouge_f1_from_lcs(lcs, q_len[:, None], np.array(self._lengths)[None, :])
+        return f1_matrix([self.encode(t) for t in texts], self._encoded)
+
+
+def f1_matrix(queries: Sequence[str], choices: Sequence[str]) -> np.ndarray:
+    """ROUGE-L F1 between encoded token strings (see `RougeIndex.encode`): shape (queries, choices).
+    LCS lengths come from one multi-threaded rapidfuzz call."""
+    if not queries or not choices:
+        return np.zeros((len(queries), len(choices)))
+    lcs = process.cdist(queries, choices, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
+    q_len = np.array([len(q) for q in queries])
+    c_len = np.array([len(c) for c in choices])
+    return rouge_f1_from_lcs(lcs, q_len[:, None], c_len[None, :])
 
 
 _NUMBERED = re.compile(r"^\s*(\d{1,3})\s*[.)]\s*(.*)$")
@@ -129,30 +132,24 @@ def novelty_filter(texts: Sequence[str], threshold: float = 0.7, existing: Seque
     kept before it in one multi-threaded rapidfuzz call, then within the block in order.
     """
     index = RougeIndex()
-    encoded_existing = [index._encode(t) for t in existing]
-    encoded = [index._encode(t) for t in texts]
-    n_existing = len(encoded_existing)
-    kept_strings = list(encoded_existing)
+    kept_strings = [index.encode(t) for t in existing]
+    encoded = [index.encode(t) for t in texts]
+    n_existing = len(kept_strings)
     kept_ids = list(range(n_existing))
     kept_mask = np.zeros(len(texts), dtype=bool)
     best = np.zeros(len(texts))
     nearest = np.full(len(texts), -1, dtype=np.int64)
-    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
     for start in range(0, len(encoded), block):
         queries = encoded[start:start + block]
-        q_len = lengths[start:start + block]
         if kept_strings:
-            lcs = process.cdist(queries, kept_strings, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
-            k_len = np.array([len(k) for k in kept_strings], dtype=np.int64)
-            f1 = rouge_f1_from_lcs(lcs, q_len[:, None], k_len[None, :])
+            f1 = f1_matrix(queries, kept_strings)
             arg = f1.argmax(axis=1)
             block_best = f1[np.arange(len(queries)), arg]
             block_nearest = np.array(kept_ids, dtype=np.int64)[arg]
         else:
             block_best = np.zeros(len(queries))
             block_nearest = np.full(len(queries), -1, dtype=np.int64)
-        inner = process.cdist(queries, queries, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
-        inner_f1 = rouge_f1_from_lcs(inner, q_len[:, None], q_len[None, :])
+        inner_f1 = f1_matrix(queries, queries)
         kept_here: list[int] = []
         for i in range(len(queries)):
             score, near = block_best[i], block_nearest[i]

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.config import EvaluateConfig, FinetuneConfig
-from tasks.finetune import IGNORE, build_example, build_examples, collate, finetune
+from tasks.finetune import IGNORE, build_example, collate, finetune
 from tasks.prompts import alpaca_prompt
 
 
