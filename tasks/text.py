@@ -89,18 +89,28 @@ def f1_matrix(queries: Sequence[str], choices: Sequence[str]) -> np.ndarray:
 _NUMBERED = re.compile(r"^\s*(\d{1,3})\s*[.)]\s*(.*)$")
 
 
-def parse_numbered_list(text: str, first_number: int) -> tuple[list[str], bool]:
-    """Items of a numbered list that continues at `first_number` (its marker already ends the prompt).
+def parse_numbered_list(text: str, first_number: int, opened: bool = True) -> tuple[list[str], bool]:
+    """Items of a numbered list that continues at `first_number`.
+
+    `opened`: the prompt already ends with the marker `first_number.`, so the text starts inside that item
+    (a completion). Otherwise (a chat reply) the list starts at the first line numbered `first_number`, or
+    `1` if the model started afresh, and any preamble before it is ignored.
 
     A line starting with the next number opens a new item; other non-blank lines continue the current one;
     a blank line after some text ends the list. Returns the items and whether the list ended there (if it
     did not, the last item may have been cut off by the token limit).
     """
     items: list[list[str]] = [[]]
-    expected = first_number + 1
+    expected = first_number + 1 if opened else None
+    started = opened
     for line in text.split("\n"):
         m = _NUMBERED.match(line)
-        if m and int(m.group(1)) == expected:
+        number = int(m.group(1)) if m else None
+        if not started:
+            if number is not None and number in (first_number, 1):
+                items, expected, started = [[m.group(2).strip()]], number + 1, True
+            continue
+        if number is not None and number == expected:
             items.append([m.group(2).strip()])
             expected += 1
         elif line.strip():

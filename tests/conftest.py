@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.llm.base import Completion, GenerationParams
+from tasks.llm.base import Completion, GenerationParams, Prompt, prompt_text
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTERNAL = ROOT.parent / "shared" / "external"
@@ -21,18 +21,19 @@ class ScriptedLLM:
     """A test double of the LLM protocol: `respond(prompt, params) -> text` decides each completion."""
 
     name = "scripted"
+    mode = "completions"
 
-    def __init__(self, respond: Callable[[str, GenerationParams], str | tuple[str, str]]):
+    def __init__(self, respond: Callable[[Prompt, GenerationParams], str | tuple[str, str]]):
         self.respond = respond
         self.calls: list[tuple[list[str], GenerationParams]] = []
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams, desc: str = "") -> list[Completion]:
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams, desc: str = "") -> list[Completion]:
         self.calls.append((list(prompts), params))
         out = []
         for prompt in prompts:
             answer = self.respond(prompt, params)
             text, finish = answer if isinstance(answer, tuple) else (answer, "stop")
-            out.append(Completion(text=text, finish_reason=finish, prompt_tokens=len(prompt.split()),
+            out.append(Completion(text=text, finish_reason=finish, prompt_tokens=len(prompt_text(prompt).split()),
                                   completion_tokens=len(text.split())))
         return out
 

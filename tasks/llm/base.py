@@ -1,4 +1,9 @@
-"""The protocol every backend implements: batched text generation with finish reasons and token counts."""
+"""The protocol every backend implements: batched text generation with finish reasons and token counts.
+
+A prompt is either plain text (completion style, for base models) or a list of chat messages
+(`{"role": "user", "content": ...}`, for chat models). A backend's `mode` says which its stages should
+build; `chat_prompt` wraps one user turn.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,21 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
+Mode = Literal["completions", "chat"]
+Message = dict[str, str]
+Prompt = str | list[Message]
+
+
+def chat_prompt(user: str, system: str | None = None) -> list[Message]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": user}]
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The prompt as one string, for logs, hashing and tests: chat messages joined by their roles."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"[{m['role']}] {m['content']}" for m in prompt)
 
 
 @dataclass(frozen=True)
@@ -15,6 +35,7 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    retries: int = 0  # failed attempts before this one succeeded (remote backends)
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,7 @@ class Usage:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    retries: int = 0
     by_purpose: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, purpose: str, completions: Sequence[Completion]) -> None:
@@ -45,18 +67,27 @@ class Usage:
         self.requests += len(completions)
         self.prompt_tokens += sum(c.prompt_tokens for c in completions)
         self.completion_tokens += sum(c.completion_tokens for c in completions)
+        self.retries += sum(c.retries for c in completions)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
     def as_dict(self) -> dict:
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "by_purpose": self.by_purpose}
+                "completion_tokens": self.completion_tokens, "retries": self.retries, "by_purpose": self.by_purpose}
 
 
 class LLM(Protocol):
-    """A text generator. `generate` returns one Completion per prompt, in prompt order."""
+    """A text generator. `generate` returns one Completion per prompt, in prompt order.
+
+    `mode` is "completions" when prompts should be plain text, "chat" when they should be messages.
+    """
 
     name: str
+    mode: Mode
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams,
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
                  desc: str = "generate") -> list[Completion]: ...
 
 

@@ -10,10 +10,16 @@ from tasks.llm.base import LLM
 
 @functools.lru_cache(maxsize=2)
 def _cached(cfg: LLMConfig) -> LLM:
+    if cfg.backend == "openai":
+        from tasks.llm.openai_backend import OpenAILLM, api_key_from_env
+
+        return OpenAILLM(cfg.model, base_url=cfg.base_url, mode=cfg.mode, api_key=api_key_from_env(cfg.api_key_env),
+                         max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s,
+                         max_retries=cfg.max_retries)
     from tasks.llm.models import resolve_model
     from tasks.llm.transformers_backend import TransformersLLM
 
-    return TransformersLLM(resolve_model(cfg.model), device=cfg.device, dtype=cfg.dtype,
+    return TransformersLLM(resolve_model(cfg.model), device=cfg.device, dtype=cfg.dtype, mode=cfg.mode,
                            batch_size=cfg.batch_size, max_prompt_tokens=cfg.max_prompt_tokens)
 
 

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
-from tasks.llm.base import Completion, GenerationParams, truncate_at_stop
+from tasks.llm.base import Completion, GenerationParams, Message, Mode, Prompt, truncate_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,29 @@ class NucleusSampling:
         return torch.where(inside.unsqueeze(-1), kept, scores)
 
 
+GEMMA_TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def gemma_chat_text(messages: Sequence[Message]) -> str:
+    """Gemma's turn format, for Gemma tokenizers that carry no chat template (the bundled GGUF's does not).
+
+    Gemma has no system role: a system message is put at the top of the first user turn.
+    """
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = []
+    for m in (m for m in messages if m["role"] != "system"):
+        content = m["content"]
+        if system and m["role"] == "user":
+            content, system = f"{system}\n\n{content}", ""
+        role = "model" if m["role"] == "assistant" else m["role"]
+        turns.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
+    return "".join(turns) + "<start_of_turn>model\n"
+
+
 class TransformersLLM:
     def __init__(self, model_dir: Path, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
-                 max_prompt_tokens: int = 1024):
+                 max_prompt_tokens: int = 1024, mode: Mode = "completions"):
+        self.mode = mode
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.name = f"transformers:{model_dir.name}"
@@ -97,10 +117,35 @@ class TransformersLLM:
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {int(e) for e in eos if e is not None} | {int(self.tokenizer.eos_token_id)}
+        vocab = self.tokenizer.get_vocab()
+        self.gemma_turns = all(marker in vocab for marker in GEMMA_TURN_MARKERS)
+        if mode == "chat":
+            if not self.tokenizer.chat_template and not self.gemma_turns:
+                raise ValueError(f"llm.mode is `chat` but {model_dir} has no chat template; use "
+                                 f"`llm.mode: completions` or a model whose tokenizer has one")
+            if self.gemma_turns:  # a chat reply ends with <end_of_turn>
+                self.eos_ids.add(int(vocab["<end_of_turn>"]))
         log.info("loaded %s on %s (%s)", model_dir, self.device, self.dtype)
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams,
+    def render(self, prompt: Prompt) -> str:
+        """The text the model sees: a completion prompt as is, chat messages through the chat template."""
+        if isinstance(prompt, str):
+            if self.mode == "chat":
+                prompt = [{"role": "user", "content": prompt}]
+            else:
+                return prompt
+        if self.mode != "chat":
+            raise TypeError("llm.mode is `completions` but a stage built chat messages; this is a bug")
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        else:
+            text = gemma_chat_text(prompt)
+        bos = self.tokenizer.bos_token
+        return text[len(bos):] if bos and text.startswith(bos) else text  # the tokenizer adds <bos> itself
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
                  desc: str = "generate") -> list[Completion]:
+        prompts = [self.render(p) for p in prompts]
         # Similar lengths in one batch waste less padding; results go back in prompt order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
         results: list[Completion | None] = [None] * len(prompts)
@@ -114,12 +159,13 @@ class TransformersLLM:
         return [r for r in results if r is not None]
 
     @torch.inference_mode()
-    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+    def next_token_logprobs(self, prompts: Sequence[Prompt], candidates: Sequence[str]) -> np.ndarray:
         """Log-probability of each candidate's first token right after each prompt: shape (prompts, candidates).
 
         One forward pass per batch, no sampling; the output layer runs on the last position only.
         """
         tok = self.tokenizer
+        prompts = [self.render(p) for p in prompts]
         ids = [tok(c, add_special_tokens=False)["input_ids"][0] for c in candidates]
         rows = []
         for start in range(0, len(prompts), self.batch_size):

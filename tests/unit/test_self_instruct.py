@@ -6,8 +6,8 @@ import pytest
 from tasks.artifacts import PartWriter
 from tasks.config import SelfInstructConfig
 from tasks.self_instruct import (
-    classification_prompt, generate_tasks, instance_drop_reason, instance_prompt, instruction_drop_reason,
-    instruction_prompt, parse_instance, parse_yes_no, seed_examples)
+    classification_prompt, filter_instances, generate_tasks, instance_drop_reason, instance_prompt,
+    instance_stops, instruction_drop_reason, instruction_prompt, parse_instances, parse_yes_no, seed_examples)
 from tasks.seeds import SCHEMA
 from tests.conftest import ScriptedLLM
 
@@ -54,14 +54,44 @@ def test_instruction_prompt_is_numbered_and_open():
 
 
 def test_instance_prompt_order_depends_on_classification():
-    shots = [{"instruction": "Is it spam?", "input": "Win money", "output": "spam"}]
-    cls = instance_prompt("Label the mood.", shots, output_first=True)
-    gen = instance_prompt("Name a color.", [{"instruction": "Say hi", "input": "", "output": "Hi"}], output_first=False)
-    assert cls.endswith("Task: Label the mood.\nClass label:") and "Class label: spam\nInput: Win money" in cls
-    assert gen.endswith("Task: Name a color.\nInput:") and "Input: <noinput>\nOutput: Hi" in gen
-    assert parse_instance(" happy\nInput: I won the game!", output_first=True) == ("I won the game!", "happy")
-    assert parse_instance(" <noinput>\nOutput: Blue.", output_first=False) == ("", "Blue.")
-    assert parse_instance(" no output field", output_first=False) is None
+    shots = [{"instruction": "Is it spam?", "instances": [{"input": "Win money", "output": "spam"},
+                                                          {"input": "Lunch at 1?", "output": "not spam"}]}]
+    cls = instance_prompt("Label the mood.", shots, output_first=True, n=2)
+    gen = instance_prompt("Name a color.", [{"instruction": "Say hi", "instances": [{"input": "", "output": "Hi"}]}],
+                          output_first=False, n=3)
+    assert cls.endswith("Task: Label the mood.\nClass label:")
+    assert "Class label: spam\nInput: Win money\nClass label: not spam\nInput: Lunch at 1?" in cls
+    assert gen.endswith("Task: Name a color.\nExample 1\nInput:") and "Example 1\nInput: <noinput>\nOutput: Hi" in gen
+    assert instance_prompt("Label the mood.", shots, output_first=True, n=1).count("Class label:") == 2  # 1 shot + open
+    assert instance_stops(False, 3) == ("\nTask:", "\nExample 4\n")
+
+
+def test_parse_instances_label_first_and_input_first():
+    pairs, bad = parse_instances(" happy\nInput: I won the game!\nClass label: sad\nInput: It rained\nall day.",
+                                 output_first=True)
+    assert pairs == [("I won the game!", "happy"), ("It rained\nall day.", "sad")] and bad == 0
+    pairs, bad = parse_instances(" <noinput>\nOutput: Blue.\nExample 2\nInput: sky\nOutput: Blue\n\nExample 3\nInput: x",
+                                 output_first=False)
+    assert pairs == [("", "Blue."), ("sky", "Blue")] and bad == 1
+    assert parse_instances(" no output field", output_first=False) == ([], 1)
+    chat_reply = "Sure! Here they are:\nExample 1\nInput: 2+2\nOutput: 4\nExample 2\nInput: <noinput>\nOutput: 7"
+    assert parse_instances(chat_reply, output_first=False, chat=True) == ([("2+2", "4"), ("", "7")], 0)
+
+
+def test_instance_set_filters():
+    kept, dropped = filter_instances([("a", "1"), ("a", "1"), ("b", "b"), ("", "x"), ("", "y")])
+    assert kept == [("a", "1"), ("", "x"), ("", "y")]  # empty inputs with different outputs are fine
+    assert dropped == {"duplicate_instance": 1, "input_equals_output": 1}
+    kept, dropped = filter_instances([("text one", "positive"), ("text one", "negative"), ("two", "neutral")])
+    assert kept == [] and dropped == {"conflicting_outputs": 3}
+
+
+def test_chat_prompts_are_messages():
+    prompt = instruction_prompt(["First task", "Second task"], chat=True, new=4)
+    assert prompt[-1]["role"] == "user" and "1. First task\n2. Second task" in prompt[-1]["content"]
+    assert "from 3 to 6" in prompt[-1]["content"]
+    assert classification_prompt("X", [], chat=True)[-1]["content"].endswith("Answer Yes or No.")
+    assert parse_yes_no("**Yes**, it is.") is True
 
 
 def test_yes_no():
@@ -86,7 +116,7 @@ def scripted(new_items):
             return (" Yes" if "sentiment" in task else " No"), "stop"
         if prompt.rstrip().endswith("Class label:"):
             return " positive\nInput: I loved it.", "stop"
-        task = re.findall(r"Task: (.*)\nInput:$", prompt)[0]
+        task = re.findall(r"Task: (.*)\nExample 1\nInput:$", prompt)[0]
         return f" <noinput>\nOutput: An answer to {task}", "stop"
     return respond
 
@@ -139,7 +169,7 @@ def test_resume_from_parts_gives_same_rows(tmp_path):
     parts = PartWriter(tmp_path / "parts")
     stop_after_two = SelfInstructConfig(num_instructions=5, requests_per_batch=1, max_requests=2)
     generate_tasks(seeds_table(), stop_after_two, ScriptedLLM(scripted(ITEMS)), seed=1, parts=parts)
-    assert len(parts.existing()) == 2
+    assert len(parts.existing()) == 4  # per round: its candidates, then their finished tasks
     llm = ScriptedLLM(scripted(ITEMS[6:]))  # the first two requests' items were consumed before the "crash"
     resumed, stats = generate_tasks(seeds_table(), cfg, llm, seed=1, parts=parts)
     assert resumed.to_dict("records") == full.to_dict("records")
@@ -159,10 +189,9 @@ def test_last_round_asks_only_for_what_is_missing():
 
     cfg = SelfInstructConfig(num_instructions=20, requests_per_batch=8, max_requests=30)
     assert _requests_for_round(cfg, Progress()) == 8
-    rows = [{}] * 16
-    assert _requests_for_round(cfg, Progress(rows=rows, requests=8)) == 3  # 2 per request, 4 missing: 1.5*4/2
-    assert _requests_for_round(cfg, Progress(rows=[{}] * 2, requests=8)) == 8
-    assert _requests_for_round(cfg, Progress(rows=[{}] * 2, requests=28)) == 2  # budget left
+    assert _requests_for_round(cfg, Progress(kept_tasks=16, requests=8)) == 3  # 2 per request, 4 missing: 1.5*4/2
+    assert _requests_for_round(cfg, Progress(kept_tasks=2, requests=8)) == 8
+    assert _requests_for_round(cfg, Progress(kept_tasks=2, requests=28)) == 2  # budget left
 
 
 def test_classification_threshold_fitted_on_seeds():
@@ -202,3 +231,87 @@ def test_unparsable_classification_answer_drops_the_task():
     assert list(df["instruction"]) == ["Describe how bees make honey from nectar."]
     assert stats["dropped"] == {"classification_unparsed": 1}
     assert stats["generated"] == stats["kept"] + sum(stats["dropped"].values())
+
+
+def test_checkpoint_every_n_accepted_instructions(tmp_path):
+    """One round yields 5 candidates; with checkpoint_every=2 they are finished in parts of 2, 2 and 1, and a
+    stage stopped after the first of those continues with the other three."""
+    items = ITEMS[0:2] + ITEMS[4:7]
+
+    def respond(prompt, params):
+        if prompt.startswith("Come up with a series"):
+            first = int(prompt.rsplit("\n", 1)[1].rstrip("."))
+            return "\n".join([f" {items[0]}"] + [f"{first + k}. {t}" for k, t in enumerate(items[1:], 1)])
+        return scripted([])(prompt, params)
+
+    cfg = SelfInstructConfig(num_instructions=5, requests_per_batch=1, max_requests=1, checkpoint_every=2)
+    parts = PartWriter(tmp_path / "parts")
+    full, full_stats = generate_tasks(seeds_table(), cfg, ScriptedLLM(respond), seed=1, parts=parts)
+    kinds = [t.schema.metadata[b"kind"] for t in parts.read_all()]
+    assert kinds == [b"candidates", b"tasks", b"tasks", b"tasks"] and full_stats["checkpoints"] == 4
+    assert [t.num_rows for t in parts.read_all()] == [5, 2, 2, 1] and len(full) == 5
+
+    crashed = PartWriter(tmp_path / "crashed")
+    for table in parts.read_all()[:2]:  # as if killed right after the first chunk
+        crashed.write(table)
+    llm = ScriptedLLM(respond)
+    resumed, stats = generate_tasks(seeds_table(), cfg, llm, seed=1, parts=crashed)
+    assert resumed.to_dict("records") == full.to_dict("records")
+    sent = [p for prompts, _ in llm.calls for p in prompts]
+    assert not any(p.startswith("Come up with a series") for p in sent)  # no new round
+    assert sum(p.startswith(("Come up with examples", "Given a classification")) for p in sent) == 3
+    assert stats["prompt_tokens"] == full_stats["prompt_tokens"] and stats["kept"] == 5
+
+
+def test_token_budget_stops_the_stage():
+    cfg = SelfInstructConfig(num_instructions=50, requests_per_batch=1, max_requests=50, max_tokens=200)
+    df, stats = generate_tasks(seeds_table(), cfg, ScriptedLLM(scripted(ITEMS * 3)), seed=1)
+    assert stats["stop_reason"] == "max_tokens"
+    assert stats["prompt_tokens"] + stats["completion_tokens"] >= 200 > 0 and stats["kept"] < 50
+
+
+def test_up_to_n_instances_per_task_with_filters():
+    def respond(prompt, params):
+        if prompt.startswith("Come up with a series"):
+            return " Classify the sentiment of the review as positive or negative.\n10. Explain how tides form."
+        if prompt.startswith("Can the following task"):
+            return " Yes" if "sentiment" in prompt.rsplit("Task: ", 1)[1] else " No"
+        if prompt.endswith("Class label:"):
+            return " positive\nInput: Great film.\nClass label: negative\nInput: Dull.\nClass label: positive\nInput: Great film."
+        return " <noinput>\nOutput: The moon pulls the sea.\nExample 2\nInput: <noinput>\nOutput: Gravity.\nExample 3\nInput: x\nOutput: x"
+
+    cfg = SelfInstructConfig(num_instructions=2, requests_per_batch=1, max_requests=1, instances_per_task=3)
+    df, stats = generate_tasks(seeds_table(), cfg, ScriptedLLM(respond), seed=1)
+    assert list(zip(df["input"], df["output"])) == [("Great film.", "positive"), ("Dull.", "negative"),
+                                                    ("", "The moon pulls the sea."), ("", "Gravity.")]
+    assert list(df["id"]) == ["si-0000-000#0", "si-0000-000#1", "si-0000-001#0", "si-0000-001#1"]
+    assert stats["kept"] == 2 and stats["kept_instances"] == 4
+    assert stats["dropped"] == {"duplicate_instance": 1, "input_equals_output": 1}
+
+
+def test_chat_mode_end_to_end():
+    """A chat model gets messages and replies with a full numbered list, preamble and all."""
+    class ChatLLM(ScriptedLLM):
+        mode = "chat"
+
+    def respond(messages, params):
+        text = messages[-1]["content"]
+        if text.startswith("Come up with a series"):
+            first = int(re.search(r"numbered list from (\d+)", text).group(1))
+            return (f"Here are new tasks:\n{first}. Explain how tides form.\n"
+                    f"{first + 1}. Classify the sentiment of the review as positive or negative.")
+        if text.startswith("Can the following task"):
+            return "Yes." if "sentiment" in text.rsplit("Task: ", 1)[1] else "No."
+        if text.startswith("Given a classification task"):
+            return "Class label: positive\nInput: Loved it.\nClass label: negative\nInput: Hated it."
+        return "Example 1\nInput: <noinput>\nOutput: The moon's gravity."
+
+    llm = ChatLLM(respond)
+    cfg = SelfInstructConfig(num_instructions=2, requests_per_batch=1, max_requests=1)
+    df, stats = generate_tasks(seeds_table(), cfg, llm, seed=1)
+    assert all(isinstance(p, list) for prompts, _ in llm.calls for p in prompts)
+    assert stats["prompt_style"] == "chat" and stats["classification_method"] == "generated yes/no"
+    assert list(zip(df["instruction"], df["input"], df["output"], df["is_classification"])) == [
+        ("Explain how tides form.", "", "The moon's gravity.", False),
+        ("Classify the sentiment of the review as positive or negative.", "Loved it.", "positive", True),
+        ("Classify the sentiment of the review as positive or negative.", "Hated it.", "negative", True)]

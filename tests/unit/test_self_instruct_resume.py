@@ -1,5 +1,6 @@
-"""Kill -9 the self_instruct stage in a subprocess after its first checkpoint; the re-run must give the same
-rows as an uninterrupted run: no duplicate, nothing lost."""
+"""Kill -9 the self_instruct stage in a subprocess at several points (after a round's candidates, mid-round
+after a chunk of finished tasks, later rounds); the re-run must give the same rows as an uninterrupted run:
+no duplicate, nothing lost."""
 
 import hashlib
 import signal
@@ -8,13 +9,16 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from tasks.artifacts import PartWriter
 from tasks.config import SelfInstructConfig
 from tasks.self_instruct import generate_tasks
 from tests.conftest import ROOT, ScriptedLLM
 from tests.unit.test_self_instruct import seeds_table
 
-CFG = SelfInstructConfig(num_instructions=6, requests_per_batch=1, max_requests=40)
+CFG = SelfInstructConfig(num_instructions=6, requests_per_batch=1, max_requests=40, checkpoint_every=1,
+                         instances_per_task=2)
 
 
 def respond(prompt, params):
@@ -30,7 +34,7 @@ def respond(prompt, params):
         return "\n".join([f" {items[0]}"] + [f"{first + k}. {t}" for k, t in enumerate(items[1:], 1)])
     if prompt.startswith("Can the following task"):
         return " No"
-    return f" <noinput>\nOutput: Answer {h % 1000}."
+    return f" <noinput>\nOutput: Answer {h % 1000}.\nExample 2\nInput: case {h % 7}\nOutput: Answer {h % 13}."
 
 
 SCRIPT = textwrap.dedent("""
@@ -52,25 +56,30 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kill_9_mid_stage_then_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("kill_after_parts", [1, 2, 5])
+def test_kill_9_mid_stage_then_resume_matches_uninterrupted(tmp_path, kill_after_parts):
     expected, full_stats = generate_tasks(seeds_table(), CFG, ScriptedLLM(respond), 3)
-    assert len(expected) == 6 and expected["bootstrap_round"].nunique() >= 3
+    assert full_stats["kept"] == 6 and expected["bootstrap_round"].nunique() >= 3
+    assert full_stats["checkpoints"] > 5
 
     parts_dir = tmp_path / "parts"
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(root=str(ROOT), parts=str(parts_dir)))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while time.time() < deadline and len(PartWriter(parts_dir).existing()) < 1:
+    while time.time() < deadline and len(PartWriter(parts_dir).existing()) < kill_after_parts:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL, (out, err)
     written = len(PartWriter(parts_dir).existing())
-    assert 1 <= written < full_stats["rounds"]  # killed mid-stage, with work left to do
+    assert kill_after_parts <= written < full_stats["checkpoints"]  # killed mid-stage, with work left to do
 
     resumed, stats = generate_tasks(seeds_table(), CFG, ScriptedLLM(respond), 3, PartWriter(parts_dir))
     assert resumed["id"].is_unique
     assert list(resumed["id"]) == list(expected["id"])
     assert resumed.to_dict("records") == expected.to_dict("records")
     assert stats["rounds"] == full_stats["rounds"] and stats["requests"] == full_stats["requests"]
+    assert stats["checkpoints"] == full_stats["checkpoints"]
+    assert (stats["prompt_tokens"], stats["completion_tokens"]) == (full_stats["prompt_tokens"],
+                                                                    full_stats["completion_tokens"])

@@ -98,3 +98,11 @@ def test_novelty_filter_against_existing_pool():
 
     mask, best, nearest = novelty_filter(["Write a poem about the sea"], 0.7, existing=["write a poem about the sea"])
     assert mask.tolist() == [False] and nearest.tolist() == [0] and best[0] == 1.0
+
+
+def test_parse_numbered_list_chat_reply_skips_preamble():
+    reply = "Sure, here are more tasks:\n\n9. Plan a picnic menu.\n10. Explain\nrecursion.\n\nHope this helps!"
+    assert parse_numbered_list(reply, 9, opened=False) == (["Plan a picnic menu.", "Explain recursion."], True)
+    restarted = "1. Name a river.\n2. Name a lake."  # numbered afresh instead of from 9
+    assert parse_numbered_list(restarted, 9, opened=False) == (["Name a river.", "Name a lake."], False)
+    assert parse_numbered_list("No list at all.", 9, opened=False) == ([], False)

@@ -1,0 +1,187 @@
+"""OpenAI-compatible endpoints (OpenAI, vLLM, llama.cpp server, Ollama): completions or chat.
+
+One `generate` call sends all its prompts at once, at most `max_concurrency` in flight, each with its own
+timeout. A request that fails with 429, 5xx, a timeout or a dropped connection is retried with
+exponential backoff and full jitter, waiting at least what the server's Retry-After asks; after
+`max_retries` retries the call raises `LLMRequestError`, and the stage stops at its last checkpoint.
+Other errors (a bad request, a wrong key, an unknown model) are not retried.
+
+The API key is read from the environment variable the config names, handed to the client and nowhere
+else: it is not logged, not part of the backend's name and not in any error message this module writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import email.utils
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import openai
+from tqdm.auto import tqdm
+
+from tasks.llm.base import Completion, GenerationParams, Mode, Prompt, chat_prompt, truncate_at_stop
+
+log = logging.getLogger(__name__)
+
+# OpenAI accepts at most four stop sequences; the rest are applied to the returned text.
+MAX_SERVER_STOPS = 4
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class LLMRequestError(RuntimeError):
+    """A request that failed for good: not retryable, or still failing after every retry."""
+
+
+def _status(exc: Exception) -> int | None:
+    return getattr(exc, "status_code", None)
+
+
+def is_retryable(exc: Exception) -> bool:
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    status = _status(exc)
+    return status is not None and (status in RETRYABLE_STATUS or status >= 500)
+
+
+def retry_after_s(exc: Exception) -> float | None:
+    """The wait the server asked for (Retry-After as seconds or an HTTP date, or retry-after-ms), if any."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(raw) if raw else None
+        return None if when is None else max(0.0, when.timestamp() - time.time())
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(max_s, base_s * 2**attempt)]."""
+    return rng.uniform(0.0, min(max_s, base_s * 2 ** attempt))
+
+
+def describe(exc: Exception) -> str:
+    status = _status(exc)
+    kind = type(exc).__name__
+    message = getattr(exc, "message", None) or str(exc)
+    return f"{kind}{f' (HTTP {status})' if status else ''}: {message[:300]}"
+
+
+class OpenAILLM:
+    def __init__(self, model: str, base_url: str | None = None, mode: Mode = "completions",
+                 api_key: str | None = None, max_concurrency: int = 8, timeout_s: float = 120.0,
+                 max_retries: int = 6, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0):
+        self.model = model
+        self.base_url = base_url
+        self.mode = mode
+        self.name = f"openai:{model}@{base_url or 'api.openai.com'}"
+        self._api_key = api_key
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAILLM({self.name!r}, mode={self.mode!r})"
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
+                 desc: str = "generate") -> list[Completion]:
+        if not prompts:
+            return []
+        # A fresh event loop in a worker thread: works whether or not the caller already runs a loop
+        # (Prefect may), and the HTTP connection pool lives and dies with it.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, self._generate_all(list(prompts), params, desc)).result()
+
+    async def _generate_all(self, prompts: list[Prompt], params: GenerationParams,
+                            desc: str) -> list[Completion]:
+        client = openai.AsyncOpenAI(api_key=self._api_key or "not-needed", base_url=self.base_url,
+                                    timeout=self.timeout_s, max_retries=0)
+        gate = asyncio.Semaphore(self.max_concurrency)
+        rng = random.Random(params.seed)
+        try:
+            with tqdm(total=len(prompts), desc=desc, unit="request", leave=False) as bar:
+                async def one(index: int, prompt: Prompt) -> Completion:
+                    async with gate:
+                        completion = await self._with_retries(client, index, prompt, params, rng)
+                    bar.update(1)
+                    return completion
+
+                tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
+                try:
+                    return list(await asyncio.gather(*tasks))
+                except BaseException:
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    raise
+        finally:
+            await client.close()
+
+    async def _with_retries(self, client: openai.AsyncOpenAI, index: int, prompt: Prompt,
+                            params: GenerationParams, rng: random.Random) -> Completion:
+        attempt = 0
+        while True:
+            try:
+                completion = await self._request(client, index, prompt, params)
+            except openai.OpenAIError as exc:
+                if not is_retryable(exc):
+                    raise LLMRequestError(f"{self.name}: request failed, not retryable: {describe(exc)}") from None
+                if attempt >= self.max_retries:
+                    raise LLMRequestError(f"{self.name}: request still failing after {attempt} retries: "
+                                          f"{describe(exc)}") from None
+                wait = max(retry_after_s(exc) or 0.0,
+                           backoff_s(attempt, self.backoff_base_s, self.backoff_max_s, rng))
+                log.warning("%s: %s; retry %d/%d in %.1fs", self.name, describe(exc), attempt + 1,
+                            self.max_retries, wait)
+                attempt += 1
+                await asyncio.sleep(wait)
+                continue
+            return Completion(completion.text, completion.finish_reason, completion.prompt_tokens,
+                              completion.completion_tokens, retries=attempt)
+
+    async def _request(self, client: openai.AsyncOpenAI, index: int, prompt: Prompt,
+                       params: GenerationParams) -> Completion:
+        kwargs: dict[str, Any] = {"model": self.model, "max_tokens": params.max_new_tokens,
+                                  "temperature": params.temperature, "top_p": params.top_p}
+        if params.stop:
+            kwargs["stop"] = list(params.stop[:MAX_SERVER_STOPS])
+        if params.seed is not None:
+            kwargs["seed"] = params.seed + index  # one stream per prompt, the same on a re-run
+        if self.mode == "chat":
+            messages = chat_prompt(prompt) if isinstance(prompt, str) else prompt
+            response = await client.chat.completions.create(messages=messages, **kwargs)
+            choice = response.choices[0]
+            text = choice.message.content or ""
+        else:
+            if not isinstance(prompt, str):
+                raise TypeError("llm.mode is `completions` but a stage built chat messages; this is a bug")
+            response = await client.completions.create(prompt=prompt, **kwargs)
+            choice = response.choices[0]
+            text = choice.text or ""
+        text, hit_stop = truncate_at_stop(text, params.stop)
+        finish = "length" if choice.finish_reason == "length" and not hit_stop else "stop"
+        usage = response.usage
+        return Completion(text=text, finish_reason=finish,
+                          prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                          completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
+
+
+def api_key_from_env(variable: str) -> str | None:
+    return os.environ.get(variable) or None
