@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SERVE  := $(VENV)/.installed-serve
 CONFIG ?= configs/default.yaml
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
@@ -22,7 +23,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/instructflow run --config $(CONFIG)
 
-test: $(STAMP)
+# The llama.cpp server (extra `serve`) is the real peer of the openai backend's tests; `make run` skips it.
+$(SERVE): $(STAMP)
+	$(PIP) install -e '.[dev,serve]'
+	touch $(SERVE)
+
+test: $(SERVE)
 	$(BIN)/python -m pytest -m "not gpu" tests
 
 test-gpu: $(STAMP)

@@ -186,6 +186,13 @@ class Config(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
+    @model_validator(mode="after")
+    def _trainable(self) -> "Config":
+        if self.llm.backend == "openai" and self.finetune.base_model is None:
+            raise ValueError("finetune.base_model: with llm.backend `openai` the generating model is remote; "
+                             "name the model to fine-tune (`bundled` or a local Hugging Face model directory)")
+        return self
+
     def section(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")
 
@@ -212,6 +219,8 @@ def _describe(err: dict[str, Any]) -> str:
         owner = _model_at(loc)
         allowed = ", ".join(owner.model_fields) if owner else "none"
         return f"unknown key `{key}`; allowed here: {allowed}"
+    if not loc:  # a check across sections: its message names the keys
+        return str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
     shown = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
     return f"key `{key}`: {err['msg']} (got {shown})"

@@ -117,9 +117,10 @@ def instance_prompt(instruction: str, shots: list[dict[str, Any]], output_first:
     return chat_prompt(f"{header}{body}Task: {instruction}\n\n{wanted}. Write only the examples.")
 
 
-def instance_stops(output_first: bool, n: int) -> tuple[str, ...]:
-    """Where a completion should end: the next task, or the example after the last one we want."""
-    return ("\nTask:",) if output_first else ("\nTask:", f"\nExample {n + 1}\n")
+def instance_stops(n: int) -> tuple[str, ...]:
+    """Where an instance completion should end: the next task, or the example after the last one wanted
+    (label-first completions have no example headers, so one stop set serves both kinds in one batch)."""
+    return ("\nTask:", f"\nExample {n + 1}\n")
 
 
 _LABEL = re.compile(r"^\s*Class label:", flags=re.MULTILINE)
@@ -191,7 +192,7 @@ def filter_instances(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]
     dropped: Counter = Counter()
     kept: list[tuple[str, str]] = []
     for inp, out in pairs:
-        reason = instance_drop_reason(inp, out) or ("duplicate_instance" if (inp, out) in kept else None)
+        reason = instance_drop_reason(inp, out) or ("duplicate" if (inp, out) in kept else None)
         if reason:
             dropped[reason] += 1
         else:
@@ -239,6 +240,7 @@ class Progress:
     dropped: Counter = field(default_factory=Counter)
     pending: list[Candidate] = field(default_factory=list)  # the last round's candidates not yet completed
     pending_from: int = 0  # index of pending[0] within its round
+    completed: int = 0  # candidates judged and given instances so far (kept or not)
     checkpoints: int = 0
 
     def record(self, meta: dict[str, str]) -> None:
@@ -268,6 +270,7 @@ def _restore(parts: list[pa.Table]) -> Progress:
             progress.pending, progress.pending_from = progress.pending[done:], int(meta["end"])
             progress.rows.extend(part.to_pylist())
             progress.kept_tasks += int(meta["tasks_kept"])
+            progress.completed += done
     return progress
 
 
@@ -328,23 +331,32 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
         progress.record(meta)
 
     while True:
+        if progress.pending and progress.kept_tasks >= cfg.num_instructions:
+            progress.dropped["over_target"] += len(progress.pending)  # not needed: the target is reached
+            progress.pending = []
         if progress.pending:  # finish the current round, one checkpoint per chunk
             if tokens_spent():
                 stop_reason = "max_tokens"
                 break
             round_no = progress.rounds - 1
             start = progress.pending_from
-            chunk = progress.pending[:cfg.checkpoint_every]
+            chunk = progress.pending[:_chunk_size(cfg, progress)]
             rng = np.random.default_rng([seed, round_no, start])  # a resumed chunk draws what it would have
             dropped: Counter = Counter()
             rows, n_tasks = _complete_tasks(chunk, start, round_no, seed_rows, seed_index, cls_shots, cls_threshold,
                                             cfg, llm, chat, rng, usage, dropped)
+            if (extra := progress.kept_tasks + n_tasks - cfg.num_instructions) > 0:  # never beyond the target
+                keep_ids = list(dict.fromkeys(r["task_id"] for r in rows))[:n_tasks - extra]
+                rows = [r for r in rows if r["task_id"] in keep_ids]
+                n_tasks -= extra
+                dropped["over_target"] += extra
             checkpoint(pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA),
                        {"kind": "tasks", "round": str(round_no), "start": str(start),
                         "end": str(start + len(chunk)), "tasks_kept": str(n_tasks),
                         "dropped": _encode_counts(dropped)})
             progress.rows.extend(rows)
             progress.kept_tasks += n_tasks
+            progress.completed += len(chunk)
             progress.pending, progress.pending_from = progress.pending[len(chunk):], start + len(chunk)
             continue
         if progress.kept_tasks >= cfg.num_instructions:
@@ -371,7 +383,9 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
         dropped = Counter()
         candidates: list[Candidate] = []
         n_generated = 0
-        room = cfg.num_instructions - progress.kept_tasks
+        # Not every candidate ends up with an instance, so keep twice what is missing; the rest is counted
+        # as `over_target` once the target is reached.
+        room = 2 * (cfg.num_instructions - progress.kept_tasks)
         for context, completion in zip(contexts, completions):
             items, ended = parse_numbered_list(completion.text, len(context) + 1, opened=not chat)
             if completion.finish_reason == "length" and not ended and items:
@@ -422,6 +436,14 @@ def _requests_for_round(cfg: SelfInstructConfig, progress: Progress) -> int:
     per_request = progress.kept_tasks / progress.requests
     wanted = math.ceil(1.5 * (cfg.num_instructions - progress.kept_tasks) / per_request)
     return max(1, min(budget, wanted))
+
+
+def _chunk_size(cfg: SelfInstructConfig, progress: Progress) -> int:
+    """Candidates to complete next: `checkpoint_every`, or fewer when the target is near (1.5x what is
+    missing at the share of candidates that has made it so far), so that few are completed for nothing."""
+    missing = cfg.num_instructions - progress.kept_tasks
+    share = progress.kept_tasks / progress.completed if progress.kept_tasks else 1.0
+    return max(1, min(cfg.checkpoint_every, math.ceil(1.5 * missing / share)))
 
 
 def _in_context(seed_instructions: list[str], generated: list[str], cfg: SelfInstructConfig,
@@ -516,37 +538,32 @@ def _complete_tasks(chunk: list[Candidate], start: int, round_no: int, seed_rows
         return [], 0
 
     by_kind = {kind: [t for t in seed_rows if t["is_classification"] == kind] for kind in (True, False)}
-    prompts, stops = [], []
+    prompts = []
     for _, cand, kind in judged:
         shot_pool = by_kind[kind] or seed_rows
         shots = [shot_pool[i] for i in rng.choice(len(shot_pool), min(3, len(shot_pool)), replace=False)]
         prompts.append(instance_prompt(cand.instruction, shots, output_first=kind, n=cfg.instances_per_task,
                                        chat=chat))
-        stops.append(() if chat else instance_stops(kind, cfg.instances_per_task))
-    completions = []
-    call_seed = int(rng.integers(2**31))
-    for stop in sorted(set(stops)):  # one call per stop set: label-first and input-first prompts
-        idx = [i for i, s in enumerate(stops) if s == stop]
-        out = llm.generate([prompts[i] for i in idx], GenerationParams(
-            max_new_tokens=cfg.instance_max_new_tokens, temperature=cfg.instance_temperature, top_p=cfg.top_p,
-            stop=stop, seed=call_seed), desc="instances")
-        completions += list(zip(idx, out))
-        usage.add("instances", out)
-    completions = [c for _, c in sorted(completions, key=lambda pair: pair[0])]
+    completions = llm.generate(prompts, GenerationParams(
+        max_new_tokens=cfg.instance_max_new_tokens, temperature=cfg.instance_temperature, top_p=cfg.top_p,
+        stop=() if chat else instance_stops(cfg.instances_per_task), seed=int(rng.integers(2**31))),
+        desc="instances")
+    usage.add("instances", completions)
 
     rows, n_tasks = [], 0
+    instance_drops: Counter = Counter()  # per instance; task-level drops go to `dropped` as they are
     for (pos, cand, kind), completion in zip(judged, completions):
         pairs, unreadable = parse_instances(completion.text, output_first=kind, chat=chat)
         if unreadable:
-            dropped["instance_unparsable"] += unreadable
+            instance_drops["unparsable"] += unreadable
         if completion.finish_reason == "length" and pairs:
             pairs = pairs[:-1]  # the last example may be cut off
-            dropped["instance_truncated"] += 1
+            instance_drops["truncated"] += 1
         if len(pairs) > cfg.instances_per_task:
-            dropped["over_instance_limit"] += len(pairs) - cfg.instances_per_task
+            instance_drops["over_limit"] += len(pairs) - cfg.instances_per_task
             pairs = pairs[:cfg.instances_per_task]
-        pairs, instance_drops = filter_instances(pairs)
-        dropped.update(instance_drops)
+        pairs, filtered = filter_instances(pairs)
+        instance_drops.update(filtered)
         if not pairs:
             dropped["task_without_instances"] += 1
             continue
@@ -558,4 +575,5 @@ def _complete_tasks(chunk: list[Candidate], start: int, round_no: int, seed_rows
                          "output": out, "category": seed_rows[seed_pos]["category"], "is_classification": kind,
                          "origin": "self_instruct", "rouge_l_max": cand.rouge_l_max,
                          "most_similar": cand.most_similar, "bootstrap_round": round_no})
+    dropped.update({f"instance_{reason}": n for reason, n in instance_drops.items()})
     return rows, n_tasks

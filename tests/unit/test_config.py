@@ -79,3 +79,13 @@ def test_cli_exits_2_before_any_stage(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown key `mix.sed`" in err
     assert not (tmp_path / "data").exists()
+
+
+def test_openai_backend_needs_a_model_name_and_a_model_to_tune():
+    with pytest.raises(ConfigError, match=r"key `llm`: .*`llm.model` must name the model the endpoint serves"):
+        load_config(ROOT / "configs" / "default.yaml", ["llm.backend=openai"])
+    with pytest.raises(ConfigError, match=r"openai.yaml: finetune.base_model: with llm.backend `openai`"):
+        load_config(ROOT / "configs" / "openai.yaml", ["finetune.base_model=null"])
+    cfg = load_config(ROOT / "configs" / "openai.yaml", ["llm.max_concurrency=2"])
+    assert cfg.llm.mode == "chat" and "max_concurrency" not in cfg.llm.identity()
+    assert cfg.llm.identity() == load_config(ROOT / "configs" / "openai.yaml").llm.identity()

@@ -63,7 +63,7 @@ def test_instance_prompt_order_depends_on_classification():
     assert "Class label: spam\nInput: Win money\nClass label: not spam\nInput: Lunch at 1?" in cls
     assert gen.endswith("Task: Name a color.\nExample 1\nInput:") and "Example 1\nInput: <noinput>\nOutput: Hi" in gen
     assert instance_prompt("Label the mood.", shots, output_first=True, n=1).count("Class label:") == 2  # 1 shot + open
-    assert instance_stops(False, 3) == ("\nTask:", "\nExample 4\n")
+    assert instance_stops(3) == ("\nTask:", "\nExample 4\n")
 
 
 def test_parse_instances_label_first_and_input_first():
@@ -81,7 +81,7 @@ def test_parse_instances_label_first_and_input_first():
 def test_instance_set_filters():
     kept, dropped = filter_instances([("a", "1"), ("a", "1"), ("b", "b"), ("", "x"), ("", "y")])
     assert kept == [("a", "1"), ("", "x"), ("", "y")]  # empty inputs with different outputs are fine
-    assert dropped == {"duplicate_instance": 1, "input_equals_output": 1}
+    assert dropped == {"duplicate": 1, "input_equals_output": 1}
     kept, dropped = filter_instances([("text one", "positive"), ("text one", "negative"), ("two", "neutral")])
     assert kept == [] and dropped == {"conflicting_outputs": 3}
 
@@ -286,7 +286,7 @@ def test_up_to_n_instances_per_task_with_filters():
                                                     ("", "The moon pulls the sea."), ("", "Gravity.")]
     assert list(df["id"]) == ["si-0000-000#0", "si-0000-000#1", "si-0000-001#0", "si-0000-001#1"]
     assert stats["kept"] == 2 and stats["kept_instances"] == 4
-    assert stats["dropped"] == {"duplicate_instance": 1, "input_equals_output": 1}
+    assert stats["dropped"] == {"instance_duplicate": 1, "instance_input_equals_output": 1}
 
 
 def test_chat_mode_end_to_end():
@@ -315,3 +315,28 @@ def test_chat_mode_end_to_end():
         ("Explain how tides form.", "", "The moon's gravity.", False),
         ("Classify the sentiment of the review as positive or negative.", "Loved it.", "positive", True),
         ("Classify the sentiment of the review as positive or negative.", "Hated it.", "negative", True)]
+
+
+def instruction_level(dropped):
+    return sum(n for reason, n in dropped.items() if not reason.startswith("instance_"))
+
+
+def test_extra_candidates_are_over_target_once_the_target_is_reached():
+    """Twice the missing count is kept as candidates (some fail later); what is left when the target is
+    reached is counted, not completed."""
+    def respond(prompt, params):
+        if prompt.startswith("Come up with a series"):
+            first = int(prompt.rsplit("\n", 1)[1].rstrip("."))
+            items = ITEMS[:2] + ITEMS[4:7]
+            return "\n".join([f" {items[0]}"] + [f"{first + k}. {t}" for k, t in enumerate(items[1:], 1)])
+        return scripted([])(prompt, params)
+
+    llm = ScriptedLLM(respond)
+    cfg = SelfInstructConfig(num_instructions=2, requests_per_batch=1, max_requests=1)
+    df, stats = generate_tasks(seeds_table(), cfg, llm, seed=1)
+    assert list(df["instruction"]) == ITEMS[:2] and stats["kept"] == 2
+    # 1 beyond 2 x 2 candidates; a chunk of 3 (1.5 x 2 missing) all made it, 1 trimmed; 1 never completed
+    assert stats["dropped"] == {"over_target": 3}
+    assert stats["generated"] == stats["kept"] + instruction_level(stats["dropped"])
+    sent = [p for prompts, _ in llm.calls for p in prompts]
+    assert sum(p.startswith(("Given a classification", "Come up with examples")) for p in sent) == 3
