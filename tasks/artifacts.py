@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,24 @@ class PartWriter:
         path = self.parts_dir / f"part-{len(self.existing()):05d}.parquet"
         atomic_write_parquet(path, table)
         return path
+
+
+def encode_counts(counts: Counter) -> str:
+    """Counts as one Parquet metadata value: `a=1,b=2`."""
+    return ",".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+def decode_counts(raw: str) -> Counter:
+    counts: Counter = Counter()
+    for item in raw.split(","):
+        if item:
+            key, _, value = item.partition("=")
+            counts[key] = int(value)
+    return counts
+
+
+def part_metadata(table: pa.Table) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
 
 
 def input_hashes(paths: Iterable[str | Path]) -> list[str]:

@@ -104,14 +104,22 @@ class SelfInstructConfig(Section):
         return self
 
 
-EvolOperation = Literal["add_constraints", "deepen", "concretize", "increase_reasoning"]
+EvolOperation = Literal["add_constraints", "deepen", "concretize", "increase_reasoning", "complicate_input",
+                        "breadth"]
+EVOL_OPERATIONS: tuple[str, ...] = EvolOperation.__args__
 
 
 class EvolInstructConfig(Section):
-    rounds: int = Field(1, ge=0)
+    rounds: int = Field(1, ge=0, description="evolution rounds (WizardLM used 4)")
     max_per_round: int | None = Field(16, ge=1, description="instructions evolved per round (None: all)")
-    operations: dict[EvolOperation, float] = {
-        "add_constraints": 1.0, "deepen": 1.0, "concretize": 1.0, "increase_reasoning": 1.0}
+    # Drawing weights; 0 switches an operation off. Five in-depth operations and one in-breadth (`breadth`).
+    operations: dict[EvolOperation, float] = {op: 1.0 for op in EVOL_OPERATIONS}
+    # Replace an operation's prompt. A template must contain `{instruction}`; in `completions` mode it is
+    # sent as is (end it where the model should write the rewritten task), in `chat` mode as the user turn.
+    templates: dict[EvolOperation, str] = {}
+    equality_check: bool = Field(True, description="drop evolutions the model judges equal to their parent")
+    retry_failed: bool = Field(True, description="a failed evolution's parent is tried again next round")
+    checkpoint_every: int = Field(16, ge=1, description="evolution attempts per checkpoint part")
     max_new_tokens: int = Field(96, ge=8)
     response_max_new_tokens: int = Field(160, ge=8)
     temperature: float = Field(0.7, ge=0.0)
@@ -122,6 +130,14 @@ class EvolInstructConfig(Section):
     def _weights(self) -> "EvolInstructConfig":
         if any(w < 0 for w in self.operations.values()) or sum(self.operations.values()) <= 0:
             raise ValueError("operations weights must be non-negative and sum to more than 0")
+        for op, template in self.templates.items():
+            if "{instruction}" not in template:
+                raise ValueError(f"templates.{op} must contain the placeholder {{instruction}}")
+            try:
+                template.format(instruction="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"templates.{op}: only {{instruction}} may appear in braces; write other "
+                                 f"braces doubled, {{{{ and }}}} ({exc.__class__.__name__}: {exc})") from None
         return self
 
 
@@ -221,6 +237,11 @@ def _describe(err: dict[str, Any]) -> str:
         return f"unknown key `{key}`; allowed here: {allowed}"
     if not loc:  # a check across sections: its message names the keys
         return str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "value_error":  # a check across fields of a section; its message starts with the field
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        owner = _model_at(loc + ("_",))
+        field = msg.split(" ", 1)[0].split(".", 1)[0].rstrip(":")
+        return f"{key}.{msg}" if owner and field in owner.model_fields else f"key `{key}`: {msg}"
     got = err.get("input")
     shown = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
     return f"key `{key}`: {err['msg']} (got {shown})"

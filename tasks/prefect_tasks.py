@@ -37,6 +37,9 @@ def _publish_stats(stage: str, stats: dict[str, Any]) -> None:
     if operations := stats.get("operations"):
         table = [{"operation": op, **figures} for op, figures in operations.items()]
         create_table_artifact(key=f"{slug}-pass-rates", table=table, description=f"{stage}: pass rate per operation")
+    if isinstance(rounds := stats.get("rounds"), dict):
+        table = [{"round": r, **figures} for r, figures in rounds.items()]
+        create_table_artifact(key=f"{slug}-rounds", table=table, description=f"{stage}: pass rate per round")
 
 
 def _stage_task(stage: str, retries: int):

@@ -28,9 +28,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tasks.artifacts import PartWriter
+from tasks.artifacts import PartWriter, decode_counts, encode_counts, part_metadata
 from tasks.config import SelfInstructConfig
-from tasks.llm.base import LLM, GenerationParams, Prompt, Usage, chat_prompt
+from tasks.llm.base import LLM, GenerationParams, Prompt, Usage, UsageTally, chat_prompt
+from tasks.calibration import best_threshold
 from tasks.text import RougeIndex, parse_numbered_list, word_count
 
 EXAMPLE_COLUMNS = ["id", "task_id", "instruction", "input", "output", "category", "is_classification",
@@ -244,19 +245,15 @@ class Progress:
     checkpoints: int = 0
 
     def record(self, meta: dict[str, str]) -> None:
-        self.tokens.update(_decode_counts(meta.get("tokens", "")))
-        self.dropped.update(_decode_counts(meta.get("dropped", "")))
+        self.tokens.update(decode_counts(meta.get("tokens", "")))
+        self.dropped.update(decode_counts(meta.get("dropped", "")))
         self.checkpoints += 1
-
-
-def _meta(table: pa.Table) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
 
 
 def _restore(parts: list[pa.Table]) -> Progress:
     progress = Progress()
     for part in parts:
-        meta = _meta(part)
+        meta = part_metadata(part)
         progress.record(meta)
         if meta["kind"] == "candidates":
             progress.requests += int(meta["requests"])
@@ -274,34 +271,6 @@ def _restore(parts: list[pa.Table]) -> Progress:
     return progress
 
 
-def _encode_counts(counts: Counter) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(counts.items()))
-
-
-def _decode_counts(raw: str) -> Counter:
-    counts: Counter = Counter()
-    for item in raw.split(","):
-        if item:
-            key, _, value = item.partition("=")
-            counts[key] = int(value)
-    return counts
-
-
-class _Tally:
-    """Token use since the last checkpoint, to be written into the next part."""
-
-    def __init__(self, usage: Usage):
-        self.usage = usage
-        self.mark = (0, 0, 0, 0)
-
-    def take(self) -> Counter:
-        now = (self.usage.requests, self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.retries)
-        delta = Counter(dict(zip(("llm_calls", "prompt_tokens", "completion_tokens", "retries"),
-                                 (a - b for a, b in zip(now, self.mark)))))
-        self.mark = now
-        return +delta
-
-
 # --- the loop -----------------------------------------------------------------------------------------------
 
 def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int,
@@ -314,7 +283,7 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
     progress = _restore(parts.read_all()) if parts else Progress()
     pool = RougeIndex(seed_instructions + progress.pool_added)
     usage = Usage()
-    tally = _Tally(usage)
+    tally = UsageTally(usage)
     cls_shots = _classification_shots(seed_rows)
     cls_threshold: float | None = None
     if progress.kept_tasks < cfg.num_instructions and not chat:
@@ -325,7 +294,7 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
         return cfg.max_tokens is not None and spent >= cfg.max_tokens
 
     def checkpoint(table: pa.Table, meta: dict[str, str]) -> None:
-        meta = {**meta, "tokens": _encode_counts(tally.take())}
+        meta = {**meta, "tokens": encode_counts(tally.take())}
         if parts:
             parts.write(table.replace_schema_metadata(meta))
         progress.record(meta)
@@ -353,7 +322,7 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
             checkpoint(pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA),
                        {"kind": "tasks", "round": str(round_no), "start": str(start),
                         "end": str(start + len(chunk)), "tasks_kept": str(n_tasks),
-                        "dropped": _encode_counts(dropped)})
+                        "dropped": encode_counts(dropped)})
             progress.rows.extend(rows)
             progress.kept_tasks += n_tasks
             progress.completed += len(chunk)
@@ -408,7 +377,7 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
                     dropped[reason] += 1
         checkpoint(pa.Table.from_pylist([c.__dict__ for c in candidates], schema=CANDIDATE_SCHEMA),
                    {"kind": "candidates", "round": str(progress.rounds), "requests": str(n_requests),
-                    "generated": str(n_generated), "dropped": _encode_counts(dropped)})
+                    "generated": str(n_generated), "dropped": encode_counts(dropped)})
         progress.requests += n_requests
         progress.generated += n_generated
         progress.pool_added.extend(c.instruction for c in candidates)
@@ -498,12 +467,7 @@ def classification_threshold(llm: LLM, shots: list[tuple[str, bool]], seed_rows:
         return None
     pos, neg = pos[: max_tasks // 2], neg[: max_tasks - min(len(pos), max_tasks // 2)]
     margins = _yes_no_margins(llm, [t["instruction"] for t in pos + neg], shots)
-    labels = np.array([True] * len(pos) + [False] * len(neg))
-    order = np.unique(margins)
-    cuts = np.concatenate([[order[0] - 1.0], (order[1:] + order[:-1]) / 2, [order[-1] + 1.0]])
-    balanced = [((margins > c) & labels).sum() / len(pos) + ((margins <= c) & ~labels).sum() / len(neg)
-                for c in cuts]
-    return float(cuts[int(np.argmax(balanced))])
+    return best_threshold(margins, np.array([True] * len(pos) + [False] * len(neg)))
 
 
 def judge_classification(texts: list[str], shots: list[tuple[str, bool]], llm: LLM, usage: Usage,

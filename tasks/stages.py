@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks import evol_instruct, finetune, mix, prompts, quality, seeds, self_instruct, text
+from tasks import calibration, evol_instruct, finetune, mix, prompts, quality, seeds, self_instruct, text
 from tasks.artifacts import Artifact, PartWriter, artifact_key, code_version, input_hashes, source_hash
 from tasks.config import Config
 from tasks.llm import get_llm
@@ -50,7 +50,8 @@ def _run_self_instruct(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutpu
 
 def _run_evol(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     rows = _frame(inputs["self_instruct"])
-    evolved, stats = evol_instruct.evolve(rows, cfg.evol_instruct, get_llm(cfg.llm), cfg.run.seed)
+    evolved, stats = evol_instruct.evolve(rows, cfg.evol_instruct, get_llm(cfg.llm), cfg.run.seed,
+                                          PartWriter(out.parts_dir))
     return evolved, {"rows_in": len(rows), **stats}
 
 
@@ -88,7 +89,7 @@ class Stage:
         return code_version(*self.code)
 
 
-_GEN = (text, prompts, transformers_backend)
+_GEN = (text, prompts, calibration, transformers_backend)
 STAGES: dict[str, Stage] = {s.name: s for s in [
     # The seed file is an input too: editing it must give a new key, not a stale cached table.
     Stage("seeds", (), lambda c: {"seeds": c.section("seeds"), "source": source_hash(c.seeds.path)},

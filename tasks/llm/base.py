@@ -7,6 +7,7 @@ build; `chat_prompt` wraps one user turn.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -76,6 +77,22 @@ class Usage:
     def as_dict(self) -> dict:
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "retries": self.retries, "by_purpose": self.by_purpose}
+
+
+class UsageTally:
+    """Usage since the last `take()`: what a checkpoint part records, so totals survive a restart."""
+
+    FIELDS = ("llm_calls", "prompt_tokens", "completion_tokens", "retries")
+
+    def __init__(self, usage: Usage):
+        self.usage = usage
+        self.mark = (0, 0, 0, 0)
+
+    def take(self) -> Counter:
+        now = (self.usage.requests, self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.retries)
+        delta = Counter(dict(zip(self.FIELDS, (a - b for a, b in zip(now, self.mark)))))
+        self.mark = now
+        return +delta
 
 
 class LLM(Protocol):

@@ -28,11 +28,18 @@ async def _task_states(flow_run_id) -> dict[str, str]:
     return {run.name.split(" ")[0]: run.state.name for run in runs}
 
 
+async def _artifacts(flow_run_id) -> dict[str, object]:
+    async with get_client() as client:
+        found = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key: json.loads(a.data) if a.type == "table" else a.data for a in found if a.key}
+
+
 def run_flow(overrides):
     state = instruction_tuning(config=str(ROOT / "configs" / "tiny.yaml"), overrides=overrides, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     states = asyncio.run(_task_states(state.state_details.flow_run_id))
+    summary["artifacts"] = asyncio.run(_artifacts(state.state_details.flow_run_id))
     return summary, states
 
 
@@ -52,6 +59,17 @@ def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir
     assert (run_dir / "config.yaml").is_file()
     assert Path(first["model_path"], "config.json").is_file()
     assert first["stages"][0]["rows_out"] == 40  # seeds.limit in tiny.yaml
+
+    # The UI's view of the stats: per-stage tables, Self-Instruct's usage, Evol-Instruct's pass rates.
+    artifacts = first["artifacts"]
+    si_stats = {row["metric"]: row["value"] for row in artifacts["self-instruct-stats"]}
+    assert {"requests", "llm_calls", "prompt_tokens", "completion_tokens", "generated", "kept",
+            "kept_instances", "stop_reason"} <= set(si_stats) and si_stats["prompt_tokens"] > 0
+    evol_stats = json.loads((tmp_path / "artifacts").joinpath(
+        stage_dirname("evol_instruct")).glob("*/stats.json").__next__().read_text())
+    pass_rates = {row["operation"]: row for row in artifacts["evol-instruct-pass-rates"]}
+    assert set(pass_rates) == set(evol_stats["operations"]) and len(pass_rates) == 6
+    assert [row["round"] for row in artifacts["evol-instruct-rounds"]] == ["1"]
 
     second, states = run_flow(base)
     assert states == {stage: "Cached" for stage in STAGES}

@@ -42,11 +42,30 @@ def test_self_instruct_and_evol_on_real_model(llm):
 
     seeds, _ = load_seeds(SeedsConfig(), base_dir=ROOT)
     cfg = SelfInstructConfig(num_instructions=2, max_requests=2, requests_per_batch=2, max_new_tokens=48,
-                             temperature=1.0, top_p=0.9, instance_max_new_tokens=48)
+                             temperature=1.0, top_p=0.9, instances_per_task=2, instance_max_new_tokens=64)
     generated, stats = generate_tasks(seeds, cfg, llm, seed=0)
     assert stats["requests"] == 2 and stats["classification_method"].startswith("log-odds")
-    assert stats["generated"] == stats["kept"] + sum(stats["dropped"].values())
+    instruction_drops = sum(n for reason, n in stats["dropped"].items() if not reason.startswith("instance_"))
+    assert stats["generated"] == stats["kept"] + instruction_drops
+    assert stats["kept"] == generated["task_id"].nunique() and stats["kept_instances"] == len(generated)
     rows = pd.DataFrame([{"id": "a#0", "task_id": "a", "instruction": "Describe the water cycle.", "input": "",
                           "output": "x", "category": "qa", "is_classification": False, "origin": "seed"}])
-    out, estats = evolve(rows, EvolInstructConfig(rounds=1, max_new_tokens=48, response_max_new_tokens=48), llm, 0)
-    assert estats["attempted"] == 1 and len(out) == 1 + estats["kept"]
+    out, estats = evolve(rows, EvolInstructConfig(rounds=2, max_new_tokens=48, response_max_new_tokens=48), llm, 0)
+    assert estats["attempted"] == 2 and len(out) == 1 + estats["kept"]  # kept, or its parent retried
+    assert estats["attempted"] == estats["kept"] + sum(estats["dropped"].values())
+
+
+def test_evol_instruct_on_real_model_all_operations(llm):
+    """Every operation, two rounds, the equality judge calibrated on the real model's log-probabilities."""
+    seeds, _ = load_seeds(SeedsConfig(limit=12), base_dir=ROOT)
+    from tasks.self_instruct import seed_examples
+
+    rows = seed_examples(seeds).drop_duplicates("task_id")
+    cfg = EvolInstructConfig(rounds=2, max_per_round=12, max_new_tokens=64, response_max_new_tokens=64,
+                             temperature=0.7)
+    out, stats = evolve(rows, cfg, llm, seed=0)
+    assert stats["equality_method"].startswith("log-odds >")
+    assert stats["rounds"]["1"]["attempts"] == 12 and stats["attempted"] == stats["kept"] + sum(stats["dropped"].values())
+    assert stats["kept"] >= 1 and set(stats["operations"]) == set(EvolInstructConfig().operations)
+    evolved = out[out["origin"] == "evol"]
+    assert set(evolved["root_id"]) <= set(rows["id"]) and evolved["output"].str.strip().astype(bool).all()

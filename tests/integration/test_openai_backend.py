@@ -65,6 +65,7 @@ def test_self_instruct_stage_through_openai_backend(server, tmp_path, monkeypatc
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"run.artifacts_dir={tmp_path / 'artifacts'}", f"seeds.path={ROOT / 'data' / 'seed_tasks.jsonl'}",
         "llm.backend=openai", f"llm.model={MODEL}", f"llm.base_url={server}", "llm.max_concurrency=4",
+        "finetune.base_model=bundled",
         "self_instruct.num_instructions=3", "self_instruct.max_requests=8", "self_instruct.requests_per_batch=4",
         "self_instruct.max_new_tokens=64", "self_instruct.temperature=1.0", "self_instruct.top_p=0.9",
         "self_instruct.instances_per_task=2", "self_instruct.instance_max_new_tokens=96"])

@@ -3,18 +3,14 @@ after a chunk of finished tasks, later rounds); the re-run must give the same ro
 no duplicate, nothing lost."""
 
 import hashlib
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 
 from tasks.artifacts import PartWriter
 from tasks.config import SelfInstructConfig
 from tasks.self_instruct import generate_tasks
-from tests.conftest import ROOT, ScriptedLLM
+from tests.conftest import ScriptedLLM
+from tests.killing import kill_after_parts
 from tests.unit.test_self_instruct import seeds_table
 
 CFG = SelfInstructConfig(num_instructions=6, requests_per_batch=1, max_requests=40, checkpoint_every=1,
@@ -37,10 +33,10 @@ def respond(prompt, params):
     return f" <noinput>\nOutput: Answer {h % 1000}.\nExample 2\nInput: case {h % 7}\nOutput: Answer {h % 13}."
 
 
-SCRIPT = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {root!r})
+SCRIPT = """
+    import pathlib, time
     from tasks.artifacts import PartWriter
+    from tasks.self_instruct import generate_tasks
     from tests.conftest import ScriptedLLM
     from tests.unit.test_self_instruct import seeds_table
     from tests.unit.test_self_instruct_resume import CFG, respond
@@ -49,31 +45,19 @@ SCRIPT = textwrap.dedent("""
         time.sleep(0.05)
         return respond(prompt, params)
 
-    generate_tasks_args = (seeds_table(), CFG, ScriptedLLM(slow), 3, PartWriter(__import__("pathlib").Path({parts!r})))
-    from tasks.self_instruct import generate_tasks
-    generate_tasks(*generate_tasks_args)
-    print("finished without being killed")
-""")
+    generate_tasks(seeds_table(), CFG, ScriptedLLM(slow), 3, PartWriter(pathlib.Path({parts!r})))
+"""
 
 
-@pytest.mark.parametrize("kill_after_parts", [1, 2, 5])
-def test_kill_9_mid_stage_then_resume_matches_uninterrupted(tmp_path, kill_after_parts):
+@pytest.mark.parametrize("n_parts", [1, 2, 5])
+def test_kill_9_mid_stage_then_resume_matches_uninterrupted(tmp_path, n_parts):
     expected, full_stats = generate_tasks(seeds_table(), CFG, ScriptedLLM(respond), 3)
     assert full_stats["kept"] == 6 and expected["bootstrap_round"].nunique() >= 3
     assert full_stats["checkpoints"] > 5
 
     parts_dir = tmp_path / "parts"
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT.format(root=str(ROOT), parts=str(parts_dir)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(PartWriter(parts_dir).existing()) < kill_after_parts:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, (out, err)
-    written = len(PartWriter(parts_dir).existing())
-    assert kill_after_parts <= written < full_stats["checkpoints"]  # killed mid-stage, with work left to do
+    written = kill_after_parts(SCRIPT.format(parts=str(parts_dir)), parts_dir, n_parts, tmp_path)
+    assert n_parts <= written < full_stats["checkpoints"]  # killed mid-stage, with work left to do
 
     resumed, stats = generate_tasks(seeds_table(), CFG, ScriptedLLM(respond), 3, PartWriter(parts_dir))
     assert resumed["id"].is_unique
