@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def best_threshold(margins: np.ndarray, labels: np.ndarray) -> float | None:
-    """The cut `c` for which `margin > c` best predicts `labels` (balanced accuracy); ties go to the lowest
-    cut. None when the labels hold only one class."""
+def best_threshold(margins: np.ndarray, labels: np.ndarray) -> tuple[float, float] | None:
+    """The cut `c` for which `margin > c` best predicts `labels`, and its balanced accuracy; ties go to the
+    lowest cut. None when the labels hold only one class. An accuracy near 0.5 means the model's answers
+    carry no information about the question on these cases."""
     margins, labels = np.asarray(margins, dtype=float), np.asarray(labels, dtype=bool)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if not n_pos or not n_neg:
@@ -21,4 +22,5 @@ def best_threshold(margins: np.ndarray, labels: np.ndarray) -> float | None:
     cuts = np.concatenate([[order[0] - 1.0], (order[1:] + order[:-1]) / 2, [order[-1] + 1.0]])
     predicted = margins[None, :] > cuts[:, None]
     balanced = (predicted & labels).sum(axis=1) / n_pos + (~predicted & ~labels).sum(axis=1) / n_neg
-    return float(cuts[int(np.argmax(balanced))])
+    best = int(np.argmax(balanced))
+    return float(cuts[best]), float(balanced[best]) / 2

@@ -35,51 +35,78 @@ from tasks.calibration import best_threshold
 from tasks.config import EVOL_OPERATIONS, EvolInstructConfig
 from tasks.llm.base import LLM, GenerationParams, Prompt, Usage, UsageTally, chat_prompt
 from tasks.prompts import ALPACA_STOPS, alpaca_prompt
-from tasks.text import word_count
+from tasks.text import rouge_l_f1, word_count
 
 # --- prompts ------------------------------------------------------------------------------------------------
 # One template per operation: what the rewrite does, one demonstration, then the task. Completion-style: the
 # prompt ends where the model writes the rewritten task.
 
-REWRITE_LABEL = "Rewritten task:"
-_DEMOS: dict[str, tuple[str, str, str]] = {
+# (what the rewrite does, label of the rewritten line, two demonstrations)
+_DEMOS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "add_constraints": (
         "Each task below is rewritten into a harder version by adding one more constraint or requirement.",
-        "Describe the water cycle.",
-        "Describe the water cycle in exactly four sentences, naming one place on Earth where each stage is "
-        "easy to observe."),
+        "Harder task", [
+            ("Describe the water cycle.",
+             "Describe the water cycle in exactly four sentences, naming one place on Earth where each stage is "
+             "easy to observe."),
+            ("Write a short poem about the sea.",
+             "Write a short poem about the sea in which every line starts with the letter S and the last line "
+             "mentions a lighthouse.")]),
     "deepen": (
-        "Each task below is rewritten into a harder version that asks about the topic in more depth and "
-        "breadth.",
-        "Why do leaves change color in autumn?",
-        "Why do leaves change color in autumn, which pigments are involved, and how do temperature and "
-        "daylight affect how bright the colors become?"),
+        "Each task below is rewritten into a harder version that asks about the topic in more depth and breadth.",
+        "Harder task", [
+            ("Why do leaves change color in autumn?",
+             "Why do leaves change color in autumn, which pigments are involved, and how do temperature and "
+             "daylight affect how bright the colors become?"),
+            ("What causes earthquakes?",
+             "What causes earthquakes, how do scientists measure their strength, and why do some regions have "
+             "far more of them than others?")]),
     "concretize": (
         "Each task below is rewritten into a harder version by replacing general concepts with more specific "
         "ones.",
-        "Give advice on saving money.",
-        "Give a university student who spends too much on takeout food three concrete ways to save 100 "
-        "dollars a month."),
+        "Harder task", [
+            ("Give advice on saving money.",
+             "Give a university student who spends too much on takeout food three concrete ways to save 100 "
+             "dollars a month."),
+            ("Describe a healthy breakfast.",
+             "Describe a healthy breakfast for a marathon runner on race morning, with portion sizes and when to "
+             "eat it.")]),
     "increase_reasoning": (
         "Each task below is rewritten into a harder version that requires explicit multi-step reasoning.",
-        "How many minutes are there in a week?",
-        "How many minutes are there in a week? Work it out step by step, first hours per week and then "
-        "minutes, and check the result a second way."),
+        "Harder task", [
+            ("How many minutes are there in a week?",
+             "How many minutes are there in a week? Work it out step by step, first hours per week and then "
+             "minutes, and check the result a second way."),
+            ("Is a tomato a fruit?",
+             "Is a tomato a fruit or a vegetable? Reason from the botanical definition of a fruit, then explain "
+             "why cooks disagree, and conclude.")]),
     "complicate_input": (
-        "Each task below is rewritten into a harder version that comes with a more complex input, written "
-        "out in the task: a table, a piece of code, a formula or structured data.",
-        "Find the average price.",
-        "Find the average price in this CSV data and name the item closest to it: item,price; pen,1.20; "
-        "notebook,3.80; backpack,24.00; calculator,12.50."),
+        "Each task below is rewritten into a harder version that comes with a more complex input, written out "
+        "in the task: a table, a piece of code, a formula or structured data.",
+        "Harder task", [
+            ("Find the average price.",
+             "Find the average price in this CSV data and name the item closest to it: item,price; pen,1.20; "
+             "notebook,3.80; backpack,24.00; calculator,12.50."),
+            ("Translate the sentence into French.",
+             "Translate each line of this shopping list into French, keeping the quantities: 2 apples; 1 loaf "
+             "of bread; 500 g of cheese; 6 eggs.")]),
     "breadth": (
         "Each task below is followed by a new task from the same domain, on a rarer topic, of similar length "
         "and difficulty.",
-        "Explain how a bicycle gear system works.",
-        "Explain how a unicycle rider keeps balance when riding uphill."),
+        "New task", [
+            ("Explain how a bicycle gear system works.",
+             "Explain how a unicycle rider keeps balance when riding uphill."),
+            ("Write a recipe for pancakes.",
+             "Write a recipe for Ethiopian injera made with teff flour.")]),
 }
-DEFAULT_TEMPLATES: dict[str, str] = {
-    op: f"{header}\n\nTask: {before}\n{REWRITE_LABEL} {after}\n\nTask: {{instruction}}\n{REWRITE_LABEL}"
-    for op, (header, before, after) in _DEMOS.items()}
+
+
+def _template(header: str, label: str, demos: list[tuple[str, str]]) -> str:
+    shots = "".join(f"Task: {before}\n{label}: {after}\n\n" for before, after in demos)
+    return f"{header}\n\n{shots}Task: {{instruction}}\n{label}:"
+
+
+DEFAULT_TEMPLATES: dict[str, str] = {op: _template(*spec) for op, spec in _DEMOS.items()}
 CHAT_SUFFIX = "\n\nReply with the rewritten task only, without any label or comment."
 
 
@@ -105,7 +132,7 @@ EQUALITY_HEADER = ("Two tasks are equal if they ask for the same thing, with the
 
 def equality_prompt(first: str, second: str, chat: bool = False) -> Prompt:
     """Few-shot: one equal pair, one unequal pair (a demonstration rewrite), then the pair to judge."""
-    header, before, after = _DEMOS["add_constraints"]
+    before, after = _DEMOS["add_constraints"][2][0]
     shots = (f"First task: Summarize the article in one paragraph.\nSecond task: Summarize this article in a "
              f"single paragraph.\nEqual? Yes\n\nFirst task: {before}\nSecond task: {after}\nEqual? No\n\n")
     text = f"{EQUALITY_HEADER}{shots}First task: {first}\nSecond task: {second}\nEqual?"
@@ -116,8 +143,8 @@ def equality_prompt(first: str, second: str, chat: bool = False) -> Prompt:
 
 # The WizardLM paper's rule 4: the evolved instruction copies words from the evolving prompt. Its own
 # markers, and this project's (labels at the start of a line, as the templates write them).
-PAPER_LEAKS = re.compile(r"#\s*(rewritten|given|created)\s+(prompt|task)\s*#|\b(rewritten|given|created) prompt\b",
-                         re.IGNORECASE)
+PAPER_LEAKS = re.compile(r"#\s*(rewritten|given|created)\s+(prompt|task)\s*#|\b(given|created) prompt\b|"
+                         r"\brewritten (prompt|task|instruction)\b", re.IGNORECASE)
 _LINE_LABEL = re.compile(r"^\s*([A-Za-z#*][A-Za-z #*]{0,40}?):", re.MULTILINE)
 
 
@@ -212,6 +239,7 @@ class Evolver:
         self.labels = template_labels(self.templates)
         self.calibration_texts = calibration_texts
         self._threshold: float | None = None
+        self._judge_accuracy = 0.0
         self._calibrated = False
 
     def equality_threshold(self) -> float | None:
@@ -222,22 +250,33 @@ class Evolver:
             if not self.chat and hasattr(self.llm, "next_token_logprobs"):
                 texts = self.calibration_texts[:8]
                 equal = [(t, t) for t in texts] + [(t, "Please " + t[0].lower() + t[1:]) for t in texts if t]
-                unequal = [(before, after) for _, before, after in _DEMOS.values()]
+                unequal = [pair for _, _, demos in _DEMOS.values() for pair in demos]
                 unequal += [(a, b) for a, b in zip(texts, texts[1:] + texts[:1]) if a != b]
                 margins = self._margins(equal + unequal)
-                self._threshold = best_threshold(margins, np.array([True] * len(equal) + [False] * len(unequal)))
+                fitted = best_threshold(margins, np.array([True] * len(equal) + [False] * len(unequal)))
+                if fitted is not None:
+                    self._threshold, self._judge_accuracy = fitted
         return self._threshold
+
+    @property
+    def judge_informative(self) -> bool:
+        return self._judge_accuracy >= self.cfg.equality_min_accuracy
 
     @property
     def equality_method(self) -> str | None:
         """How rule 1 decided, once it has been used: None before."""
-        if not self.cfg.equality_check:
+        cfg = self.cfg
+        if not cfg.equality_check:
             return "off"
         if not self._calibrated:
             return None
-        if self._threshold is not None:
-            return f"log-odds > {self._threshold:.3f} (fitted on known pairs)"
-        return "generated yes/no"
+        if self._threshold is None:
+            return "generated yes/no"
+        accuracy = f"balanced accuracy {self._judge_accuracy:.2f} on known pairs"
+        if self.judge_informative:
+            return f"log-odds > {self._threshold:.3f} ({accuracy})"
+        return (f"ROUGE-L F1 > {cfg.equality_rouge_threshold} (the model's judgement scored {accuracy}, below "
+                f"equality_min_accuracy {cfg.equality_min_accuracy})")
 
     def _margins(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         lp = self.llm.next_token_logprobs([equality_prompt(a, b) for a, b in pairs], [" Yes", " No"])
@@ -245,8 +284,10 @@ class Evolver:
 
     def judge_equal(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
         threshold = self.equality_threshold()
-        if threshold is not None:
+        if threshold is not None and self.judge_informative:
             return [bool(m > threshold) for m in self._margins(pairs)]
+        if threshold is not None:  # the model cannot tell; measure the change instead
+            return [rouge_l_f1(a, b) > self.cfg.equality_rouge_threshold for a, b in pairs]
         judged = self.llm.generate([equality_prompt(a, b, self.chat) for a, b in pairs],
                                    GenerationParams(max_new_tokens=4, temperature=0.0), desc="equality")
         self.usage.add("equality", judged)
@@ -278,7 +319,8 @@ class Evolver:
             alive = [a for a in alive if a.drop_reason is None]
 
         answers = self.llm.generate([response_prompt(a.instruction, self.chat) for a in alive], GenerationParams(
-            max_new_tokens=cfg.response_max_new_tokens, temperature=0.0, stop=() if self.chat else ALPACA_STOPS),
+            max_new_tokens=cfg.response_max_new_tokens, temperature=0.0, stop=() if self.chat else ALPACA_STOPS,
+            repetition_penalty=cfg.response_repetition_penalty),
             desc="evol responses")
         self.usage.add("respond", answers)
         for a, answer in zip(alive, answers):

@@ -467,7 +467,8 @@ def classification_threshold(llm: LLM, shots: list[tuple[str, bool]], seed_rows:
         return None
     pos, neg = pos[: max_tasks // 2], neg[: max_tasks - min(len(pos), max_tasks // 2)]
     margins = _yes_no_margins(llm, [t["instruction"] for t in pos + neg], shots)
-    return best_threshold(margins, np.array([True] * len(pos) + [False] * len(neg)))
+    fitted = best_threshold(margins, np.array([True] * len(pos) + [False] * len(neg)))
+    return None if fitted is None else fitted[0]
 
 
 def judge_classification(texts: list[str], shots: list[tuple[str, bool]], llm: LLM, usage: Usage,

@@ -46,6 +46,10 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # > 1 discourages tokens already in the text (the CTRL paper's penalty). Base models decoding greedily
+    # fall into loops without it. In-process backend only; OpenAI-compatible servers differ in how they
+    # name and apply it, so the openai backend leaves it to the server's defaults.
+    repetition_penalty: float = 1.0
 
 
 @dataclass

@@ -181,7 +181,8 @@ class TransformersLLM:
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
                   max_length=self.max_prompt_tokens).to(self.device)
-        kwargs: dict = {"max_new_tokens": params.max_new_tokens, "pad_token_id": tok.pad_token_id}
+        kwargs: dict = {"max_new_tokens": params.max_new_tokens, "pad_token_id": tok.pad_token_id,
+                        "repetition_penalty": params.repetition_penalty if params.repetition_penalty != 1.0 else None}
         if params.temperature > 0:
             processors = LogitsProcessorList([NucleusSampling(params.temperature, params.top_p)])
             kwargs.update(do_sample=True, temperature=None, top_p=None, top_k=None, logits_processor=processors)

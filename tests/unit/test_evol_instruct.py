@@ -34,6 +34,8 @@ def test_evolution_drops(evolved, reason):
     "**Rewritten task:** Describe the water cycle for a child.",
     "Describe the water cycle for a child, in the rewritten task style.",
     "Task: Describe the water cycle for a child.",
+    "Harder task: Describe the water cycle for a child.",
+    "Describe rain.\nNew task: Describe hail.",
     "Describe snow.\nTask: Describe hail.",
     "  **Task**: Describe hail in two sentences.",
 ])
@@ -69,7 +71,9 @@ def test_response_drops(response, reason):
 def test_prompts_hold_demonstration_and_task():
     prompt = evol_prompt(DEFAULT_TEMPLATES["concretize"], "Give advice.", "for students")
     assert prompt.startswith("Each task below is rewritten into a harder version by replacing general concepts")
-    assert prompt.endswith("Task: Give advice. for students\nRewritten task:")
+    assert prompt.endswith("Task: Give advice. for students\nHarder task:")
+    assert DEFAULT_TEMPLATES["breadth"].endswith("Task: {instruction}\nNew task:")
+    assert LABELS == ["harder task", "new task", "task"]
     assert set(DEFAULT_TEMPLATES) == set(EVOL_OPERATIONS)
     chat = evol_prompt(DEFAULT_TEMPLATES["breadth"], "Name a bird.", chat=True)
     assert chat[-1]["role"] == "user" and chat[-1]["content"].endswith("without any label or comment.")
@@ -198,10 +202,30 @@ def test_equality_threshold_fitted_on_known_pairs():
     cfg = EvolInstructConfig(rounds=1, operations={"add_constraints": 1.0}, retry_failed=False)
     llm = LogprobLLM(respond)
     out, stats = evolve(rows(3), cfg, llm, seed=0)
-    assert stats["equality_method"] == "log-odds > 2.000 (fitted on known pairs)"
+    assert stats["equality_method"] == "log-odds > 2.000 (balanced accuracy 1.00 on known pairs)"
     assert stats["dropped"] == {"no_information_gain": 2}
     assert list(out.loc[out["origin"] == "evol", "parent_id"]) == ["r1"]
     assert not any(p.startswith("Two tasks") for prompts, _ in llm.calls for p in prompts)  # no generated answers
+
+
+def test_uninformative_judge_falls_back_to_measuring_the_change():
+    """A model whose Yes/No log-odds do not depend on the pair (Gemma 3 270M is close to that) is not
+    trusted: rule 1 then drops evolutions whose ROUGE-L F1 against the parent is above the threshold."""
+    class NoiseLLM(ScriptedLLM):
+        def next_token_logprobs(self, prompts, candidates):
+            return np.array([[0.0, -1.0 - 0.01 * (i % 3)] for i in range(len(prompts))])
+
+    def respond(prompt, params):
+        if prompt.startswith("Each task"):
+            task = _task(prompt)
+            return f"{task} Now." if "topic 0" in task else f"{task.rstrip('.')} for a child, with two examples from daily life."
+        return "A fine answer."
+
+    cfg = EvolInstructConfig(rounds=1, operations={"deepen": 1.0}, retry_failed=False)
+    out, stats = evolve(rows(2), cfg, NoiseLLM(respond), seed=0)
+    assert stats["equality_method"].startswith("ROUGE-L F1 > 0.8 (the model's judgement scored balanced accuracy")
+    assert stats["dropped"] == {"no_information_gain": 1}  # "Explain topic 0. Now.": F1 0.89 against its parent
+    assert list(out.loc[out["origin"] == "evol", "parent_id"]) == ["r1"]
 
 
 def test_custom_template_is_used_and_its_labels_count_as_leaks():
