@@ -159,13 +159,27 @@ class QualityConfig(Section):
 
 
 class MixConfig(Section):
-    # Per-category weights (create_instruction_mix). Empty: every category in proportion to its rows.
-    weights: dict[str, float] = {}
+    # How training rows are shared among sources (see tasks/mix.py): explicit `weights`, examples-
+    # `proportional` (FLAN), or `temperature` sampling, p_i ~ n_i^(1/T).
+    mode: Literal["weights", "proportional", "temperature"] = "proportional"
+    # A row's source: its category (qa, math, ...), its origin (seed, self_instruct, evol_r1, ...), or both.
+    source_by: Literal["category", "origin", "origin_category"] = "category"
+    weights: dict[str, float] = {}  # mode `weights`: per-source weight
+    unknown_sources: Literal["error", "warn"] = Field("error", description="weights naming absent sources")
+    cap: int | None = Field(None, ge=1, description="at most this many rows per source (FLAN's cap)")
+    temperature: float = Field(3.0, gt=0.0, description="mode `temperature`: T (FLAN used 3)")
     total: int | None = Field(None, ge=1, description="training rows to draw (None: all available)")
     replace: bool = False
+    # Share of training rows that show explicit reasoning (evolved with increase_reasoning, or in one of
+    # `cot_categories`); None leaves it to the mode.
+    cot_share: float | None = Field(0.1, ge=0.0, le=1.0)
+    cot_categories: list[str] = ["reasoning", "math"]
+    quality_weight: str | None = Field(None, description="a score column: draw rows within a source by it")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     min_eval: int = Field(8, ge=1)
     seed: int = 0
+    exports: list[Literal["alpaca", "sharegpt", "messages", "prompt_completion", "hf_dataset"]] = [
+        "alpaca", "sharegpt", "messages", "prompt_completion", "hf_dataset"]
 
     @model_validator(mode="after")
     def _weights(self) -> "MixConfig":

@@ -1,14 +1,27 @@
-"""Stage 5, mix: draw the training set from kept rows by per-category weights, and hold out an eval split.
+"""Stage 5, mix: turn the kept rows into the exact training set, reproducibly (FLAN-style mixing).
 
-The eval split is drawn first, stratified by category (each category gives the same share, at least one row
-where it has two or more), so it never overlaps the training rows. The training mix then gives each
-category a share of `total` proportional to its weight (create_instruction_mix); with no weights, every
-category in proportion to its rows. Counts are rounded by largest remainder so they sum to `total` exactly.
-Without `replace`, a category never gives more rows than it has. Deterministic for a given `mix.seed`.
+A row's source is its origin (`seed`, `self_instruct`, `evol_r1`, `evol_r2`, ...), its task category, or
+both (`mix.source_by`). The eval split is drawn first, stratified by source, so it never overlaps training
+rows. Then, optionally, each source is capped at `cap` rows (a seeded subsample), and the training rows are
+allocated to sources by `mix.mode`:
+
+- `weights`: shares proportional to explicit per-source weights (the seed document's create_instruction_mix);
+- `proportional`: examples-proportional, each source in proportion to its (capped) size (FLAN);
+- `temperature`: p_i proportional to n_i^(1/T) over the capped sizes (FLAN used T=3); T=1 is proportional,
+  a large T approaches uniform.
+
+Chain-of-thought rows (evolved with `increase_reasoning`, or in `cot_categories`) get their own share of the
+total (`cot_share`, one row in ten by default), allocated by the same mode inside each group. Counts are
+rounded by largest remainder, so they sum exactly. Without `replace` a source never gives more rows than
+it has, and what it cannot give goes to the others by their shares. Within a source rows are drawn
+uniformly, or with probability proportional to a quality score (`quality_weight`). Everything is
+column-wise: one random key per row and one sort, no per-row Python loop.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,10 +29,14 @@ import pandas as pd
 
 from tasks.config import MixConfig
 
+log = logging.getLogger(__name__)
+
 
 class MixError(ValueError):
     pass
 
+
+# --- counts -------------------------------------------------------------------------------------------------
 
 def largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
     """Integer counts proportional to `weights` that sum to `total` exactly."""
@@ -36,7 +53,7 @@ def largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def fill_to_capacity(total: int, weights: dict[str, float], available: dict[str, int]) -> dict[str, int]:
-    """Weighted counts without replacement: a category that runs out gives all it has, and what it could
+    """Weighted counts without replacement: a source that runs out gives all it has, and what it could
     not give is shared among the others by their weights, until `total` is placed or all are exhausted."""
     counts = {name: 0 for name in weights}
     open_ = {n for n, w in weights.items() if w > 0 and available.get(n, 0) > 0}
@@ -52,56 +69,243 @@ def fill_to_capacity(total: int, weights: dict[str, float], available: dict[str,
     return counts
 
 
-def split_eval(df: pd.DataFrame, cfg: MixConfig, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask of eval rows, stratified by category."""
-    n_eval = min(max(cfg.min_eval, round(cfg.eval_fraction * len(df))), len(df) // 2)
-    sizes = df.groupby("category").size()
-    per_cat = largest_remainder(n_eval, {c: float(n - 1) for c, n in sizes.items()})
+def target_shares(sizes: dict[str, int], cfg: MixConfig) -> dict[str, float]:
+    """Each source's share of the training rows under `cfg.mode`, before any source runs out."""
+    if cfg.mode == "weights":
+        raw = {s: float(cfg.weights.get(s, 0.0)) for s in sizes}
+    elif cfg.mode == "proportional":
+        raw = {s: float(n) for s, n in sizes.items()}
+    else:
+        raw = {s: float(n) ** (1.0 / cfg.temperature) if n else 0.0 for s, n in sizes.items()}
+    total = sum(raw.values())
+    return {s: (w / total if total else 0.0) for s, w in raw.items()}
+
+
+def allocate(total: int, shares: dict[str, float], available: dict[str, int], replace: bool) -> dict[str, int]:
+    if replace:
+        return largest_remainder(total, shares)
+    return fill_to_capacity(total, shares, available)
+
+
+# --- columns ------------------------------------------------------------------------------------------------
+
+def _factorize(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes (hashing, not sorting: fast on 1M strings) and the distinct values."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
+
+
+def source_codes(df: pd.DataFrame, source_by: str) -> tuple[list[str], np.ndarray]:
+    """Each row's source as a code into the sorted source names: `seed`, `self_instruct`, `evol_r<round>`
+    (by origin), the category, or `origin/category`. Column-wise: strings are built for distinct values only."""
+    n = len(df)
+    if source_by != "category":
+        o_codes, o_names = _factorize(df["origin"].astype(str) if "origin" in df else np.full(n, "unknown"))
+        o_labels = o_names.astype(str)
+        if "round" in df and "evol" in set(o_labels):
+            rounds = pd.to_numeric(df["round"], errors="coerce")
+            evol = (o_codes == list(o_labels).index("evol")) & rounds.notna().to_numpy()
+            r = np.where(evol, rounds.fillna(0).to_numpy().astype(np.int64), -1)
+            o_codes, pairs = _factorize(o_codes * 1_000_003 + (r + 1))
+            o_labels = np.array([f"evol_r{p % 1_000_003 - 1}" if p % 1_000_003 else o_labels[p // 1_000_003]
+                                 for p in pairs.astype(np.int64)], dtype=object)
+    if source_by != "origin":
+        c_codes, c_names = _factorize(df["category"].fillna("uncategorized").astype(str) if "category" in df
+                                      else np.full(n, "uncategorized"))
+        c_labels = c_names.astype(str)
+    if source_by == "origin":
+        codes, labels = o_codes, o_labels
+    elif source_by == "category":
+        codes, labels = c_codes, c_labels
+    else:
+        codes, pairs = _factorize(o_codes * len(c_labels) + c_codes)
+        labels = np.array([f"{o_labels[p // len(c_labels)]}/{c_labels[p % len(c_labels)]}"
+                           for p in pairs.astype(np.int64)], dtype=object)
+    order = np.argsort(labels.astype(str))  # sorted names: results do not depend on row order of first sight
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return [str(x) for x in labels[order]], rank[codes]
+
+
+def source_labels(df: pd.DataFrame, source_by: str) -> pd.Series:
+    names, codes = source_codes(df, source_by)
+    return pd.Series(np.asarray(names, dtype=object)[codes], index=df.index)
+
+
+def cot_mask(df: pd.DataFrame, cot_categories: list[str]) -> np.ndarray:
+    """Chain-of-thought rows: evolved to require explicit reasoning, or in a reasoning category."""
     mask = np.zeros(len(df), dtype=bool)
-    positions = np.arange(len(df))
-    for cat, k in sorted(per_cat.items()):
-        if k:
-            idx = positions[(df["category"] == cat).to_numpy()]
-            mask[rng.choice(idx, k, replace=False)] = True
+    if "evol_operation" in df:
+        mask |= (df["evol_operation"] == "increase_reasoning").to_numpy()
+    if "category" in df:
+        mask |= df["category"].isin(cot_categories).to_numpy()
     return mask
 
 
-def mix(df: pd.DataFrame, cfg: MixConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
-    kept = df[df["keep"]].reset_index(drop=True)
-    if len(kept) < 2:
-        raise MixError(f"mix needs at least 2 kept rows, got {len(kept)} (see the quality stage's drops)")
+def _group_order(codes: np.ndarray, weights: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Row positions grouped by code, each group in random order: uniform, or, with `weights`, the order
+    of Efraimidis and Spirakis keys u^(1/w), largest first (its first k rows are a weighted sample without
+    replacement; a row of weight 0 comes last). The group sort is a stable radix sort on small integers."""
+    if weights is None:
+        shuffled = rng.permutation(len(codes))
+    else:
+        u = rng.random(len(codes))
+        with np.errstate(divide="ignore", over="ignore", under="ignore"):
+            keys = np.where(weights > 0, u ** (1.0 / np.where(weights > 0, weights, 1.0)), -1.0)
+        shuffled = np.argsort(-keys)
+    small = codes[shuffled].astype(np.int16 if codes.max(initial=0) < 2**15 else np.int64)
+    return shuffled[np.argsort(small, kind="stable")]
+
+
+def draw(codes: np.ndarray, counts: np.ndarray, rng: np.random.Generator, replace: bool,
+         weights: np.ndarray | None = None) -> np.ndarray:
+    """Row positions: `counts[c]` rows of each group code `c`. Without replacement, the first rows of each
+    group in a random order (one pass for all groups); with replacement, a seeded draw per group."""
+    if replace:
+        picks = []
+        for code in np.flatnonzero(counts):
+            idx = np.flatnonzero(codes == code)
+            p = None if weights is None or weights[idx].sum() <= 0 else weights[idx] / weights[idx].sum()
+            picks.append(rng.choice(idx, int(counts[code]), replace=True, p=p))
+        return np.concatenate(picks) if picks else np.array([], dtype=np.int64)
+    order = _group_order(codes, weights, rng)
+    sorted_codes = codes[order]
+    starts = np.searchsorted(sorted_codes, np.arange(len(counts)))
+    rank = np.arange(len(order)) - starts[sorted_codes]
+    return order[rank < counts[sorted_codes]]
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Mixed:
+    train: pd.DataFrame
+    eval: pd.DataFrame
+    manifest: dict[str, Any]
+
+
+def split_eval(codes: np.ndarray, n_sources: int, cfg: MixConfig, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of eval rows, stratified by source (a source with one row keeps it for training)."""
+    n = len(codes)
+    n_eval = min(max(cfg.min_eval, round(cfg.eval_fraction * n)), n // 2)
+    sizes = np.bincount(codes, minlength=n_sources)
+    per_source = largest_remainder(n_eval, {f"{i:09d}": float(k - 1) for i, k in enumerate(sizes)})
+    counts = np.array([per_source[f"{i:09d}"] for i in range(n_sources)])
+    mask = np.zeros(n, dtype=bool)
+    mask[draw(codes, counts, rng, replace=False)] = True
+    return mask
+
+
+def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
+    if "keep" not in df:
+        raise MixError("mix reads the quality stage's output: the input has no `keep` column")
+    kept_pos = np.flatnonzero(df["keep"].fillna(False).astype(bool).to_numpy())
+    if len(kept_pos) < 2:
+        raise MixError(f"mix needs at least 2 kept rows, got {len(kept_pos)} (see the quality stage's drops)")
+    weights_col = None
+    if cfg.quality_weight is not None:
+        if cfg.quality_weight not in df:
+            raise MixError(f"mix.quality_weight: no column `{cfg.quality_weight}`; score columns: "
+                           f"{', '.join(c for c in df.columns if c.startswith('score_')) or 'none'}")
+        scores = pd.to_numeric(df[cfg.quality_weight], errors="coerce").to_numpy(dtype=float)[kept_pos]
+        weights_col = np.clip(np.nan_to_num(scores, nan=0.0), 0.0, None)
     rng = np.random.default_rng(cfg.seed)
-    eval_mask = split_eval(kept, cfg, rng)
-    pool = kept[~eval_mask]
-    available = pool.groupby("category").size().to_dict()
-    unknown = sorted(set(cfg.weights) - set(available))
-    if unknown:
-        raise MixError(f"mix.weights names categories with no rows: {', '.join(unknown)}; "
-                       f"available: {', '.join(sorted(available))}")
-    weights = dict(cfg.weights) if cfg.weights else {c: float(n) for c, n in available.items()}
-    total = cfg.total if cfg.total is not None else len(pool)
-    requested = largest_remainder(total, weights) if cfg.replace else fill_to_capacity(total, weights, available)
-    chosen = []
-    achieved = {}
-    positions = np.arange(len(pool))
-    for cat, k in sorted(requested.items()):
-        idx = positions[(pool["category"] == cat).to_numpy()]
-        k_take = k if cfg.replace else min(k, len(idx))
-        if k_take:
-            chosen.append(rng.choice(idx, k_take, replace=cfg.replace and k_take > len(idx)))
-        achieved[cat] = int(k_take)
-    picks = np.concatenate(chosen) if chosen else np.array([], dtype=int)
-    rng.shuffle(picks)
-    train = pool.iloc[picks].assign(split="train")
-    evals = kept[eval_mask].assign(split="eval")
-    out = pd.concat([train, evals], ignore_index=True)
-    weight_sum = sum(weights.values()) or 1.0
-    stats = {
-        "rows_in_kept": len(kept), "train": len(train), "eval": len(evals), "seed": cfg.seed,
-        "categories": {c: {"requested_share": round(weights.get(c, 0) / weight_sum, 4),
-                           "achieved_share": round(achieved.get(c, 0) / max(len(train), 1), 4),
-                           "rows": achieved.get(c, 0), "available": int(available.get(c, 0))}
-                       for c in sorted(set(weights) | set(available))},
-        "dropped": {"not_kept": int((~df["keep"]).sum()), "not_sampled": int(len(pool) - len(set(picks.tolist())))},
+    names, all_codes = source_codes(df, cfg.source_by)
+    kept_codes = all_codes[kept_pos]
+    eval_mask = split_eval(kept_codes, len(names), cfg, rng)
+
+    pool_pos = np.flatnonzero(~eval_mask)  # positions among kept rows
+    codes = kept_codes[pool_pos]
+    present = np.bincount(codes, minlength=len(names)) > 0
+    warnings = _check_weights(cfg, [n for n, p in zip(names, present) if p])
+    if cfg.cap is not None:  # FLAN's per-source cap: a seeded subsample of each large source
+        sizes = np.bincount(codes, minlength=len(names))
+        keep = np.sort(draw(codes, np.minimum(sizes, cfg.cap), rng, replace=False))
+        pool_pos, codes = pool_pos[keep], codes[keep]
+    sizes = np.bincount(codes, minlength=len(names))
+    available = {s: int(k) for s, k, p in zip(names, sizes, present) if p}
+    shares = target_shares(available, cfg)
+    total = cfg.total if cfg.total is not None else int(sizes.sum())
+
+    cot = cot_mask(df, cfg.cot_categories)[kept_pos[pool_pos]] if cfg.cot_share is not None else None
+    groups = [(np.ones(len(codes), dtype=bool), total)] if cot is None else _cot_split(cot, total, cfg)
+    picks, counts = [], np.zeros(len(names), dtype=int)
+    for mask, k in groups:
+        sub_sizes = np.bincount(codes[mask], minlength=len(names))
+        sub_available = {s: int(sub_sizes[i]) for i, s in enumerate(names) if s in available}
+        sub_shares = target_shares(sub_available, cfg) if cfg.mode != "weights" else \
+            {s: shares[s] if sub_available[s] else 0.0 for s in sub_available}
+        alloc = allocate(k, sub_shares, sub_available, cfg.replace)
+        sub_counts = np.array([alloc.get(s, 0) for s in names])
+        positions = np.flatnonzero(mask)
+        chosen = draw(codes[mask], sub_counts, rng, cfg.replace,
+                      None if weights_col is None else weights_col[pool_pos[mask]])
+        picks.append(positions[chosen])
+        counts += np.bincount(codes[mask][chosen], minlength=len(names))
+    picked = np.concatenate(picks) if picks else np.array([], dtype=np.int64)
+    rng.shuffle(picked)
+
+    name_array = np.asarray(names, dtype=object)
+    train_rows = kept_pos[pool_pos[picked]]
+    eval_rows = kept_pos[eval_mask]
+    train = df.iloc[train_rows].assign(source=name_array[all_codes[train_rows]], split="train")
+    evals = df.iloc[eval_rows].assign(source=name_array[all_codes[eval_rows]], split="eval")
+    n_train = max(len(train), 1)
+    n_cot = int(cot[picked].sum()) if cot is not None else None
+    manifest = {
+        "mode": cfg.mode, "source_by": cfg.source_by, "seed": cfg.seed, "total_requested": total,
+        "train": len(train), "eval": len(evals), "replace": cfg.replace, "cap": cfg.cap,
+        "temperature": cfg.temperature if cfg.mode == "temperature" else None,
+        "sources": {s: {"requested_share": round(shares[s], 6), "achieved_share": round(int(counts[i]) / n_train, 6),
+                        "rows": int(counts[i]), "available": available[s]}
+                    for i, s in enumerate(names) if s in available},
+        "cot": {"requested_share": cfg.cot_share,
+                "achieved_share": None if n_cot is None else round(n_cot / n_train, 6),
+                "rows": n_cot, "available": None if cot is None else int(cot.sum())},
+        "warnings": warnings,
+        "train_ids": train["id"].astype(str).tolist(), "eval_ids": evals["id"].astype(str).tolist(),
     }
-    return out, stats
+    return Mixed(train, evals, manifest)
+
+
+def _cot_split(cot: np.ndarray, total: int, cfg: MixConfig) -> list[tuple[np.ndarray, int]]:
+    """(mask, rows) for the chain-of-thought rows and the rest; without replacement a group that is short
+    of its share gives what it has and the other group fills in."""
+    k_cot = round(cfg.cot_share * total)
+    if not cfg.replace:
+        n_cot, n_rest = int(cot.sum()), int((~cot).sum())
+        k_cot = min(k_cot, n_cot)
+        k_rest = min(total - k_cot, n_rest)
+        k_cot = min(total - k_rest, n_cot)
+    elif not cot.any():
+        k_cot = 0
+    return [(cot, k_cot), (~cot, total - k_cot)]
+
+
+def _check_weights(cfg: MixConfig, names: list[str]) -> list[str]:
+    if cfg.mode != "weights":
+        return []
+    if not cfg.weights:
+        raise MixError("mix.mode is `weights` but mix.weights is empty; name a weight per source: "
+                       f"{', '.join(names)}")
+    unknown = sorted(set(cfg.weights) - set(names))
+    if not unknown:
+        return []
+    message = (f"mix.weights names sources with no rows: {', '.join(unknown)}; sources (by {cfg.source_by}): "
+               f"{', '.join(names)}")
+    if cfg.unknown_sources == "error":
+        raise MixError(message)
+    log.warning(message)
+    return [message]
+
+
+def mix(df: pd.DataFrame, cfg: MixConfig) -> tuple[pd.DataFrame, dict[str, Any], Mixed]:
+    """The stage: train and eval rows in one table (column `split`), the stats, and the parts to export."""
+    mixed = mix_rows(df, cfg)
+    out = pd.concat([mixed.train, mixed.eval], ignore_index=True)
+    m = mixed.manifest
+    kept = int(df["keep"].fillna(False).astype(bool).sum())
+    stats = {"rows_in_kept": kept, "train": m["train"], "eval": m["eval"], "mode": m["mode"], "seed": m["seed"],
+             "sources": m["sources"], "cot": m["cot"], "warnings": m["warnings"],
+             "dropped": {"not_kept": len(df) - kept, "not_sampled": kept - m["eval"] - len(set(m["train_ids"]))}}
+    return out, stats, mixed

@@ -34,12 +34,14 @@ def _publish_stats(stage: str, stats: dict[str, Any]) -> None:
     drops = [{"reason": reason, "rows": count} for reason, count in sorted(stats.get("dropped", {}).items())]
     if drops:
         create_table_artifact(key=f"{slug}-drops", table=drops, description=f"{stage}: rows dropped, per reason")
-    if operations := stats.get("operations"):
-        table = [{"operation": op, **figures} for op, figures in operations.items()]
-        create_table_artifact(key=f"{slug}-pass-rates", table=table, description=f"{stage}: pass rate per operation")
-    if isinstance(rounds := stats.get("rounds"), dict):
-        table = [{"round": r, **figures} for r, figures in rounds.items()]
-        create_table_artifact(key=f"{slug}-rounds", table=table, description=f"{stage}: pass rate per round")
+    # Per-item figures (dicts of dicts in stats.json) as one table each.
+    for field, column, what in (("operations", "operation", "pass rate per operation"),
+                                ("rounds", "round", "pass rate per round"),
+                                ("sources", "source", "requested and achieved share per source")):
+        figures = stats.get(field)
+        if isinstance(figures, dict) and figures and all(isinstance(v, dict) for v in figures.values()):
+            table = [{column: name, **values} for name, values in figures.items()]
+            create_table_artifact(key=f"{slug}-{field.replace('_', '-')}", table=table, description=f"{stage}: {what}")
 
 
 def _stage_task(stage: str, retries: int):

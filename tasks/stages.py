@@ -17,8 +17,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks import calibration, evol_instruct, finetune, mix, prompts, quality, seeds, self_instruct, text
-from tasks.artifacts import Artifact, PartWriter, artifact_key, code_version, input_hashes, source_hash
+from tasks import calibration, evol_instruct, exports, finetune, mix, prompts, quality, seeds, self_instruct, text
+from tasks.artifacts import (Artifact, PartWriter, artifact_key, atomic_write_json, atomic_write_parquet,
+                             code_version, input_hashes, source_hash)
 from tasks.config import Config
 from tasks.llm import get_llm
 from tasks.llm import transformers_backend
@@ -63,8 +64,13 @@ def _run_quality(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
 
 def _run_mix(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     rows = _frame(inputs["quality"])
-    mixed, stats = mix.mix(rows, cfg.mix)
-    return mixed, {"rows_in": len(rows), **stats}
+    table, stats, mixed = mix.mix(rows, cfg.mix)
+    # Beside data.parquet (both splits, column `split`): each split alone, the manifest, the exports.
+    atomic_write_parquet(out.path / "train.parquet", _table(mixed.train))
+    atomic_write_parquet(out.path / "eval.parquet", _table(mixed.eval))
+    atomic_write_json(out.path / "manifest.json", mixed.manifest)
+    written = exports.export_all({"train": mixed.train, "eval": mixed.eval}, out.path, list(cfg.mix.exports))
+    return table, {"rows_in": len(rows), **stats, "exports": written}
 
 
 def _run_finetune(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
@@ -101,7 +107,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           lambda c: {"seed": c.run.seed, "llm": c.llm.identity(), "evol_instruct": c.section("evol_instruct")},
           _run_evol, (evol_instruct, *_GEN), uses_llm=True),
     Stage("quality", ("evol_instruct",), lambda c: {"quality": c.section("quality")}, _run_quality, (quality,)),
-    Stage("mix", ("quality",), lambda c: {"mix": c.section("mix")}, _run_mix, (mix,)),
+    Stage("mix", ("quality",), lambda c: {"mix": c.section("mix")}, _run_mix, (mix, exports, prompts)),
     Stage("finetune", ("mix",),
           lambda c: {"seed": c.run.seed, "model": c.finetune.base_model or c.llm.model,
                      "finetune": c.section("finetune"), "evaluate": c.section("evaluate")},

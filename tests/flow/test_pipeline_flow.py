@@ -67,9 +67,14 @@ def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir
             "kept_instances", "stop_reason"} <= set(si_stats) and si_stats["prompt_tokens"] > 0
     evol_stats = json.loads((tmp_path / "artifacts").joinpath(
         stage_dirname("evol_instruct")).glob("*/stats.json").__next__().read_text())
-    pass_rates = {row["operation"]: row for row in artifacts["evol-instruct-pass-rates"]}
+    pass_rates = {row["operation"]: row for row in artifacts["evol-instruct-operations"]}
     assert set(pass_rates) == set(evol_stats["operations"]) and len(pass_rates) == 6
     assert [row["round"] for row in artifacts["evol-instruct-rounds"]] == ["1"]
+    (mix_dir,) = (tmp_path / "artifacts" / stage_dirname("mix")).iterdir()
+    manifest = json.loads((mix_dir / "manifest.json").read_text())
+    assert manifest["train"] == 16 and set(manifest["sources"]) == {row["source"] for row in artifacts["mix-sources"]}
+    assert {"train.parquet", "eval.parquet", "train.alpaca.json", "eval.messages.jsonl", "hf_dataset"} <= {
+        p.name for p in mix_dir.iterdir()}
 
     second, states = run_flow(base)
     assert states == {stage: "Cached" for stage in STAGES}

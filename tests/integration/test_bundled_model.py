@@ -64,7 +64,7 @@ def test_evol_instruct_on_real_model_all_operations(llm):
     cfg = EvolInstructConfig(rounds=2, max_per_round=12, max_new_tokens=64, response_max_new_tokens=64,
                              temperature=0.7)
     out, stats = evolve(rows, cfg, llm, seed=0)
-    assert stats["equality_method"].startswith("log-odds >")
+    assert "balanced accuracy" in stats["equality_method"]  # the judge was scored on known pairs
     assert stats["rounds"]["1"]["attempts"] == 12 and stats["attempted"] == stats["kept"] + sum(stats["dropped"].values())
     assert stats["kept"] >= 1 and set(stats["operations"]) == set(EvolInstructConfig().operations)
     evolved = out[out["origin"] == "evol"]

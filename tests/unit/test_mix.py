@@ -1,15 +1,27 @@
+import json
+
+import numpy as np
 import pandas as pd
 import pytest
 
 from tasks.config import MixConfig
-from tasks.mix import MixError, largest_remainder, mix
+from tasks.exports import export_all
+from tasks.mix import MixError, draw, largest_remainder, mix, source_labels, target_shares
 
 
-def table(counts, keep_all=True):
+def table(counts, keep_all=True, **extra):
     rows = []
     for cat, n in counts.items():
-        rows += [{"id": f"{cat}-{i}", "category": cat, "keep": keep_all} for i in range(n)]
+        rows += [{"id": f"{cat}-{i}", "category": cat, "keep": keep_all, "origin": "seed", "instruction": f"Do {cat} {i}.",
+                  "input": "", "output": f"Done {i}.", **extra} for i in range(n)]
     return pd.DataFrame(rows)
+
+
+def train_counts(out):
+    return out[out["split"] == "train"]["category"].value_counts().to_dict()
+
+
+NO_COT = {"cot_share": None}
 
 
 def test_largest_remainder_sums_exactly():
@@ -18,42 +30,138 @@ def test_largest_remainder_sums_exactly():
     assert largest_remainder(0, {"a": 1}) == {"a": 0}
 
 
-def test_weighted_counts_exact_and_eval_disjoint():
+def test_weights_mode_exact_counts_and_eval_disjoint():
     df = table({"qa": 50, "math": 50, "coding": 20})
-    out, stats = mix(df, MixConfig(weights={"qa": 2, "math": 1, "coding": 1}, total=40, eval_fraction=0.1,
-                                   min_eval=5, seed=3))
+    out, stats, mixed = mix(df, MixConfig(mode="weights", weights={"qa": 2, "math": 1, "coding": 1}, total=40,
+                                          eval_fraction=0.1, min_eval=5, seed=3, **NO_COT))
     train, evals = out[out["split"] == "train"], out[out["split"] == "eval"]
-    assert train["category"].value_counts().to_dict() == {"qa": 20, "math": 10, "coding": 10}
+    assert train_counts(out) == {"qa": 20, "math": 10, "coding": 10}
     assert len(evals) == 12 and evals["category"].value_counts().to_dict() == {"qa": 5, "math": 5, "coding": 2}
     assert not set(train["id"]) & set(evals["id"]) and train["id"].is_unique
-    assert stats["categories"]["qa"]["requested_share"] == 0.5 and stats["categories"]["qa"]["achieved_share"] == 0.5
+    assert stats["sources"]["qa"]["requested_share"] == 0.5 and stats["sources"]["qa"]["achieved_share"] == 0.5
+    assert mixed.manifest["train_ids"] == list(train["id"]) and mixed.manifest["seed"] == 3
+
+
+def test_proportional_with_cap():
+    df = table({"qa": 100, "math": 30, "coding": 10})
+    out, stats, _ = mix(df, MixConfig(mode="proportional", cap=20, min_eval=3, eval_fraction=0.01, **NO_COT))
+    # eval takes 3 rows (qa 2, math 1: in proportion to n - 1); then qa and math are capped at 20
+    assert train_counts(out) == {"qa": 20, "math": 20, "coding": 10}
+    assert stats["sources"]["qa"]["available"] == 20 and stats["sources"]["coding"]["requested_share"] == 0.2
+    out, _, _ = mix(df, MixConfig(mode="proportional", total=28, min_eval=3, eval_fraction=0.01, **NO_COT))
+    assert train_counts(out) == {"qa": 20, "math": 6, "coding": 2}  # 98 : 29 : 10 of 28, largest remainder
+
+
+def test_temperature_one_equals_proportional_and_large_t_approaches_uniform():
+    df = table({"qa": 90, "math": 30, "coding": 12})
+    common = dict(total=30, min_eval=3, eval_fraction=0.01, **NO_COT)
+    prop, _, _ = mix(df, MixConfig(mode="proportional", **common))
+    t1, _, _ = mix(df, MixConfig(mode="temperature", temperature=1.0, **common))
+    assert train_counts(t1) == train_counts(prop) == {"qa": 20, "math": 7, "coding": 3}
+    t3, _, _ = mix(df, MixConfig(mode="temperature", temperature=3.0, **common))
+    assert train_counts(t3) == {"qa": 14, "math": 9, "coding": 7}  # 88^(1/3) : 29^(1/3) : 12^(1/3) of 30
+    big, _, _ = mix(df, MixConfig(mode="temperature", temperature=1000.0, **common))
+    assert train_counts(big) == {"qa": 10, "math": 10, "coding": 10}
+    shares = target_shares({"a": 1000, "b": 10}, MixConfig(mode="temperature", temperature=1e6))
+    assert abs(shares["a"] - 0.5) < 1e-4
+
+
+def test_without_replacement_a_short_source_gives_all_and_others_fill():
+    df = table({"qa": 20, "math": 4})
+    out, stats, _ = mix(df, MixConfig(mode="weights", weights={"qa": 1, "math": 1}, total=16, min_eval=2,
+                                      eval_fraction=0.1, **NO_COT))
+    assert train_counts(out) == {"qa": 12, "math": 4}  # eval took 2 qa rows; math gives all 4, qa fills in
+    out, _, _ = mix(df, MixConfig(mode="weights", weights={"qa": 1, "math": 1}, total=20, min_eval=2,
+                                  replace=True, **NO_COT))
+    assert train_counts(out) == {"qa": 10, "math": 10}
+
+
+def test_cot_share():
+    df = pd.concat([table({"qa": 60, "math": 20}), table({"writing": 20})], ignore_index=True)
+    df["evol_operation"] = None
+    df.loc[df["category"] == "writing", "evol_operation"] = "increase_reasoning"
+    out, stats, _ = mix(df, MixConfig(total=50, min_eval=3, eval_fraction=0.01, cot_share=0.1))
+    train = out[out["split"] == "train"]
+    cot = train["category"].isin(["math"]) | (train["evol_operation"] == "increase_reasoning")
+    assert cot.sum() == 5 and stats["cot"]["achieved_share"] == 0.1 and stats["cot"]["rows"] == 5
+    assert len(train) == 50
+    out, stats, _ = mix(table({"qa": 30, "math": 2}), MixConfig(total=20, min_eval=2, cot_share=0.5))
+    assert stats["cot"]["rows"] == 2 and stats["train"] == 20  # only 2 math rows (eval took qa): qa fills in
+
+
+def test_sources_by_origin_and_evol_round():
+    df = table({"qa": 4})
+    evol = table({"qa": 4}).assign(origin="evol", round=[1, 1, 2, 2], id=lambda d: d["id"] + ">e")
+    both = pd.concat([df, evol], ignore_index=True)
+    assert list(source_labels(both, "origin")) == ["seed"] * 4 + ["evol_r1"] * 2 + ["evol_r2"] * 2
+    assert source_labels(both, "origin_category").iloc[-1] == "evol_r2/qa"
+
+
+def test_quality_weight_prefers_high_scores():
+    df = table({"qa": 200})
+    df["score_total"] = np.where(np.arange(200) < 20, 1.0, 0.0)
+    out, _, _ = mix(df, MixConfig(total=20, quality_weight="score_total", min_eval=2, eval_fraction=0.01, **NO_COT))
+    train = out[out["split"] == "train"]
+    assert (train["score_total"] == 1.0).sum() >= 18  # the 2 eval rows may have taken some
+    with pytest.raises(MixError, match="mix.quality_weight: no column `score_x`; score columns: score_total"):
+        mix(df, MixConfig(quality_weight="score_x"))
 
 
 def test_deterministic_per_seed():
     df = table({"qa": 30, "math": 30})
-    a, _ = mix(df, MixConfig(total=20, seed=1))
-    b, _ = mix(df, MixConfig(total=20, seed=1))
-    c, _ = mix(df, MixConfig(total=20, seed=2))
+    a, _, _ = mix(df, MixConfig(total=20, seed=1))
+    b, _, _ = mix(df, MixConfig(total=20, seed=1))
+    c, _, _ = mix(df, MixConfig(total=20, seed=2))
     assert list(a["id"]) == list(b["id"]) and list(a["id"]) != list(c["id"])
 
 
-def test_caps_without_replacement_and_fills_with():
-    df = table({"qa": 20, "math": 4})
-    out, stats = mix(df, MixConfig(weights={"qa": 1, "math": 1}, total=16, min_eval=2, eval_fraction=0.1))
-    train = out[out["split"] == "train"]
-    # math has 4 rows (none went to eval): it gives all 4, and qa fills the rest of the 16
-    assert train["category"].value_counts().to_dict() == {"qa": 12, "math": 4}
-    assert stats["categories"]["math"]["achieved_share"] == 0.25
-    out, _ = mix(df, MixConfig(weights={"qa": 1, "math": 1}, total=20, min_eval=2, replace=True))
-    assert out[out["split"] == "eval"]["category"].value_counts().to_dict() == {"qa": 2}
-    assert out[out["split"] == "train"]["category"].value_counts().to_dict() == {"qa": 10, "math": 10}
-
-
-def test_only_kept_rows_and_errors():
+def test_only_kept_rows_and_errors(caplog):
     df = pd.concat([table({"qa": 10}), table({"math": 5}, keep_all=False)])
-    out, stats = mix(df, MixConfig(min_eval=2))
+    out, stats, _ = mix(df, MixConfig(min_eval=2))
     assert set(out["category"]) == {"qa"} and stats["dropped"]["not_kept"] == 5
-    with pytest.raises(MixError, match="categories with no rows: poetry"):
-        mix(df, MixConfig(weights={"qa": 1, "poetry": 1}, min_eval=2))
-    with pytest.raises(MixError, match="at least 2 kept rows"):
+    with pytest.raises(MixError, match="mix.weights names sources with no rows: poetry; sources \\(by category\\): qa"):
+        mix(df, MixConfig(mode="weights", weights={"qa": 1, "poetry": 1}, min_eval=2))
+    out, stats, _ = mix(df, MixConfig(mode="weights", weights={"qa": 1, "poetry": 1}, min_eval=2,
+                                      unknown_sources="warn"))
+    assert stats["warnings"] and "poetry" in caplog.text and len(out) == 10
+    with pytest.raises(MixError, match="mix.weights is empty"):
+        mix(df, MixConfig(mode="weights", min_eval=2))
+    with pytest.raises(MixError, match="at least 2 kept rows, got 0"):
         mix(table({"qa": 3}, keep_all=False), MixConfig())
+    with pytest.raises(MixError, match="at least 2 kept rows, got 0"):
+        mix(table({}).reindex(columns=["id", "category", "keep", "origin"]), MixConfig())
+
+
+def test_draw_takes_exact_counts_per_group():
+    rng = np.random.default_rng(0)
+    codes = np.array([0, 1, 0, 2, 1, 0, 2, 2])
+    picked = draw(codes, np.array([2, 1, 3]), rng, replace=False)
+    assert sorted(np.bincount(codes[picked]).tolist()) == [1, 2, 3] and len(set(picked.tolist())) == 6
+
+
+def test_exports_round_trip(tmp_path):
+    from datasets import load_dataset, load_from_disk
+
+    df = table({"qa": 12, "math": 8})
+    df.loc[0, "input"] = "Some context, with \"quotes\" and ünïcode."
+    _, _, mixed = mix(df, MixConfig(min_eval=4))
+    splits = {"train": mixed.train, "eval": mixed.eval}
+    written = export_all(splits, tmp_path, ["alpaca", "sharegpt", "messages", "prompt_completion", "hf_dataset"])
+    assert written["alpaca"] == ["train.alpaca.json", "eval.alpaca.json"]
+    for split, frame in splits.items():
+        alpaca = load_dataset("json", data_files=str(tmp_path / f"{split}.alpaca.json"), split="train")
+        assert alpaca.column_names == ["instruction", "input", "output"] and len(alpaca) == len(frame)
+        assert alpaca["output"] == list(frame["output"]) and alpaca["input"] == list(frame["input"])
+        share = load_dataset("json", data_files=str(tmp_path / f"{split}.sharegpt.jsonl"), split="train")
+        assert [c[1]["value"] for c in share["conversations"]] == list(frame["output"])
+        assert share[0]["conversations"][0]["from"] == "human"
+        msgs = load_dataset("json", data_files=str(tmp_path / f"{split}.messages.jsonl"), split="train")
+        assert [m[0]["role"] for m in msgs["messages"]] == ["user"] * len(frame)
+        pc = load_dataset("json", data_files=str(tmp_path / f"{split}.prompt_completion.jsonl"), split="train")
+        assert pc["completion"] == list(frame["output"]) and pc[0]["prompt"].endswith("### Response:\n")
+    hf = load_from_disk(str(tmp_path / "hf_dataset"))
+    assert set(hf) == {"train", "eval"} and hf["train"]["id"] == list(mixed.train["id"])
+    with_input = [m for m in load_dataset("json", data_files=str(tmp_path / "train.messages.jsonl"),
+                                          split="train")["messages"] if "ünïcode" in m[0]["content"]]
+    assert all(m[0]["content"].startswith("Do qa 0.\n\nSome context") for m in with_input)
+    assert json.loads((tmp_path / "train.alpaca.json").read_text())[0].keys() == {"instruction", "input", "output"}
