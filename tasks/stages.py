@@ -22,7 +22,8 @@ from tasks.artifacts import (Artifact, PartWriter, artifact_key, atomic_write_js
                              code_version, input_hashes, source_hash)
 from tasks.config import Config
 from tasks.llm import get_llm
-from tasks.llm import transformers_backend
+from tasks.llm import base as llm_base
+from tasks.llm import openai_backend, transformers_backend
 
 Inputs = dict[str, Artifact]
 StageOutput = tuple[pd.DataFrame | pa.Table, dict[str, Any]]
@@ -95,7 +96,7 @@ class Stage:
         return code_version(*self.code)
 
 
-_GEN = (text, prompts, calibration, transformers_backend)
+_GEN = (text, prompts, calibration, llm_base, transformers_backend, openai_backend)
 STAGES: dict[str, Stage] = {s.name: s for s in [
     # The seed file is an input too: editing it must give a new key, not a stale cached table.
     Stage("seeds", (), lambda c: {"seeds": c.section("seeds"), "source": source_hash(c.seeds.path)},

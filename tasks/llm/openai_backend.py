@@ -66,8 +66,11 @@ def retry_after_s(exc: Exception) -> float | None:
     try:
         return max(0.0, float(raw))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(raw) if raw else None
-        return None if when is None else max(0.0, when.timestamp() - time.time())
+        pass
+    try:  # an HTTP date
+        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None  # unreadable: fall back to our own backoff
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
