@@ -221,6 +221,10 @@ class Attempt:
     output: str = ""
     drop_reason: str | None = None
 
+    @property
+    def parent_text(self) -> str:
+        return task_text(self.parent["instruction"], self.parent.get("input") or "")
+
     def row(self) -> dict[str, Any]:
         p = self.parent
         return {"id": f"{p['id']}>e{self.iteration}", "task_id": p.get("task_id"), "instruction": self.instruction,
@@ -296,24 +300,21 @@ class Evolver:
 
     def run(self, attempts: list[Attempt], seed: int) -> None:
         cfg = self.cfg
-        prompts = [evol_prompt(self.templates[a.operation], a.parent["instruction"], a.parent.get("input") or "",
-                               self.chat) for a in attempts]
+        prompts = [evol_prompt(self.templates[a.operation], a.parent_text, chat=self.chat) for a in attempts]
         rewrites = self.llm.generate(prompts, GenerationParams(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             stop=() if self.chat else ("\n",), seed=seed), desc="evolve")
         self.usage.add("evolve", rewrites)
         for a, completion in zip(attempts, rewrites):
             a.instruction = completion.text.strip()
-            parent_text = task_text(a.parent["instruction"], a.parent.get("input") or "")
             a.drop_reason = ("truncated" if completion.finish_reason == "length" else
-                             evolution_drop_reason(parent_text, a.instruction, cfg.max_instruction_words,
+                             evolution_drop_reason(a.parent_text, a.instruction, cfg.max_instruction_words,
                                                    self.labels))
 
         alive = [a for a in attempts if a.drop_reason is None]
         if cfg.equality_check and alive:  # rule 1: no information gain (not asked of `breadth`: a new task)
             judged = [a for a in alive if a.operation != "breadth"]
-            verdicts = self.judge_equal([(task_text(a.parent["instruction"], a.parent.get("input") or ""),
-                                          a.instruction) for a in judged])
+            verdicts = self.judge_equal([(a.parent_text, a.instruction) for a in judged])
             for a, equal in zip(judged, verdicts):
                 a.drop_reason = ("equality_unparsed" if equal is None else "no_information_gain" if equal else None)
             alive = [a for a in alive if a.drop_reason is None]
@@ -355,9 +356,10 @@ def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
         done[(int(meta["iteration"]), int(meta["start"]))] = part
         tokens.update(decode_counts(meta.get("tokens", "")))
         equality_method = meta.get("equality", equality_method)
-    evolver = Evolver(cfg, llm, usage, [r["instruction"] for r in rows.to_dict("records")])
+    records = rows.to_dict("records")
+    evolver = Evolver(cfg, llm, usage, [r["instruction"] for r in records])
 
-    inputs = [{**r, "root_id": r["id"], "round": 0} for r in rows.to_dict("records")]
+    inputs = [{**r, "root_id": r["id"], "round": 0} for r in records]
     pool: list[tuple[dict[str, Any], str | None]] = [(r, None) for r in inputs]  # (parent, operation that failed)
     attempts_all: list[dict[str, Any]] = []
     retried = 0

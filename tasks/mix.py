@@ -15,7 +15,8 @@ total (`cot_share`, one row in ten by default), allocated by the same mode insid
 rounded by largest remainder, so they sum exactly. Without `replace` a source never gives more rows than
 it has, and what it cannot give goes to the others by their shares. Within a source rows are drawn
 uniformly, or with probability proportional to a quality score (`quality_weight`). Everything is
-column-wise: one random key per row and one sort, no per-row Python loop.
+column-wise: sources factorized by hashing, one random order and one radix sort by source per draw, no
+per-row Python loop.
 """
 
 from __future__ import annotations
@@ -184,13 +185,13 @@ class Mixed:
     manifest: dict[str, Any]
 
 
-def split_eval(codes: np.ndarray, n_sources: int, cfg: MixConfig, rng: np.random.Generator) -> np.ndarray:
+def split_eval(codes: np.ndarray, names: list[str], cfg: MixConfig, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask of eval rows, stratified by source (a source with one row keeps it for training)."""
     n = len(codes)
     n_eval = min(max(cfg.min_eval, round(cfg.eval_fraction * n)), n // 2)
-    sizes = np.bincount(codes, minlength=n_sources)
-    per_source = largest_remainder(n_eval, {f"{i:09d}": float(k - 1) for i, k in enumerate(sizes)})
-    counts = np.array([per_source[f"{i:09d}"] for i in range(n_sources)])
+    sizes = np.bincount(codes, minlength=len(names))
+    per_source = largest_remainder(n_eval, {name: float(k - 1) for name, k in zip(names, sizes)})
+    counts = np.array([per_source[name] for name in names])
     mask = np.zeros(n, dtype=bool)
     mask[draw(codes, counts, rng, replace=False)] = True
     return mask
@@ -212,7 +213,7 @@ def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
     rng = np.random.default_rng(cfg.seed)
     names, all_codes = source_codes(df, cfg.source_by)
     kept_codes = all_codes[kept_pos]
-    eval_mask = split_eval(kept_codes, len(names), cfg, rng)
+    eval_mask = split_eval(kept_codes, names, cfg, rng)
 
     pool_pos = np.flatnonzero(~eval_mask)  # positions among kept rows
     codes = kept_codes[pool_pos]
@@ -253,7 +254,8 @@ def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
     n_train = max(len(train), 1)
     n_cot = int(cot[picked].sum()) if cot is not None else None
     manifest = {
-        "mode": cfg.mode, "source_by": cfg.source_by, "seed": cfg.seed, "total_requested": total,
+        "mode": cfg.mode, "source_by": cfg.source_by, "seed": cfg.seed, "kept": len(kept_pos),
+        "total_requested": total,
         "train": len(train), "eval": len(evals), "replace": cfg.replace, "cap": cfg.cap,
         "temperature": cfg.temperature if cfg.mode == "temperature" else None,
         "sources": {s: {"requested_share": round(shares[s], 6), "achieved_share": round(int(counts[i]) / n_train, 6),
@@ -304,7 +306,7 @@ def mix(df: pd.DataFrame, cfg: MixConfig) -> tuple[pd.DataFrame, dict[str, Any],
     mixed = mix_rows(df, cfg)
     out = pd.concat([mixed.train, mixed.eval], ignore_index=True)
     m = mixed.manifest
-    kept = int(df["keep"].fillna(False).astype(bool).sum())
+    kept = m["kept"]
     stats = {"rows_in_kept": kept, "train": m["train"], "eval": m["eval"], "mode": m["mode"], "seed": m["seed"],
              "sources": m["sources"], "cot": m["cot"], "warnings": m["warnings"],
              "dropped": {"not_kept": len(df) - kept, "not_sampled": kept - m["eval"] - len(set(m["train_ids"]))}}

@@ -244,30 +244,30 @@ class Progress:
     completed: int = 0  # candidates judged and given instances so far (kept or not)
     checkpoints: int = 0
 
-    def record(self, meta: dict[str, str]) -> None:
+    def apply(self, part: pa.Table) -> None:
+        """Take in one checkpoint part: a round's candidates, or a finished chunk of them."""
+        meta = part_metadata(part)
         self.tokens.update(decode_counts(meta.get("tokens", "")))
         self.dropped.update(decode_counts(meta.get("dropped", "")))
         self.checkpoints += 1
+        if meta["kind"] == "candidates":
+            self.requests += int(meta["requests"])
+            self.generated += int(meta["generated"])
+            self.rounds += 1
+            self.pending, self.pending_from = [Candidate(**row) for row in part.to_pylist()], 0
+            self.pool_added.extend(c.instruction for c in self.pending)
+        else:
+            done = int(meta["end"]) - int(meta["start"])
+            self.pending, self.pending_from = self.pending[done:], int(meta["end"])
+            self.rows.extend(part.to_pylist())
+            self.kept_tasks += int(meta["tasks_kept"])
+            self.completed += done
 
 
 def _restore(parts: list[pa.Table]) -> Progress:
     progress = Progress()
     for part in parts:
-        meta = part_metadata(part)
-        progress.record(meta)
-        if meta["kind"] == "candidates":
-            progress.requests += int(meta["requests"])
-            progress.generated += int(meta["generated"])
-            progress.rounds += 1
-            progress.pending = [Candidate(**row) for row in part.to_pylist()]
-            progress.pending_from = 0
-            progress.pool_added.extend(c.instruction for c in progress.pending)
-        else:
-            done = int(meta["end"]) - int(meta["start"])
-            progress.pending, progress.pending_from = progress.pending[done:], int(meta["end"])
-            progress.rows.extend(part.to_pylist())
-            progress.kept_tasks += int(meta["tasks_kept"])
-            progress.completed += done
+        progress.apply(part)
     return progress
 
 
@@ -294,10 +294,11 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
         return cfg.max_tokens is not None and spent >= cfg.max_tokens
 
     def checkpoint(table: pa.Table, meta: dict[str, str]) -> None:
-        meta = {**meta, "tokens": encode_counts(tally.take())}
+        """Write a part and take it in, exactly as a restarted stage would read it back."""
+        part = table.replace_schema_metadata({**meta, "tokens": encode_counts(tally.take())})
         if parts:
-            parts.write(table.replace_schema_metadata(meta))
-        progress.record(meta)
+            parts.write(part)
+        progress.apply(part)
 
     while True:
         if progress.pending and progress.kept_tasks >= cfg.num_instructions:
@@ -323,10 +324,6 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
                        {"kind": "tasks", "round": str(round_no), "start": str(start),
                         "end": str(start + len(chunk)), "tasks_kept": str(n_tasks),
                         "dropped": encode_counts(dropped)})
-            progress.rows.extend(rows)
-            progress.kept_tasks += n_tasks
-            progress.completed += len(chunk)
-            progress.pending, progress.pending_from = progress.pending[len(chunk):], start + len(chunk)
             continue
         if progress.kept_tasks >= cfg.num_instructions:
             stop_reason = "target_reached"
@@ -378,11 +375,6 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
         checkpoint(pa.Table.from_pylist([c.__dict__ for c in candidates], schema=CANDIDATE_SCHEMA),
                    {"kind": "candidates", "round": str(progress.rounds), "requests": str(n_requests),
                     "generated": str(n_generated), "dropped": encode_counts(dropped)})
-        progress.requests += n_requests
-        progress.generated += n_generated
-        progress.pool_added.extend(c.instruction for c in candidates)
-        progress.pending, progress.pending_from = candidates, 0
-        progress.rounds += 1
 
     generated = pd.DataFrame(progress.rows, columns=GENERATED_COLUMNS)
     stats = {"stop_reason": stop_reason, "requests": progress.requests, "rounds": progress.rounds,

@@ -74,10 +74,6 @@ class Usage:
         self.completion_tokens += sum(c.completion_tokens for c in completions)
         self.retries += sum(c.retries for c in completions)
 
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
     def as_dict(self) -> dict:
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "retries": self.retries, "by_purpose": self.by_purpose}
