@@ -46,6 +46,7 @@ def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str
             evolved = run_stage("evol_instruct", cfg, run, {"self_instruct": generated})
             # 3. Selection: score and filter, then mix the training set and hold out an eval split.
             scored = run_stage("quality", cfg, run, {"evol_instruct": evolved})
+            run.attach(Path(scored) / "report.html", "quality_report.html")
             mixed = run_stage("mix", cfg, run, {"quality": scored})
             # 4. Training: instruction-tune the base model on the mix; eval loss before and after.
             tuned = run_stage("finetune", cfg, run, {"mix": mixed})

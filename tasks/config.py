@@ -147,6 +147,41 @@ class EvolInstructConfig(Section):
         return self
 
 
+class JudgeConfig(Section):
+    # The LLM (the `llm` section's backend) rates each example from 1 to 10 for helpfulness, correctness and
+    # instruction following; `score_judge` holds the rating, `judge_error` why an answer gave none.
+    enabled: bool = False
+    max_new_tokens: int = Field(16, ge=1, le=512)
+    min_score: float | None = Field(None, ge=1.0, le=10.0, description="drop rows the judge rates below this")
+    drop_unparsed: bool = Field(False, description="drop rows whose judge answer held no rating")
+
+
+class DeitaConfig(Section):
+    # DEITA's expected scores (Liu et al. 2024): the probability-weighted mean over the score tokens 1..6
+    # after DEITA's complexity and quality prompts, from one forward pass of the local scoring model.
+    enabled: bool = False
+    min_complexity: float | None = Field(None, ge=1.0, le=6.0)
+    min_quality: float | None = Field(None, ge=1.0, le=6.0)
+
+
+class IfdConfig(Section):
+    # Instruction-following difficulty (Li et al. 2024, "From Quantity to Quality"): the output's loss given
+    # the instruction over its loss alone. Above 1 the instruction does not help predict the output.
+    enabled: bool = False
+    max_ifd: float | None = Field(1.0, gt=0.0, description="drop rows whose IFD exceeds this")
+    max_length: int = Field(512, ge=16, description="tokens per scored sequence")
+
+
+class DedupConfig(Section):
+    # MinHash-LSH near-duplicates over the whole table (seeds, generated and evolved rows together).
+    enabled: bool = True
+    fields: list[Literal["instruction", "input", "output"]] = Field(["instruction", "input"], min_length=1)
+    threshold: float = Field(0.7, gt=0.0, le=1.0, description="Jaccard similarity of word shingles")
+    shingle_size: int = Field(3, ge=1, le=16, description="words per shingle")
+    num_perm: int = Field(128, ge=16, le=1024)
+    rank_by: str = Field("score_total", description="the score column that picks the row a cluster keeps")
+
+
 class QualityConfig(Section):
     # Weights of the heuristic scores in `score_total`; each score lies in [0, 1].
     weights: dict[Literal["length", "format", "relevance", "safety"], float] = {
@@ -156,6 +191,28 @@ class QualityConfig(Section):
     max_output_words: int = Field(400, ge=1)
     unsafe_terms: list[str] = ["kill yourself", "bomb", "weapon", "hate speech", "suicide", "self-harm",
                                "credit card number", "social security number"]
+    judge: JudgeConfig = JudgeConfig()
+    deita: DeitaConfig = DeitaConfig()
+    ifd: IfdConfig = IfdConfig()
+    dedup: DedupConfig = DedupConfig()
+    # The model for DEITA and IFD: a local Hugging Face model (`bundled` or a directory). None: `llm.model`
+    # when the llm backend is transformers, else `finetune.base_model`.
+    scorer_model: str | None = None
+    checkpoint_every: int = Field(64, ge=1, description="rows per checkpoint of the model-based scores")
+    report_examples: int = Field(5, ge=0, le=100, description="best and worst kept rows shown in the report")
+
+    @model_validator(mode="after")
+    def _rank_column(self) -> "QualityConfig":
+        allowed = {"score_total", "score_length", "score_format", "score_relevance", "score_judge",
+                   "score_deita", "score_deita_complexity", "score_deita_quality"}
+        if self.dedup.rank_by not in allowed:
+            raise ValueError(f"dedup.rank_by `{self.dedup.rank_by}` is not a score column; use one of "
+                             f"{sorted(allowed)}")
+        needed = {"score_judge": self.judge.enabled, "score_deita": self.deita.enabled,
+                  "score_deita_complexity": self.deita.enabled, "score_deita_quality": self.deita.enabled}
+        if not needed.get(self.dedup.rank_by, True):
+            raise ValueError(f"dedup.rank_by `{self.dedup.rank_by}` needs its scorer enabled")
+        return self
 
 
 class MixConfig(Section):

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,67 +23,20 @@ from tqdm.auto import tqdm
 
 from tasks.artifacts import atomic_write_json
 from tasks.config import EvaluateConfig, FinetuneConfig
+from tasks.llm.losses import Example, collate, make_example, token_losses
 from tasks.llm.transformers_backend import load_causal_lm, load_tokenizer, pick_device, pick_dtype
 from tasks.prompts import alpaca_prompt
-
-IGNORE = -100
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def trainable_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE)
 
 
 def build_example(tokenizer, instruction: str, input: str, output: str, max_length: int) -> Example:
     prompt_ids = tokenizer(alpaca_prompt(instruction, input), add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(output.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    response_ids = response_ids[: max_length - 1]  # at least one prompt token (the BOS) stays
-    keep_prompt = max_length - len(response_ids)
-    if len(prompt_ids) > keep_prompt:  # keep BOS, drop the oldest prompt tokens after it
-        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep_prompt + 1:]
-    return Example(prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids)
+    return make_example(prompt_ids, response_ids, max_length)
 
 
 def build_examples(tokenizer, df: pd.DataFrame, max_length: int) -> list[Example]:
     # Every example trains on at least its end-of-sequence token: the response is never cut to nothing.
     return [build_example(tokenizer, r.instruction, r.input or "", r.output, max_length) for r in df.itertuples()]
-
-
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ex.input_ids) for ex in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response-token loss and response-token count per example of the batch.
-
-    Logits are computed only at the positions that predict a response token: with Gemma's 262K-token
-    vocabulary the output layer costs more than the transformer, and prompt positions carry no loss.
-    """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    target = batch["labels"][:, 1:]
-    mask = target != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    loss = torch.nn.functional.cross_entropy(logits, target[mask], reduction="none")
-    rows = mask.nonzero()[:, 0]
-    sums = torch.zeros(target.shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
-    return sums, mask.sum(dim=1)
 
 
 @torch.inference_mode()

@@ -11,7 +11,7 @@ import hashlib
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import Config
 from tasks.stages import execute
@@ -37,7 +37,8 @@ def _publish_stats(stage: str, stats: dict[str, Any]) -> None:
     # Per-item figures (dicts of dicts in stats.json) as one table each.
     for field, column, what in (("operations", "operation", "pass rate per operation"),
                                 ("rounds", "round", "pass rate per round"),
-                                ("sources", "source", "requested and achieved share per source")):
+                                ("sources", "source", "requested and achieved share per source"),
+                                ("scores", "score", "distribution per score column")):
         figures = stats.get(field)
         if isinstance(figures, dict) and figures and all(isinstance(v, dict) for v in figures.values()):
             table = [{column: name, **values} for name, values in figures.items()]
@@ -54,6 +55,10 @@ def _stage_task(stage: str, retries: int):
             raise RuntimeError(f"{stage}: planned artifact {key} but wrote {artifact.path.name}; "
                                f"the stage's code changed during the run")
         _publish_stats(stage, artifact.stats())
+        report = artifact.path / "report.md"
+        if report.exists():
+            create_markdown_artifact(key=f"{stage.replace('_', '-')}-report", markdown=report.read_text(),
+                                     description=f"{stage}: report")
         return str(artifact.path)
     return run
 

@@ -1,14 +1,28 @@
-"""Stage 4, quality: score every example with column-wise heuristics, then decide what to keep.
+"""Stage 4, quality: score every example, then decide what the model will learn from.
 
-Scoring is separate from deciding. Each scorer adds a `score_<name>` column in [0, 1]:
+Scoring is separate from deciding. Each scorer adds `score_<name>` columns; one decision step then adds
+`keep`, `drop_reason` and `duplicate_of`, from thresholds in the config, so every decision can be read
+off the row's columns.
+
+Heuristics, column-wise over the whole table (compiled scans, tasks/textscan.py), each in [0, 1]:
 - `length`: 1 when the output's word count lies in [min_output_words, max_output_words], falling off
   linearly below the lower bound (0 for an empty output) and as max/words above the upper one;
-- `format`: the share of four checks passed: no leftover template markers, no line repeated three times or
-  more, ends like a finished sentence or code block, does not start with punctuation;
-- `relevance`: the share of the instruction's content words (4+ letters) that appear in the input or output;
-- `safety`: 0 if any configured unsafe term occurs in the instruction, input or output, else 1;
+- `format`: the share of four checks passed: no leftover template markers, no stripped line repeated three
+  times or more (among 3+ lines), ends like a finished sentence or code block (last non-space character
+  one of . ! ? " ' ) ] ` * or a digit), starts with a word character or one of " ' ( [ ` $ -;
+- `relevance`: the share of the instruction's content words (runs of 4+ ASCII letters, lowercased) that
+  occur among the content words of the input or output (1 when the instruction has none);
+- `safety`: 0 if any configured unsafe term occurs as a whole word in the instruction, input or output;
 - `total`: the weighted mean of the four.
-The decision step then adds `keep` and `drop_reason` (`empty_output`, `unsafe`, `low_total`).
+Model-based scores, each optional (tasks/judge.py, tasks/model_scores.py): `score_judge` (1-10, with
+`judge_error` and the raw `judge_answer`), `score_deita_complexity`, `score_deita_quality` (1-6) and their
+product `score_deita`, and `score_ifd` (with its two losses). They are computed in chunks of
+`checkpoint_every` rows, each chunk a checkpoint part, so a restarted stage scores only what is missing.
+
+The decision, first failing rule naming the reason: empty_output, unsafe, judge_unparsed, low_judge,
+low_total, high_ifd, low_complexity, low_response_quality; then, among the rows still kept, MinHash-LSH
+near-duplicates over `dedup.fields` (tasks/dedup.py): in each cluster the row with the best
+`dedup.rank_by` stays, the others are dropped as near_duplicate with `duplicate_of` naming its id.
 """
 
 from __future__ import annotations
@@ -18,92 +32,208 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from tasks import dedup, judge, model_scores
+from tasks.artifacts import PartWriter, part_metadata
 from tasks.config import QualityConfig
+from tasks.llm.base import LLM, Usage, UsageTally
+from tasks.textscan import heuristic_scan
 
-_TEMPLATE_MARKERS = r"###\s*(?:Instruction|Input|Response)|Below is an instruction"
-_FINISHED = r"(?:[.!?\"')\]`*]|\d)\s*$"
-
-
-def _repeated_line_share(outputs: pd.Series) -> pd.Series:
-    def repeated(text: str) -> bool:
-        lines = [line.strip() for line in text.split("\n") if line.strip()]
-        return len(lines) >= 3 and max(lines.count(line) for line in set(lines)) >= 3
-    return outputs.map(repeated)
+HEURISTICS = ("length", "format", "relevance", "safety")
+_TEMPLATE_MARKERS = r"###\s*(?:instruction|input|response)|below is an instruction"
 
 
-def score_length(words: pd.Series, cfg: QualityConfig) -> pd.Series:
+def _byte_table(chars: str, ranges: tuple[tuple[str, str], ...] = ()) -> np.ndarray:
+    table = np.zeros(256, dtype=bool)
+    table[[ord(c) for c in chars]] = True
+    for lo, hi in ranges:
+        table[ord(lo):ord(hi) + 1] = True
+    return table
+
+
+_FINISHED = _byte_table(".!?\"')]`*", (("0", "9"),))
+_START = _byte_table("_\"'([`$-", (("0", "9"), ("a", "z"), ("A", "Z")))
+_START[0x80:] = True  # a character outside ASCII (UTF-8 lead byte): taken as a word character
+
+
+def _column(data: pa.Table | pd.DataFrame, name: str) -> pa.Array | pa.ChunkedArray:
+    if isinstance(data, pa.Table):
+        column = data.column(name)
+        if not pa.types.is_large_string(column.type):
+            column = column.cast(pa.large_string())
+    else:
+        column = pa.array(data[name].to_numpy(dtype=object), type=pa.large_string(), from_pandas=True)
+    return column.fill_null("")
+
+
+def heuristic_scores(data: pa.Table | pd.DataFrame, cfg: QualityConfig) -> dict[str, np.ndarray]:
+    """The five heuristic score columns for a table with `instruction`, `input` and `output`."""
+    instruction, input, output = (_column(data, c) for c in ("instruction", "input", "output"))
+    scan = heuristic_scan(instruction, input, output)
+
+    words = scan["output_words"].astype(float)
     low = max(cfg.min_output_words, 1)
-    w = words.astype(float)
-    below = (w / low).clip(upper=1.0)
-    above = cfg.max_output_words / w.where(w > 0, 1.0)
-    return pd.Series(np.where(w > cfg.max_output_words, above, below), index=words.index)
+    above = cfg.max_output_words / np.where(words > 0, words, 1.0)
+    length = np.where(words > cfg.max_output_words, above, np.minimum(words / low, 1.0))
 
+    markers = pc.match_substring_regex(output, _TEMPLATE_MARKERS, ignore_case=True)
+    checks = np.stack([~np.asarray(markers), ~scan["repeated_line"], _FINISHED[scan["last_byte"]],
+                       _START[scan["first_byte"]] & (scan["first_byte"] > 0)])
+    fmt = checks.mean(axis=0)
 
-def score_format(outputs: pd.Series) -> pd.Series:
-    checks = pd.concat([
-        ~outputs.str.contains(_TEMPLATE_MARKERS, case=False, regex=True),
-        ~_repeated_line_share(outputs),
-        outputs.str.contains(_FINISHED, regex=True),
-        outputs.str.match(r"\s*[\w\"'(\[`$-]"),
-    ], axis=1)
-    return checks.mean(axis=1)
+    if cfg.unsafe_terms:
+        pattern = "|".join(rf"\b{re.escape(term)}\b" for term in cfg.unsafe_terms)
+        hit = np.zeros(len(words), dtype=bool)
+        for column in (instruction, input, output):
+            hit |= np.asarray(pc.match_substring_regex(column, pattern, ignore_case=True))
+        safety = (~hit).astype(float)
+    else:
+        safety = np.ones(len(words))
 
-
-def _content_words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z]{4,}", text.lower()))
-
-
-def score_relevance(instructions: pd.Series, contexts: pd.Series) -> pd.Series:
-    def overlap(pair: tuple[str, str]) -> float:
-        wanted = _content_words(pair[0])
-        if not wanted:
-            return 1.0
-        return len(wanted & _content_words(pair[1])) / len(wanted)
-    return pd.Series([overlap(p) for p in zip(instructions, contexts)], index=instructions.index, dtype=float)
-
-
-def score_safety(texts: pd.Series, cfg: QualityConfig) -> pd.Series:
-    if not cfg.unsafe_terms:
-        return pd.Series(1.0, index=texts.index)
-    pattern = "|".join(rf"\b{re.escape(t.lower())}\b" for t in cfg.unsafe_terms)
-    return (~texts.str.lower().str.contains(pattern, regex=True)).astype(float)
+    scores = {"length": length, "format": fmt, "relevance": scan["relevance"], "safety": safety}
+    total_weight = sum(cfg.weights.values()) or 1.0
+    total = sum(scores[name] * weight for name, weight in cfg.weights.items()) / total_weight
+    return {**{f"score_{k}": v for k, v in scores.items()}, "score_total": np.asarray(total, dtype=float)}
 
 
 def score(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
-    out = df.copy()
-    inputs = out["input"].fillna("")
-    outputs = out["output"].fillna("")
-    words = outputs.str.split().str.len().fillna(0)
-    out["score_length"] = score_length(words, cfg)
-    out["score_format"] = score_format(outputs)
-    out["score_relevance"] = score_relevance(out["instruction"], inputs + " " + outputs)
-    out["score_safety"] = score_safety(out["instruction"] + "\n" + inputs + "\n" + outputs, cfg)
-    total_weight = sum(cfg.weights.values()) or 1.0
-    out["score_total"] = sum(out[f"score_{name}"] * w for name, w in cfg.weights.items()) / total_weight
+    """`df` with the heuristic score columns added."""
+    return df.assign(**heuristic_scores(df, cfg))
+
+
+def _score_chunk(chunk: pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None, scorer,
+                 usage: Usage) -> pd.DataFrame:
+    args = (chunk["instruction"].tolist(), chunk["input"].fillna("").tolist(), chunk["output"].fillna("").tolist())
+    out = pd.DataFrame({"row": chunk.index.to_numpy()})
+    if cfg.judge.enabled:
+        ratings, errors, answers = judge.judge(*args, judge_llm, cfg.judge.max_new_tokens, usage)
+        out["score_judge"], out["judge_error"], out["judge_answer"] = ratings, errors, answers
+    if cfg.deita.enabled:
+        complexity, response_quality = model_scores.deita_scores(*args, scorer)
+        out["score_deita_complexity"], out["score_deita_quality"] = complexity, response_quality
+        out["score_deita"] = complexity * response_quality
+    if cfg.ifd.enabled:
+        ifd, conditioned, direct = model_scores.ifd_scores(*args, scorer, cfg.ifd.max_length)
+        out["score_ifd"], out["ifd_loss_conditioned"], out["ifd_loss_direct"] = ifd, conditioned, direct
     return out
 
 
-def decide(scored: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
+def model_based_scores(df: pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None, scorer,
+                       parts: PartWriter | None) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """The judge, DEITA and IFD columns (those enabled) by row position, checkpointed in chunks."""
+    if not (cfg.judge.enabled or cfg.deita.enabled or cfg.ifd.enabled):
+        return None, {}
+    done = {int(part_metadata(t)["start"]): t for t in (parts.read_all() if parts else [])}
+    usage = Usage()
+    tally = UsageTally(usage)
+    totals = {field: 0 for field in UsageTally.FIELDS}
+    frames = []
+    for start in range(0, len(df), cfg.checkpoint_every):
+        if start in done:
+            table = done[start]
+            meta = part_metadata(table)
+        else:
+            table = pa.Table.from_pandas(_score_chunk(df.iloc[start:start + cfg.checkpoint_every], cfg,
+                                                      judge_llm, scorer, usage), preserve_index=False)
+            meta = {"start": str(start), **{k: str(v) for k, v in tally.take().items()}}
+            if parts:
+                parts.write(table.replace_schema_metadata(meta))
+        for field in totals:
+            totals[field] += int(meta.get(field, 0))
+        frames.append(table.to_pandas())
+    scores = pd.concat(frames, ignore_index=True).set_index("row")
+    return scores, {"usage": totals, "checkpoints": len(frames), "resumed_checkpoints": len(done)}
+
+
+def _dedup_text(df: pd.DataFrame, fields: list[str]) -> pa.Array:
+    columns = [_column(df, f) for f in fields]
+    return columns[0] if len(columns) == 1 else pc.binary_join_element_wise(*columns, pa.scalar("\n", pa.large_string()))
+
+
+def decide(scored: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Add `keep`, `drop_reason` and `duplicate_of`; return the near-duplicate figures too."""
     out = scored.copy()
-    empty = (out["output"].fillna("").str.strip() == "").to_numpy()
-    unsafe = (out["score_safety"] < 1.0).to_numpy()
-    low = (out["score_total"] < cfg.min_total).to_numpy()
-    # The first failing rule names the reason, in this order.
-    reason = pd.Series(np.select([empty, unsafe, low], ["empty_output", "unsafe", "low_total"], default=None),
-                       index=out.index, dtype=object)
-    out["drop_reason"] = reason
-    out["keep"] = reason.isna()
-    return out
+
+    def col(name: str) -> np.ndarray:
+        return out[name].to_numpy(dtype=float) if name in out else np.full(len(out), np.nan)
+
+    j, d, i = cfg.judge, cfg.deita, cfg.ifd
+    rules = [
+        ("empty_output", (out["output"].fillna("").str.strip() == "").to_numpy()),
+        ("unsafe", col("score_safety") < 1.0),
+        ("judge_unparsed", np.isnan(col("score_judge")) if j.enabled and j.drop_unparsed else None),
+        ("low_judge", col("score_judge") < j.min_score if j.enabled and j.min_score is not None else None),
+        ("low_total", col("score_total") < cfg.min_total),
+        ("high_ifd", col("score_ifd") > i.max_ifd if i.enabled and i.max_ifd is not None else None),
+        ("low_complexity", col("score_deita_complexity") < d.min_complexity
+         if d.enabled and d.min_complexity is not None else None),
+        ("low_response_quality", col("score_deita_quality") < d.min_quality
+         if d.enabled and d.min_quality is not None else None),
+    ]
+    rules = [(name, mask) for name, mask in rules if mask is not None]
+    reason = np.select([mask for _, mask in rules], [name for name, _ in rules], default="")
+    reason = reason.astype(object)
+
+    figures: dict[str, Any] = {}
+    duplicate_of = np.full(len(out), None, dtype=object)
+    if cfg.dedup.enabled and len(out):
+        found = dedup.near_duplicates(_dedup_text(out, list(cfg.dedup.fields)), cfg.dedup.threshold,
+                                      cfg.dedup.shingle_size, cfg.dedup.num_perm)
+        target = dedup.pick_representatives(found.label, reason == "", col(cfg.dedup.rank_by))
+        is_dup = target >= 0
+        reason[is_dup] = "near_duplicate"
+        duplicate_of[is_dup] = out["id"].to_numpy()[target[is_dup]]
+        sizes = np.bincount(found.label)
+        figures = {"clusters": int((sizes > 1).sum()), "rows_in_clusters": int(sizes[sizes > 1].sum()),
+                   "largest_cluster": int(sizes.max()), "candidate_pairs": found.candidates,
+                   "linked_pairs": len(found.pairs), "bands": found.bands, "rows_per_band": found.per_band}
+    out["drop_reason"] = pd.Series(np.where(reason == "", None, reason), index=out.index, dtype=object)
+    out["keep"] = out["drop_reason"].isna()
+    out["duplicate_of"] = pd.Series(duplicate_of, index=out.index, dtype=object)
+    return out, figures
 
 
-def run_quality(df: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
-    decided = decide(score(df, cfg), cfg)
-    score_cols = [c for c in decided.columns if c.startswith("score_")]
-    stats = {
+def score_summary(df: pd.DataFrame) -> dict[str, dict[str, float | int]]:
+    """Per score column: rows with a value, and its mean and quantiles."""
+    summary = {}
+    for name in (c for c in df.columns if c.startswith("score_")):
+        values = df[name].to_numpy(dtype=float)
+        values = values[~np.isnan(values)]
+        if not len(values):
+            summary[name] = {"rows": 0}
+            continue
+        q = np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0])
+        summary[name] = {"rows": int(len(values)), "mean": round(float(values.mean()), 4),
+                         **{k: round(float(v), 4) for k, v in zip(("min", "p10", "p50", "p90", "max"), q)}}
+    return summary
+
+
+def run_quality(data: pa.Table | pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None = None, scorer=None,
+                parts: PartWriter | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score and decide; `judge_llm` and `scorer` are needed when the judge or DEITA/IFD are enabled."""
+    if cfg.judge.enabled and judge_llm is None:
+        raise ValueError("quality.judge.enabled needs an LLM")
+    if (cfg.deita.enabled or cfg.ifd.enabled) and scorer is None:
+        raise ValueError("quality.deita / quality.ifd need a local scoring model")
+    heuristics = heuristic_scores(data, cfg)
+    df = data.to_pandas() if isinstance(data, pa.Table) else data.reset_index(drop=True)
+    df = df.assign(**heuristics)
+    extra, model_stats = model_based_scores(df, cfg, judge_llm, scorer, parts)
+    if extra is not None:
+        df = df.join(extra)
+    decided, dedup_figures = decide(df, cfg)
+    stats: dict[str, Any] = {
         "kept": int(decided["keep"].sum()),
         "dropped": {k: int(v) for k, v in decided["drop_reason"].value_counts().items()},
-        "score_means": {c: round(float(decided[c].mean()), 4) for c in score_cols} if len(decided) else {},
+        "scores": score_summary(decided),
         "kept_by_origin": {k: int(v) for k, v in decided.loc[decided["keep"], "origin"].value_counts().items()},
+        **model_stats,
     }
+    if cfg.judge.enabled:
+        errors = decided["judge_error"].dropna()
+        stats["judge_errors"] = {k: int(v) for k, v in errors.str.split(":").str[0].value_counts().items()}
+    if dedup_figures:
+        stats["dedup"] = dedup_figures
     return decided, stats

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import Artifact, atomic_write_json, atomic_write_text
+from tasks.artifacts import Artifact, atomic_write_bytes, atomic_write_json, atomic_write_text
 from tasks.config import Config
 
 
@@ -54,6 +54,12 @@ class RunRecord:
     def add(self, stage: StageRecord) -> None:
         self.stages.append(stage)
         self.save(status="running")
+
+    def attach(self, source: Path, name: str) -> Path:
+        """Copy a file an artifact holds (a report, say) into the run directory, where people look."""
+        target = self.path / name
+        atomic_write_bytes(target, source.read_bytes())
+        return target
 
     def save(self, status: str, extra: dict[str, Any] | None = None) -> None:
         manifest = {"run_id": self.run_id, "status": status, "config": self.config_path,

@@ -17,13 +17,14 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks import calibration, evol_instruct, exports, finetune, mix, prompts, quality, seeds, self_instruct, text
+from tasks import (calibration, dedup, evol_instruct, exports, finetune, judge, mix, model_scores, prompts, quality,
+                   report, seeds, self_instruct, text, textscan)
 from tasks.artifacts import (Artifact, PartWriter, artifact_key, atomic_write_json, atomic_write_parquet,
-                             code_version, input_hashes, source_hash)
-from tasks.config import Config
+                             atomic_write_text, code_version, input_hashes, source_hash)
+from tasks.config import Config, LLMConfig
 from tasks.llm import get_llm
 from tasks.llm import base as llm_base
-from tasks.llm import openai_backend, transformers_backend
+from tasks.llm import losses, openai_backend, transformers_backend
 
 Inputs = dict[str, Artifact]
 StageOutput = tuple[pd.DataFrame | pa.Table, dict[str, Any]]
@@ -57,10 +58,34 @@ def _run_evol(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     return evolved, {"rows_in": len(rows), **stats}
 
 
+def _scorer_llm(cfg: Config) -> LLMConfig | None:
+    """The local model for DEITA and IFD: the run's own LLM when it is a local completion model."""
+    q = cfg.quality
+    if not (q.deita.enabled or q.ifd.enabled):
+        return None
+    if q.scorer_model is None and cfg.llm.backend == "transformers" and cfg.llm.mode == "completions":
+        return cfg.llm
+    model = q.scorer_model or (cfg.llm.model if cfg.llm.backend == "transformers" else cfg.finetune.base_model)
+    return cfg.llm.model_copy(update={"backend": "transformers", "model": model, "mode": "completions"})
+
+
 def _run_quality(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
-    rows = _frame(inputs["evol_instruct"])
-    decided, stats = quality.run_quality(rows, cfg.quality)
-    return decided, {"rows_in": len(rows), **stats}
+    rows = inputs["evol_instruct"].read_table()
+    q = cfg.quality
+    scorer = _scorer_llm(cfg)
+    decided, stats = quality.run_quality(rows, q, judge_llm=get_llm(cfg.llm) if q.judge.enabled else None,
+                                         scorer=get_llm(scorer) if scorer else None, parts=PartWriter(out.parts_dir))
+    # The report beside the data: report.html for people, report.md for the Prefect UI.
+    title = f"Data quality report ({cfg.run.name}, {out.path.name})"
+    for name, render in (("report.html", report.html_report), ("report.md", report.markdown_report)):
+        atomic_write_text(out.path / name, render(decided, stats, q.dedup.rank_by, q.report_examples, title))
+    return decided, {"rows_in": rows.num_rows, **stats}
+
+
+def _quality_key(c: Config) -> dict[str, Any]:
+    scorer = _scorer_llm(c)
+    return {"quality": c.section("quality"), "judge_llm": c.llm.identity() if c.quality.judge.enabled else None,
+            "scorer": scorer.identity() if scorer else None}
 
 
 def _run_mix(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
@@ -107,12 +132,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("evol_instruct", ("self_instruct",),
           lambda c: {"seed": c.run.seed, "llm": c.llm.identity(), "evol_instruct": c.section("evol_instruct")},
           _run_evol, (evol_instruct, *_GEN), uses_llm=True),
-    Stage("quality", ("evol_instruct",), lambda c: {"quality": c.section("quality")}, _run_quality, (quality,)),
+    Stage("quality", ("evol_instruct",), _quality_key, _run_quality,
+          (quality, judge, model_scores, dedup, textscan, report, losses, *_GEN), uses_llm=True),
     Stage("mix", ("quality",), lambda c: {"mix": c.section("mix")}, _run_mix, (mix, exports, prompts)),
     Stage("finetune", ("mix",),
           lambda c: {"seed": c.run.seed, "model": c.finetune.base_model or c.llm.model,
                      "finetune": c.section("finetune"), "evaluate": c.section("evaluate")},
-          _run_finetune, (finetune, prompts, transformers_backend)),
+          _run_finetune, (finetune, prompts, losses, transformers_backend)),
 ]}
 
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from tasks.llm.base import Completion, GenerationParams, Message, Mode, Prompt, truncate_at_stop
+from tasks.llm.losses import collate, make_example, token_losses
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class TransformersLLM:
         tok = self.tokenizer
         prompts = [self.render(p) for p in prompts]
         ids = [tok(c, add_special_tokens=False)["input_ids"][0] for c in candidates]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"candidates {list(candidates)} do not start with distinct tokens")
         rows = []
         for start in range(0, len(prompts), self.batch_size):
             enc = tok(list(prompts[start:start + self.batch_size]), return_tensors="pt", padding=True,
@@ -175,6 +178,28 @@ class TransformersLLM:
             logits = self.model.get_output_embeddings()(hidden).float()
             rows.append(torch.log_softmax(logits, dim=-1)[:, ids].cpu().numpy())
         return np.concatenate(rows) if rows else np.zeros((0, len(candidates)))
+
+    @torch.inference_mode()
+    def response_losses(self, prompts: Sequence[str], responses: Sequence[str], max_length: int,
+                        desc: str = "response loss") -> np.ndarray:
+        """Mean loss per token of each response after its prompt (an empty prompt: after BOS alone).
+
+        Plain text in, no chat template: this scores how predictable a text is, not a conversation.
+        NaN for a response with no tokens.
+        """
+        tok = self.tokenizer
+        examples = [make_example(tok(p, add_special_tokens=True)["input_ids"],
+                                 tok(r.strip(), add_special_tokens=False)["input_ids"], max_length)
+                    for p, r in zip(prompts, responses)]
+        losses = np.full(len(examples), np.nan)
+        order = [i for i in sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
+                 if examples[i].trainable_tokens]
+        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", leave=False):
+            rows = order[start:start + self.batch_size]
+            batch = {k: v.to(self.device) for k, v in collate([examples[i] for i in rows], tok.pad_token_id).items()}
+            sums, counts = token_losses(self.model, batch)
+            losses[rows] = (sums / counts).cpu().numpy()
+        return losses
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[str], params: GenerationParams, offset: int) -> list[Completion]:

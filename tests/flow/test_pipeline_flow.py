@@ -70,6 +70,14 @@ def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir
     pass_rates = {row["operation"]: row for row in artifacts["evol-instruct-operations"]}
     assert set(pass_rates) == set(evol_stats["operations"]) and len(pass_rates) == 6
     assert [row["round"] for row in artifacts["evol-instruct-rounds"]] == ["1"]
+    # The quality report: an HTML page in the run directory, its figures as Prefect artifacts.
+    assert "Data quality report" in (run_dir / "quality_report.html").read_text()
+    assert "rows scored" in artifacts["quality-report"] and "## Drops per reason" in artifacts["quality-report"]
+    scores = {row["score"]: row for row in artifacts["quality-scores"]}
+    assert {"score_total", "score_judge", "score_deita", "score_ifd"} <= set(scores)
+    assert scores["score_ifd"]["rows"] > 0 and scores["score_deita"]["rows"] > 0
+    (quality_dir,) = (tmp_path / "artifacts" / stage_dirname("quality")).iterdir()
+    assert {"report.html", "report.md"} <= {p.name for p in quality_dir.iterdir()}
     (mix_dir,) = (tmp_path / "artifacts" / stage_dirname("mix")).iterdir()
     manifest = json.loads((mix_dir / "manifest.json").read_text())
     assert manifest["train"] == 16 and set(manifest["sources"]) == {row["source"] for row in artifacts["mix-sources"]}

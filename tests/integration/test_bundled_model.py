@@ -69,3 +69,26 @@ def test_evol_instruct_on_real_model_all_operations(llm):
     assert stats["kept"] >= 1 and set(stats["operations"]) == set(EvolInstructConfig().operations)
     evolved = out[out["origin"] == "evol"]
     assert set(evolved["root_id"]) <= set(rows["id"]) and evolved["output"].str.strip().astype(bool).all()
+
+
+def test_quality_scorers_on_real_model(llm):
+    """Judge, DEITA and IFD on the real model: every row gets a DEITA and IFD score, every judge answer a
+    rating or a stated reason, and IFD separates a matched answer from a mismatched one."""
+    from tasks.config import QualityConfig
+    from tasks.quality import run_quality
+
+    rows = pd.DataFrame({
+        "id": ["a", "b", "c", "d"], "origin": "seed",
+        "instruction": ["Translate into French: Thank you very much.", "List the first five prime numbers.",
+                        "Translate into French: Thank you very much.", "Name the capital of Japan."],
+        "input": ["", "", "", ""],
+        "output": ["Merci beaucoup.", "2, 3, 5, 7, 11", "The mitochondria is the powerhouse of the cell.", "Tokyo."]})
+    cfg = QualityConfig.model_validate({"min_total": 0.0, "judge": {"enabled": True}, "deita": {"enabled": True},
+                                        "ifd": {"enabled": True, "max_ifd": None}})
+    out, stats = run_quality(rows, cfg, judge_llm=llm, scorer=llm)
+    assert out["score_deita_complexity"].between(1, 6).all() and out["score_deita_quality"].between(1, 6).all()
+    assert out["score_ifd"].notna().all() and (out["score_ifd"] > 0).all()
+    # The instruction helps predict its own translation far more than an unrelated sentence.
+    assert out.loc[0, "score_ifd"] < out.loc[2, "score_ifd"]
+    assert (out["score_judge"].notna() | out["judge_error"].notna()).all()
+    assert stats["usage"]["llm_calls"] == 4

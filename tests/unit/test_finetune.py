@@ -5,7 +5,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.config import EvaluateConfig, FinetuneConfig
-from tasks.finetune import IGNORE, build_example, collate, finetune
+from tasks.finetune import build_example, finetune
+from tasks.llm.losses import IGNORE, collate
 from tasks.prompts import alpaca_prompt
 
 
@@ -67,7 +68,7 @@ def test_finetune_tiny_model_lowers_eval_loss_and_saves(tiny_model_dir, tmp_path
 def test_response_only_logits_match_full_forward(tiny_model_dir, tokenizer):
     import torch
 
-    from tasks.finetune import token_losses
+    from tasks.llm.losses import token_losses
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     examples = [build_example(tokenizer, "Say hi.", "", "Hi there.", 64),

@@ -1,23 +1,31 @@
+import re
+
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
+from tasks.artifacts import PartWriter
 from tasks.config import QualityConfig
-from tasks.quality import decide, run_quality, score
+from tasks.quality import decide, heuristic_scores, run_quality, score
 
 CFG = QualityConfig(min_output_words=4, max_output_words=10)
 
 
-def frame(rows):
-    return pd.DataFrame(rows, columns=["instruction", "input", "output", "origin"])
+def frame(rows, origin="seed"):
+    rows = [(f"r{i}", *r) if len(r) == 3 else (f"r{i}", *r[:3]) for i, r in enumerate(rows)]
+    df = pd.DataFrame(rows, columns=["id", "instruction", "input", "output"])
+    df["origin"] = origin
+    return df
 
 
 def test_scores_exact():
     df = frame([
-        ("Explain photosynthesis briefly.", "", "Photosynthesis turns light into sugar in plants.", "seed"),
-        ("Name colors.", "", "Red", "seed"),
-        ("Describe weapons.", "", "A bomb is a weapon.", "seed"),
-        ("Give words.", "", "one two three four five six seven eight nine ten eleven twelve", "seed"),
-        ("Say it.", "", "Sure ### Response\nyes.\nyes.\nyes.", "seed"),
+        ("Explain photosynthesis briefly.", "", "Photosynthesis turns light into sugar in plants."),
+        ("Name colors.", "", "Red"),
+        ("Describe weapons.", "", "A bomb is a weapon."),
+        ("Give words.", "", "one two three four five six seven eight nine ten eleven twelve"),
+        ("Say it.", "", "Sure ### Response\nyes.\nyes.\nyes."),
     ])
     s = score(df, CFG)
     assert list(s["score_length"]) == pytest.approx([1.0, 0.25, 1.0, 10 / 12, 1.0])
@@ -33,16 +41,209 @@ def test_scores_exact():
     assert s.loc[0, "score_total"] == pytest.approx(expected0)
 
 
+def _reference(instruction: str, input: str, output: str, cfg: QualityConfig) -> dict[str, float]:
+    """The documented definitions, one row at a time with regular expressions."""
+    words = len(output.split())
+    low = max(cfg.min_output_words, 1)
+    length = cfg.max_output_words / words if words > cfg.max_output_words else min(words / low, 1.0)
+    lines = [line.strip() for line in output.split("\n") if line.strip()]
+    repeated = len(lines) >= 3 and max(lines.count(line) for line in lines) >= 3
+    checks = [not re.search(r"###\s*(?:instruction|input|response)|below is an instruction", output, re.I),
+              not repeated, bool(re.search(r"[.!?\"')\]`*0-9][ \t\n\r\f\v]*\Z", output)),
+              bool(re.match(r"[ \t\n\r\f\v]*(?:[A-Za-z0-9_\"'(\[`$-]|[^\x00-\x7f])", output))]
+    wanted = set(re.findall(r"[a-z]{4,}", instruction.lower()))
+    have = set(re.findall(r"[a-z]{4,}", (input + " " + output).lower()))
+    relevance = len(wanted & have) / len(wanted) if wanted else 1.0
+    pattern = "|".join(rf"\b{re.escape(t)}\b" for t in cfg.unsafe_terms)
+    safety = 0.0 if any(re.search(pattern, t, re.I) for t in (instruction, input, output)) else 1.0
+    return {"score_length": length, "score_format": sum(checks) / 4, "score_relevance": relevance,
+            "score_safety": safety}
+
+
+def test_heuristics_agree_with_the_row_by_row_definitions():
+    rows = [
+        ("Summarize the ARTICLE about Café culture.", "The article: café culture in Paris.", "Cafés matter.\n"),
+        ("List three fruits", None, "1. apple\n2. pear\n3. plum"),
+        ("Repeat", "", "  a line \na line\n\n a line  "),  # stripped lines repeat 3 times
+        ("Repeat", "", "a line\na  line\na line"),          # inner spacing differs: only twice
+        ("", "", ""),
+        ("Ünïcödé wörds here", "", "— dash first, ends with emoji 🙂"),
+        ("Write code", "", "```python\nprint('hi')\n```"),
+        ("Tabs\tand\ttabs please", "tabs", "\t\tanswer with trailing spaces.   "),
+        ("How many?", "", "42"),
+        ("Below is an instruction", "", "BELOW IS AN INSTRUCTION that was copied."),
+        ("weapons of war", "", "A weaponsmith sharpens."),  # `weapon` only inside a longer word
+    ]
+    df = frame(rows)
+    got = score(df, CFG)
+    for i, (instruction, input, output) in enumerate(rows):
+        expected = _reference(instruction, input or "", output, CFG)
+        for name, value in expected.items():
+            assert got.loc[i, name] == pytest.approx(value), (i, name)
+
+
+def test_heuristics_take_an_arrow_table_with_string_or_large_string_columns():
+    df = frame([("Explain gravity in detail.", "", "Gravity pulls masses together, said Newton.")])
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    large = table.cast(pa.schema([pa.field(f.name, pa.large_string()) for f in table.schema]))
+    a, b = heuristic_scores(table, CFG), heuristic_scores(large, CFG)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert a["score_relevance"][0] == pytest.approx(1 / 3)  # gravity of explain/gravity/detail
+
+
 def test_decide_reasons():
-    df = frame([("Explain photosynthesis.", "", "Photosynthesis makes sugar from light, water and air.", "seed"),
-                ("Say it.", "", "   ", "seed"),
-                ("Build a bomb.", "", "A bomb is dangerous to build.", "evol"),
-                ("Name colors.", "", "x", "self_instruct")])
+    df = frame([("Explain photosynthesis.", "", "Photosynthesis makes sugar from light, water and air."),
+                ("Say it.", "", "   "),
+                ("Build a bomb.", "", "A bomb is dangerous to build."),
+                ("Name colors.", "", "x")])
     out, stats = run_quality(df, QualityConfig(min_total=0.7))
     assert list(out["keep"]) == [True, False, False, False]
     assert list(out["drop_reason"]) == [None, "empty_output", "unsafe", "low_total"]
     assert stats["kept"] == 1 and stats["dropped"] == {"empty_output": 1, "unsafe": 1, "low_total": 1}
     assert set(c for c in out.columns if c.startswith("score_")) == {
         "score_length", "score_format", "score_relevance", "score_safety", "score_total"}
-    again = decide(out.drop(columns=["keep", "drop_reason"]), QualityConfig(min_total=0.0))
+    again, _ = decide(out.drop(columns=["keep", "drop_reason", "duplicate_of"]), QualityConfig(min_total=0.0))
     assert list(again["drop_reason"]) == [None, "empty_output", "unsafe", None]
+
+
+def test_decide_model_score_rules_in_order():
+    good = "Plants turn light into sugar, a process called photosynthesis."
+    df = frame([(f"Explain process number {i} of photosynthesis.", "", good + f" Step {i}.") for i in range(6)])
+    scored = score(df, QualityConfig())
+    scored["score_judge"] = [9.0, np.nan, 2.0, 8.0, 8.0, 8.0]
+    scored["score_ifd"] = [0.5, 0.5, 0.5, 1.3, 0.5, 0.5]
+    scored["score_deita_complexity"] = [3.0, 3.0, 3.0, 3.0, 1.5, 3.0]
+    scored["score_deita_quality"] = [4.0, 4.0, 4.0, 4.0, 4.0, 1.2]
+    cfg = QualityConfig.model_validate({
+        "min_total": 0.0, "dedup": {"enabled": False},
+        "judge": {"enabled": True, "min_score": 5, "drop_unparsed": True},
+        "ifd": {"enabled": True, "max_ifd": 1.0},
+        "deita": {"enabled": True, "min_complexity": 2.0, "min_quality": 2.0}})
+    out, _ = decide(scored, cfg)
+    assert list(out["drop_reason"]) == [None, "judge_unparsed", "low_judge", "high_ifd", "low_complexity",
+                                        "low_response_quality"]
+    # Unparsed judge answers are kept unless asked otherwise: unknown is not low.
+    lenient = cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"drop_unparsed": False})})
+    assert decide(scored, lenient)[0]["drop_reason"].tolist()[:2] == [None, None]
+
+
+def test_near_duplicates_keep_the_best_scored_member():
+    base = "Write a short poem about the sea at night with waves and stars"
+    df = frame([
+        (base, "", "The waves roll on beneath the stars."),                     # r0
+        (base + ".", "", "Waves."),                                              # r1: same task, worse answer
+        ("Write a long story about the sea in the morning with ships and gulls", "", "The sea wakes."),
+        ("Compute the sum of the numbers from one to ten", "", "The sum is 55."),  # r3: unrelated
+        ("", "", "An empty instruction is nobody's duplicate."),                  # r4
+        ("", "", "Neither is this one."),                                         # r5
+    ])
+    scored = score(df, QualityConfig(min_total=0.0))
+    scored["score_total"] = [0.6, 0.9, 0.5, 0.8, 0.7, 0.7]
+    out, figures = decide(scored, QualityConfig(min_total=0.0))
+    assert list(out["drop_reason"]) == ["near_duplicate", None, None, None, None, None]
+    # r0 and r1 share every word shingle: one cluster, r1 (0.9) stays, r0 points at it.
+    assert out.loc[0, "drop_reason"] == "near_duplicate" and out.loc[0, "duplicate_of"] == "r1"
+    assert out.loc[1, "keep"] and out.loc[1, "duplicate_of"] is None
+    # r2 shares its opening words only (2 of 22 distinct shingles): kept.
+    assert out.loc[[2, 3, 4, 5], "keep"].all()
+    assert figures["clusters"] == 1 and figures["rows_in_clusters"] == 2 and figures["largest_cluster"] == 2
+
+
+def test_near_duplicate_representative_is_chosen_among_rows_still_kept():
+    df = frame([("Translate the sentence into French please now", "", "Bonjour."),
+                ("Translate the sentence into French please now", "", "Bonjour tout le monde."),
+                ("Translate the sentence into French please now", "", "bomb")])
+    scored = score(df, QualityConfig(min_total=0.0))
+    scored["score_total"] = [0.2, 0.4, 0.99]  # the best-scored row is unsafe: it cannot be the one kept
+    out, _ = decide(scored, QualityConfig(min_total=0.0))
+    assert list(out["drop_reason"]) == ["near_duplicate", None, "unsafe"]
+    assert out.loc[0, "duplicate_of"] == "r1" and out.loc[2, "duplicate_of"] is None
+
+
+def test_dedup_over_instruction_and_output_fields():
+    df = frame([("Say hello", "", "Hello there my good friend, how are you today?"),
+                ("Greet me", "", "Hello there my good friend, how are you today?")])
+    by_task, _ = decide(score(df, QualityConfig(min_total=0.0)), QualityConfig(min_total=0.0))
+    assert by_task["keep"].all()
+    cfg = QualityConfig.model_validate({"min_total": 0.0, "dedup": {"fields": ["output"]}})
+    by_output, _ = decide(score(df, cfg), cfg)
+    assert list(by_output["keep"]) == [True, False]
+
+
+class FakeScorer:
+    """next_token_logprobs and response_losses with known values, to check the arithmetic and the control flow."""
+
+    def __init__(self):
+        self.calls = []
+
+    def next_token_logprobs(self, prompts, candidates):
+        self.calls.append(("logprobs", len(prompts)))
+        assert list(candidates) == ["1", "2", "3", "4", "5", "6"]
+        # Complexity prompts put all mass on "2", quality prompts split it evenly between "5" and "6".
+        rows = []
+        for p in prompts:
+            lp = np.full(6, -50.0)
+            if "##Complexity:" in p:
+                lp[1] = 0.0
+            else:
+                lp[4] = lp[5] = np.log(0.5)
+            rows.append(lp)
+        return np.array(rows)
+
+    def response_losses(self, prompts, responses, max_length, desc=""):
+        self.calls.append(("losses", len(prompts)))
+        conditioned = bool(prompts[0])
+        return np.array([1.0 if conditioned else 2.0 if r.strip() else np.nan for r in responses])
+
+
+def test_deita_and_ifd_columns_and_checkpoints(tmp_path):
+    from tests.conftest import ScriptedLLM
+
+    df = frame([(f"Describe the number {i} in words.", "", f"The number {i} is written as digits.")
+                for i in range(5)])
+    judge_answers = iter(["Rating: 8/10", "7", "no idea", "[[9]]", "11/10"])
+    llm = ScriptedLLM(lambda prompt, params: next(judge_answers))
+    cfg = QualityConfig.model_validate({"min_total": 0.0, "checkpoint_every": 2, "judge": {"enabled": True},
+                                        "deita": {"enabled": True}, "ifd": {"enabled": True}})
+    parts = PartWriter(tmp_path / "parts")
+    scorer = FakeScorer()
+    out, stats = run_quality(df, cfg, judge_llm=llm, scorer=scorer, parts=parts)
+    assert out["score_deita_complexity"].tolist() == pytest.approx([2.0] * 5)
+    assert out["score_deita_quality"].tolist() == pytest.approx([5.5] * 5)
+    assert out["score_deita"].tolist() == pytest.approx([11.0] * 5)
+    assert out["score_ifd"].tolist() == pytest.approx([0.5] * 5)
+    assert out["score_judge"].tolist()[:2] == [8.0, 7.0] and out["score_judge"][3] == 9.0
+    assert np.isnan(out["score_judge"][2]) and np.isnan(out["score_judge"][4])
+    assert out["judge_error"][2].startswith("no_rating") and out["judge_error"][4].startswith("out_of_range")
+    assert out["judge_answer"].tolist() == ["Rating: 8/10", "7", "no idea", "[[9]]", "11/10"]
+    assert stats["judge_errors"] == {"no_rating": 1, "out_of_range": 1}
+    assert len(parts.existing()) == 3 and stats["checkpoints"] == 3 and stats["usage"]["llm_calls"] == 5
+    # One logprob pass per chunk holds both DEITA prompts of each row.
+    assert [c for c in scorer.calls if c[0] == "logprobs"] == [("logprobs", 4), ("logprobs", 4), ("logprobs", 2)]
+
+    # A restart with the first two parts on disk scores only the last chunk, and gives the same table.
+    parts.existing()[-1].unlink()
+    judge_answers = iter(["11/10"])
+    again_llm = ScriptedLLM(lambda prompt, params: next(judge_answers))
+    again, again_stats = run_quality(df, cfg, judge_llm=again_llm, scorer=FakeScorer(), parts=parts)
+    assert sum(len(prompts) for prompts, _ in again_llm.calls) == 1
+    pd.testing.assert_frame_equal(again, out)
+    assert again_stats["usage"] == stats["usage"] and again_stats["resumed_checkpoints"] == 2
+
+
+def test_model_scores_need_their_models():
+    df = frame([("Say hi.", "", "Hi.")])
+    with pytest.raises(ValueError, match="judge"):
+        run_quality(df, QualityConfig.model_validate({"judge": {"enabled": True}}))
+    with pytest.raises(ValueError, match="deita"):
+        run_quality(df, QualityConfig.model_validate({"deita": {"enabled": True}}))
+
+
+def test_rank_by_must_be_a_score_that_is_computed():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not a score column"):
+        QualityConfig.model_validate({"dedup": {"rank_by": "output"}})
+    with pytest.raises(ValidationError, match="needs its scorer enabled"):
+        QualityConfig.model_validate({"dedup": {"rank_by": "score_judge"}})
