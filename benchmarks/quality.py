@@ -1,7 +1,7 @@
 """Benchmark: the quality stage's scorers at scale. Prints one JSON object.
 
     python benchmarks/quality.py [--heuristic-rows 1000000] [--minhash-rows 100000] [--model-rows 64]
-                                 [--reference-rows 20000] [--model bundled] [--device auto]
+                                 [--reference-rows 20000] [--model bundled] [--device auto] [--batch-size 16]
 
 - `heuristic_1m_s`: the five heuristic scores over 1M Alpaca-like rows (column-wise, compiled scans).
   Beside it, the row-by-row way (a Python loop with regular expressions, the shape of the seed document's
@@ -149,14 +149,14 @@ def bench_minhash(rows: int, reference_rows: int) -> dict:
             "minhash_signature_speedup_vs_reference": round((ref_seconds / reference_rows) / (seconds / rows), 1)}
 
 
-def bench_models(rows: int, model: str, device: str) -> dict:
+def bench_models(rows: int, model: str, device: str, batch_size: int) -> dict:
     from tasks.llm.models import resolve_model
     from tasks.llm.transformers_backend import TransformersLLM
     from tasks.model_scores import deita_scores, ifd_scores
 
     table = synthetic(rows, seed=3)
     args = [table.column(c).to_pylist() for c in ("instruction", "input", "output")]
-    llm = TransformersLLM(resolve_model(model), device=device, batch_size=16)
+    llm = TransformersLLM(resolve_model(model), device=device, batch_size=batch_size)
     deita_scores(*(a[:2] for a in args), llm)  # warm-up
     t0 = time.perf_counter()
     deita_scores(*args, llm)
@@ -165,7 +165,7 @@ def bench_models(rows: int, model: str, device: str) -> dict:
     ifd_scores(*args, llm, max_length=512)
     ifd_s = time.perf_counter() - t0
     return {"model": model, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
-            "model_rows": rows, "deita_rows_per_s": round(rows / deita_s, 2), "ifd_rows_per_s": round(rows / ifd_s, 2)}
+            "model_rows": rows, "batch_size": batch_size, "deita_rows_per_s": round(rows / deita_s, 2), "ifd_rows_per_s": round(rows / ifd_s, 2)}
 
 
 def main() -> None:
@@ -176,12 +176,13 @@ def main() -> None:
     parser.add_argument("--model-rows", type=int, default=64, help="0 skips the model-based scores")
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per forward pass of the scoring model")
     args = parser.parse_args()
     result = {"cpu_cores": os.cpu_count()}
     result.update(bench_heuristics(args.heuristic_rows, args.reference_rows))
     result.update(bench_minhash(args.minhash_rows, max(args.reference_rows // 10, 100)))
     if args.model_rows:
-        result.update(bench_models(args.model_rows, args.model, args.device))
+        result.update(bench_models(args.model_rows, args.model, args.device, args.batch_size))
     print(json.dumps(result))
 
 

@@ -175,7 +175,10 @@ class IfdConfig(Section):
 class DedupConfig(Section):
     # MinHash-LSH near-duplicates over the whole table (seeds, generated and evolved rows together).
     enabled: bool = True
-    fields: list[Literal["instruction", "input", "output"]] = Field(["instruction", "input"], min_length=1)
+    # The whole example by default: instances of one task (same instruction, other input and output) are
+    # different examples, and on instruction and input alone short inputs ("Canada", "Australia") cluster.
+    fields: list[Literal["instruction", "input", "output"]] = Field(["instruction", "input", "output"],
+                                                                    min_length=1)
     threshold: float = Field(0.7, gt=0.0, le=1.0, description="Jaccard similarity of word shingles")
     shingle_size: int = Field(3, ge=1, le=16, description="words per shingle")
     num_perm: int = Field(128, ge=16, le=1024)

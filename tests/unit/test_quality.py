@@ -130,9 +130,10 @@ def test_decide_model_score_rules_in_order():
 
 def test_near_duplicates_keep_the_best_scored_member():
     base = "Write a short poem about the sea at night with waves and stars"
+    poem = "The waves roll on beneath the stars."
     df = frame([
-        (base, "", "The waves roll on beneath the stars."),                     # r0
-        (base + ".", "", "Waves."),                                              # r1: same task, worse answer
+        (base, "", poem),                                                        # r0
+        (base + ".", "", poem + "!"),                                            # r1: the same, punctuated
         ("Write a long story about the sea in the morning with ships and gulls", "", "The sea wakes."),
         ("Compute the sum of the numbers from one to ten", "", "The sum is 55."),  # r3: unrelated
         ("", "", "An empty instruction is nobody's duplicate."),                  # r4
@@ -154,21 +155,28 @@ def test_near_duplicate_representative_is_chosen_among_rows_still_kept():
     df = frame([("Translate the sentence into French please now", "", "Bonjour."),
                 ("Translate the sentence into French please now", "", "Bonjour tout le monde."),
                 ("Translate the sentence into French please now", "", "bomb")])
-    scored = score(df, QualityConfig(min_total=0.0))
+    cfg = QualityConfig.model_validate({"min_total": 0.0, "dedup": {"fields": ["instruction", "input"]}})
+    scored = score(df, cfg)
     scored["score_total"] = [0.2, 0.4, 0.99]  # the best-scored row is unsafe: it cannot be the one kept
-    out, _ = decide(scored, QualityConfig(min_total=0.0))
+    out, _ = decide(scored, cfg)
     assert list(out["drop_reason"]) == ["near_duplicate", None, "unsafe"]
     assert out.loc[0, "duplicate_of"] == "r1" and out.loc[2, "duplicate_of"] is None
 
 
-def test_dedup_over_instruction_and_output_fields():
+def test_dedup_fields():
     df = frame([("Say hello", "", "Hello there my good friend, how are you today?"),
-                ("Greet me", "", "Hello there my good friend, how are you today?")])
-    by_task, _ = decide(score(df, QualityConfig(min_total=0.0)), QualityConfig(min_total=0.0))
-    assert by_task["keep"].all()
-    cfg = QualityConfig.model_validate({"min_total": 0.0, "dedup": {"fields": ["output"]}})
-    by_output, _ = decide(score(df, cfg), cfg)
-    assert list(by_output["keep"]) == [True, False]
+                ("Greet me", "", "Hello there my good friend, how are you today?"),
+                ("What is the capital of the given country?", "Canada", "Ottawa."),
+                ("What is the capital of the given country?", "Australia", "Canberra.")])
+    # By default the whole example counts: two instances of one task are two examples.
+    everything, _ = decide(score(df, QualityConfig(min_total=0.0)), QualityConfig(min_total=0.0))
+    assert everything["keep"].all()
+    task = QualityConfig.model_validate({"min_total": 0.0, "dedup": {"fields": ["instruction", "input"]}})
+    by_task, _ = decide(score(df, task), task)
+    assert list(by_task["keep"]) == [True, True, True, False] and by_task.loc[3, "duplicate_of"] == "r2"
+    answer = QualityConfig.model_validate({"min_total": 0.0, "dedup": {"fields": ["output"]}})
+    by_output, _ = decide(score(df, answer), answer)
+    assert list(by_output["keep"]) == [True, False, True, True]
 
 
 class FakeScorer:

@@ -9,7 +9,7 @@ from tests.unit.test_quality import frame
 def _decided():
     df = frame([
         ("Explain photosynthesis in plants.", "", "Plants make sugar from light, water and carbon dioxide."),
-        ("Explain photosynthesis in plants!", "", "Light becomes sugar."),
+        ("Explain photosynthesis in plants!", "", "Plants make sugar from light, water and carbon dioxide!"),
         ("Say <b>hi</b> & bye", "", "<script>alert(1)</script> hi & bye."),
         ("Name it.", "", ""),
     ])
