@@ -180,6 +180,10 @@ class DedupConfig(Section):
     fields: list[Literal["instruction", "input", "output"]] = Field(["instruction", "input", "output"],
                                                                     min_length=1)
     threshold: float = Field(0.7, gt=0.0, le=1.0, description="Jaccard similarity of word shingles")
+    # Instances of one task (same task_id and instruction, e.g. "tomato -> Fruit", "carrot -> Vegetable")
+    # are meant to differ only in their short input and output: by default they are never each other's
+    # duplicates. Evolved rows carry new instructions, so they are compared with their parents.
+    same_task_instances: bool = Field(False, description="let instances of one task be near-duplicates")
     shingle_size: int = Field(3, ge=1, le=16, description="words per shingle")
     num_perm: int = Field(128, ge=16, le=1024)
     rank_by: str = Field("score_total", description="the score column that picks the row a cluster keeps")

@@ -136,12 +136,17 @@ class Clusters:
 
 
 def near_duplicates(text: pa.Array | pa.ChunkedArray, threshold: float, shingle_size: int = 3,
-                    num_perm: int = 128, seed: int = 0) -> Clusters:
-    """Cluster rows whose shingle sets have an (estimated) Jaccard similarity of at least `threshold`."""
+                    num_perm: int = 128, seed: int = 0, groups: np.ndarray | None = None) -> Clusters:
+    """Cluster rows whose shingle sets have an (estimated) Jaccard similarity of at least `threshold`.
+
+    Rows with the same `groups` code are never linked directly (instances of one task, say).
+    """
     sig, has_shingles = signatures(text, shingle_size, num_perm, seed)
     bands, per_band = lsh_bands(threshold, num_perm)
     rows = np.flatnonzero(has_shingles)  # a row without words is nobody's duplicate
     pairs = candidate_pairs(sig, rows, bands, per_band)
+    if groups is not None and len(pairs):
+        pairs = pairs[groups[pairs[:, 0]] != groups[pairs[:, 1]]]
     sim = agreement(sig, pairs)
     linked = sim >= threshold
     label = components(len(sig), pairs[linked])

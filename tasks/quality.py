@@ -23,6 +23,8 @@ The decision, first failing rule naming the reason: empty_output, unsafe, judge_
 low_total, high_ifd, low_complexity, low_response_quality; then, among the rows still kept, MinHash-LSH
 near-duplicates over `dedup.fields` (tasks/dedup.py): in each cluster the row with the best
 `dedup.rank_by` stays, the others are dropped as near_duplicate with `duplicate_of` naming its id.
+Instances of one task (same `task_id` and instruction) are not linked to each other unless
+`dedup.same_task_instances` is set.
 """
 
 from __future__ import annotations
@@ -179,9 +181,15 @@ def decide(scored: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.DataFrame, dict
     figures: dict[str, Any] = {}
     duplicate_of = np.full(len(out), None, dtype=object)
     if cfg.dedup.enabled and len(out):
+        groups = None
+        if not cfg.dedup.same_task_instances and "task_id" in out:
+            groups = pd.factorize(out["task_id"].fillna(out["id"]) + "\x00" + out["instruction"])[0]
         found = dedup.near_duplicates(_dedup_text(out, list(cfg.dedup.fields)), cfg.dedup.threshold,
-                                      cfg.dedup.shingle_size, cfg.dedup.num_perm)
+                                      cfg.dedup.shingle_size, cfg.dedup.num_perm, groups=groups)
         target = dedup.pick_representatives(found.label, reason == "", col(cfg.dedup.rank_by))
+        if groups is not None:  # an instance of the kept row's own task stays (clusters are transitive)
+            linked = target >= 0
+            target[linked & (groups == groups[np.where(linked, target, 0)])] = -1
         is_dup = target >= 0
         reason[is_dup] = "near_duplicate"
         duplicate_of[is_dup] = out["id"].to_numpy()[target[is_dup]]

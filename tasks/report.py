@@ -20,7 +20,9 @@ _SNIPPET = 400  # characters of instruction/input/output shown per example
 def _histogram(values: np.ndarray, kept: np.ndarray, bins: int = BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ok = ~np.isnan(values)
     lo, hi = (float(values[ok].min()), float(values[ok].max())) if ok.any() else (0.0, 1.0)
-    if hi <= lo:
+    if lo >= 0.0 and hi <= 1.0:  # a score in [0, 1]: the same axis for every such score
+        lo, hi = 0.0, 1.0
+    elif hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
     kept_counts, _ = np.histogram(values[ok & kept], edges)
@@ -162,7 +164,8 @@ def markdown_report(df: pd.DataFrame, stats: dict[str, Any], rank_by: str, n_exa
                      f"{s.get('p90', '')} |")
     lines += ["", "## Histograms (█ kept, ░ dropped)", ""]
     for col in _score_cols(df):
-        lines += [f"**{col}**", "", "```", _text_bars(*_histogram(df[col].to_numpy(dtype=float), kept)), "```", ""]
+        bars = _text_bars(*_histogram(df[col].to_numpy(dtype=float), kept, bins=10))
+        lines += [f"**{col}**", "", "```", bars, "```", ""]
     if "dedup" in stats:
         d = stats["dedup"]
         lines += ["## Near-duplicates", "", f"{d['clusters']} clusters, {d['rows_in_clusters']} rows, largest "

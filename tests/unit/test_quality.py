@@ -179,6 +179,19 @@ def test_dedup_fields():
     assert list(by_output["keep"]) == [True, False, True, True]
 
 
+def test_instances_of_one_task_are_not_each_others_duplicates():
+    label = "Botanically speaking, is the item a fruit or a vegetable? Labels: Fruit, Vegetable."
+    df = frame([(label, "tomato", "Fruit"), (label, "carrot", "Vegetable"), (label + "!", "carrot", "Vegetable")])
+    df["task_id"] = ["t104", "t104", "si-7"]
+    cfg = QualityConfig(min_total=0.0)
+    scored = score(df, cfg).assign(score_total=[0.5, 0.9, 0.6])
+    out, _ = decide(scored, cfg)
+    # r0 and r1 are two instances of task t104: both stay. r2, another task's copy of r1, goes.
+    assert list(out["drop_reason"]) == [None, None, "near_duplicate"] and out.loc[2, "duplicate_of"] == "r1"
+    merged = QualityConfig.model_validate({"min_total": 0.0, "dedup": {"same_task_instances": True}})
+    assert list(decide(scored, merged)[0]["keep"]) == [False, True, False]
+
+
 class FakeScorer:
     """next_token_logprobs and response_losses with known values, to check the arithmetic and the control flow."""
 
