@@ -49,12 +49,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response-token loss and response-token count per example of the (right-padded) batch."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    target = batch["labels"][:, 1:]
-    mask = target != IGNORE
-    states, targets = hidden[:, :-1][mask], target[mask]
+def _token_ce(model, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy of the output layer over `states`, LOGIT_CHUNK positions at a time."""
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     losses = []
@@ -63,7 +59,130 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
         if cap:
             logits = torch.tanh(logits / cap) * cap
         losses.append(torch.nn.functional.cross_entropy(logits, targets[start:start + LOGIT_CHUNK], reduction="none"))
-    loss = torch.cat(losses) if losses else states.new_zeros(0, dtype=torch.float32)
+    return torch.cat(losses) if losses else states.new_zeros(0, dtype=torch.float32)
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response-token loss and response-token count per example of the (right-padded) batch."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    target = batch["labels"][:, 1:]
+    mask = target != IGNORE
+    loss = _token_ce(model, hidden[:, :-1][mask], target[mask])
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(target.shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
     return sums, mask.sum(dim=1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy losses of `hidden @ weight.T` against `targets`, one chunk of rows at a time.
+
+    Forward computes each chunk's logits in float32, its loss, and at once its gradients (softmax minus
+    one-hot, through the optional tanh soft-cap), so no [rows x vocabulary] tensor outlives its chunk and
+    backward only scales the stored gradients. Peak extra memory: one chunk of logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, softcap: float | None, weight_grad: bool):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            t = targets[start:start + chunk]
+            raw = (h @ weight.T).float()
+            logits = torch.tanh(raw / softcap) * softcap if softcap else raw
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            grad = torch.softmax(logits, dim=-1)
+            grad[torch.arange(len(t), device=t.device), t] -= 1.0
+            if softcap:
+                grad *= 1.0 - (logits / softcap) ** 2  # d/dx of c * tanh(x / c)
+            grad = grad.to(h.dtype)
+            grad_hidden[start:start + chunk] = grad @ weight
+            if weight_grad:
+                grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight if weight_grad else None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.to(grad_hidden.dtype)
+        weight = None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden * scale, weight, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = LOGIT_CHUNK, softcap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of the output layer over `hidden` rows (tokens x d) against `targets`,
+    without ever holding all the logits. The weight gets a gradient only if it requires one."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, softcap, weight.requires_grad)
+
+
+# ---- Packing: several examples per row, no attention across them -------------------------------------------
+
+
+def pack(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: example indices grouped into rows of at most `row_tokens` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > row_tokens:
+            raise ValueError(f"example {i} has {lengths[i]} tokens, more than a packed row's {row_tokens}")
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - lengths[i])
+    return rows
+
+
+def packed_batch(examples: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """One row holding `examples` back to back: position ids restart at 0 for each, which is how the
+    model's mask builder tells them apart (a block-diagonal causal mask: no attention across examples).
+    The padded tail, if any, is a separate run of positions with no labels."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex in examples:
+        ids += ex.input_ids
+        labels += ex.labels
+        positions += range(len(ex.input_ids))
+    tail = (width or len(ids)) - len(ids)
+    return {"input_ids": torch.tensor([ids + [pad_id] * tail]),
+            "labels": torch.tensor([labels + [IGNORE] * tail]),
+            "position_ids": torch.tensor([positions + list(range(tail))])}
+
+
+def stack_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+
+def packed_loss(model, batch: dict[str, torch.Tensor], chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response-token loss and token count of a packed batch, through the chunked output layer.
+
+    Each example starts with a prompt token (label -100), so no position predicts across two examples.
+    """
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 attention_mask=None, use_cache=False).last_hidden_state
+    target = batch["labels"][:, 1:]
+    mask = target != IGNORE
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return linear_cross_entropy(hidden[:, :-1][mask], head.weight, target[mask], chunk, cap), mask.sum()
+
+
+@torch.inference_mode()
+def packed_example_losses(model, examples: list[Example], pad_id: int) -> list[float]:
+    """Each example's mean response-token loss, read from one packed row holding all of them."""
+    batch = {k: v.to(model.device) for k, v in packed_batch(examples, pad_id).items()}
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 attention_mask=None, use_cache=False).last_hidden_state
+    target = batch["labels"][:, 1:]
+    mask = target != IGNORE
+    per_token = _token_ce(model, hidden[:, :-1][mask], target[mask])
+    return [float(part.mean()) for part in torch.split(per_token, [ex.trainable_tokens for ex in examples])]

@@ -1,0 +1,69 @@
+"""Packed training: the chunked linear cross-entropy, first-fit packing, and losses equal to unpacked ones."""
+
+import pytest
+import torch
+
+from tasks.llm.losses import (IGNORE, collate, linear_cross_entropy, make_example, pack, packed_batch,
+                              packed_example_losses, packed_loss, stack_rows, token_losses)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_linear_cross_entropy_matches_autograd(softcap, weight_grad):
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=weight_grad)
+    targets = torch.randint(0, 50, (37,))
+    (linear_cross_entropy(hidden, weight, targets, chunk=8, softcap=softcap) * 0.5).backward()
+    ours = hidden.grad.clone(), (weight.grad.clone() if weight_grad else None)
+    hidden.grad = None
+    weight.grad = None
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") * 0.5
+    reference.backward()
+    torch.testing.assert_close(ours[0], hidden.grad, rtol=1e-4, atol=1e-5)
+    if weight_grad:
+        torch.testing.assert_close(ours[1], weight.grad, rtol=1e-4, atol=1e-5)
+    else:
+        assert weight.grad is None
+
+
+def test_pack_first_fit_decreasing():
+    assert pack([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+    with pytest.raises(ValueError, match="example 1 has 9 tokens"):
+        pack([3, 9], 8)
+
+
+def test_packed_batch_restarts_positions_and_masks_the_tail():
+    a = make_example([2, 10, 11], [12, 1], 16)
+    b = make_example([2, 20], [21, 1], 16)
+    batch = packed_batch([a, b], pad_id=0, width=12)
+    assert batch["input_ids"].tolist() == [[2, 10, 11, 12, 1, 2, 20, 21, 1, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[IGNORE] * 3 + [12, 1] + [IGNORE] * 2 + [21, 1] + [IGNORE] * 3]
+
+
+def test_packed_losses_equal_unpacked_ones(tiny_model_dir):
+    """The same examples, padded one per row or packed several per row (one of them longer than the tiny
+    model's sliding window): the same per-example losses, and the same summed training loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    texts = [("Say hi.", "Hello there, friend."), ("Add 2 and 3.", "Five."), ("Q", "A"),
+             ("List colors.", " ".join(["red, green and blue"] * 20))]  # 80+ tokens > sliding window 64
+    examples = [make_example(tok(p)["input_ids"], tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                             256) for p, r in texts]
+    with torch.no_grad():
+        sums, counts = token_losses(model, collate(examples, tok.pad_token_id))
+        unpacked = (sums / counts).tolist()
+        packed = packed_example_losses(model, examples, tok.pad_token_id)
+        width = max(len(e.input_ids) for e in examples) + 4  # the long one alone, the three others together
+        rows = [packed_batch([examples[i] for i in r], tok.pad_token_id, width)
+                for r in pack([len(e.input_ids) for e in examples], width)]
+        total, tokens = packed_loss(model, stack_rows(rows), chunk=7)
+    assert packed == pytest.approx(unpacked, abs=1e-4)
+    assert float(total) == pytest.approx(float(sums.sum()), rel=1e-5) and int(tokens) == int(counts.sum())
+    assert len(rows) == 2 and len(examples[3].input_ids) > 64  # really packed; past the sliding window
