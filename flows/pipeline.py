@@ -1,4 +1,4 @@
-"""The `instruction-tuning` flow: seeds -> self_instruct -> evol_instruct -> quality -> mix -> finetune.
+"""The `instruction-tuning` flow: seeds -> self_instruct -> evol_instruct -> quality -> mix -> finetune -> evaluate.
 
 Each stage reads the artifact of the stage before it and returns the path of its own. A stage whose artifact
 already exists for this config and these inputs is not run again (Prefect shows it as Cached).
@@ -50,14 +50,16 @@ def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str
             mixed = run_stage("mix", cfg, run, {"quality": scored})
             # 4. Training: instruction-tune the base model on the mix; eval loss before and after.
             tuned = run_stage("finetune", cfg, run, {"mix": mixed})
+            # 5. Evaluation: base and tuned answers to held-out instructions, side by side.
+            evaluated = run_stage("evaluate", cfg, run, {"mix": mixed, "finetune": tuned})
     except BaseException as exc:
         run.save(status="failed", extra={"error": f"{type(exc).__name__}: {exc}"})
         raise
 
-    metrics = Artifact(Path(tuned)).stats()
+    metrics = Artifact(Path(evaluated)).stats()
     summary = {"run_id": run.run_id, "run_dir": str(run.path), "model_path": metrics["model_path"],
                "eval_loss_before": metrics["eval_loss_before"], "eval_loss_after": metrics["eval_loss_after"],
-               "stages": [s.__dict__ for s in run.stages]}
+               "win_rate": metrics.get("win_rate"), "stages": [s.__dict__ for s in run.stages]}
     run.save(status="completed", extra={"model_path": summary["model_path"],
                                         "eval_loss_before": summary["eval_loss_before"],
                                         "eval_loss_after": summary["eval_loss_after"]})
@@ -75,4 +77,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"{'yes' if s['reused'] else 'no'} | {dropped} |")
     lines += ["", f"Tuned model: `{summary['model_path']}`", "",
               f"Eval loss: {summary['eval_loss_before']:.4f} (base) -> {summary['eval_loss_after']:.4f} (tuned)"]
+    if summary.get("win_rate") is not None:
+        lines.append(f"Judge win rate, tuned vs base: {summary['win_rate']:.2f}")
+    lines.append("Base and tuned answers side by side: the `evaluate-report` artifact.")
     return "\n".join(lines)

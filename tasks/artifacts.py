@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-STAGES = ("seeds", "self_instruct", "evol_instruct", "quality", "mix", "finetune")
+STAGES = ("seeds", "self_instruct", "evol_instruct", "quality", "mix", "finetune", "evaluate")
 KEY_LENGTH = 16
 
 

@@ -268,11 +268,31 @@ class FinetuneConfig(Section):
     train_embeddings: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Packing: examples back to back in rows of `row_tokens`, position ids restarting per example, so the
+    # model's mask keeps them apart; `batch_size` then counts rows per micro-batch. Off: one padded
+    # example per row.
+    packing: bool = True
+    row_tokens: int = Field(2048, ge=16)
+    logit_chunk: int = Field(4096, ge=64, description="positions per output-layer chunk of the loss")
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
+    checkpoint_every: int | None = Field(100, ge=1, description="optimizer steps between checkpoints")
+
+    @model_validator(mode="after")
+    def _rows_hold_an_example(self) -> "FinetuneConfig":
+        if self.packing and self.row_tokens < self.max_length:
+            raise ValueError(f"row_tokens ({self.row_tokens}) must be at least max_length ({self.max_length}) "
+                             f"so that every example fits in a packed row")
+        return self
 
 
 class EvaluateConfig(Section):
     max_examples: int | None = Field(None, ge=1, description="eval rows used for the loss (None: all)")
     batch_size: int = Field(8, ge=1)
+    # Side by side: the base and the tuned model answer the first `max_generations` held-out instructions.
+    max_generations: int = Field(16, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    repetition_penalty: float = Field(1.3, ge=1.0, description="greedy base models loop without one")
+    judge: bool = Field(False, description="rate both answers with the run's LLM; report the tuned win rate")
 
 
 class Config(Section):

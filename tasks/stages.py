@@ -1,4 +1,4 @@
-"""The six stages as data: what each reads, what its artifact key covers, and how it runs.
+"""The seven stages as data: what each reads, what its artifact key covers, and how it runs.
 
 Nothing here imports Prefect. `plan` names a stage's output artifact from the config and its inputs;
 `execute` runs the stage into that artifact unless it is already done, and writes `stats.json` and
@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks import (calibration, dedup, evol_instruct, exports, finetune, judge, mix, model_scores, prompts, quality,
-                   report, seeds, self_instruct, text, textscan)
+from tasks import (calibration, dedup, evaluate, evol_instruct, exports, finetune, judge, mix, model_scores, prompts,
+                   quality, report, seeds, self_instruct, text, textscan)
 from tasks.artifacts import (Artifact, PartWriter, artifact_key, atomic_write_json, atomic_write_parquet,
                              atomic_write_text, code_version, input_hashes, source_hash)
 from tasks.config import Config, LLMConfig
@@ -58,15 +58,17 @@ def _run_evol(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     return evolved, {"rows_in": len(rows), **stats}
 
 
-def _scorer_llm(cfg: Config) -> LLMConfig | None:
-    """The local model for DEITA and IFD: the run's own LLM when it is a local completion model."""
-    q = cfg.quality
-    if not (q.deita.enabled or q.ifd.enabled):
-        return None
-    if q.scorer_model is None and cfg.llm.backend == "transformers" and cfg.llm.mode == "completions":
-        return cfg.llm
-    model = q.scorer_model or (cfg.llm.model if cfg.llm.backend == "transformers" else cfg.finetune.base_model)
+def _local_llm(cfg: Config, model: str | None = None) -> LLMConfig:
+    """A local completion-style model: `model`, else the run's own model when it is local, else the
+    fine-tuning base model. The run's own LLM section when that is what it comes to (one loaded copy)."""
+    model = model or (cfg.llm.model if cfg.llm.backend == "transformers" else cfg.finetune.base_model)
     return cfg.llm.model_copy(update={"backend": "transformers", "model": model, "mode": "completions"})
+
+
+def _scorer_llm(cfg: Config) -> LLMConfig | None:
+    """The local model for DEITA and IFD."""
+    q = cfg.quality
+    return _local_llm(cfg, q.scorer_model) if q.deita.enabled or q.ifd.enabled else None
 
 
 def _run_quality(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
@@ -104,8 +106,25 @@ def _run_finetune(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
 
     rows = _frame(inputs["mix"])
     model_dir = resolve_model(cfg.finetune.base_model or cfg.llm.model)
-    per_example, stats = finetune.finetune(rows, cfg.finetune, cfg.evaluate, model_dir, out.path, cfg.run.seed)
+    data = {"mix artifact": inputs["mix"].path.name, "mix content hash": inputs["mix"].content_hash()}
+    per_example, stats = finetune.finetune(rows, cfg.finetune, cfg.evaluate, model_dir, out.path, cfg.run.seed, data)
     return per_example, {"rows_in": len(rows), **stats}
+
+
+def _run_evaluate(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
+    e = cfg.evaluate
+    mixed = _frame(inputs["mix"])
+    held_out = mixed[mixed["split"] == "eval"].head(e.max_generations)
+    trained = inputs["finetune"].stats()
+    base = get_llm(_local_llm(cfg, cfg.finetune.base_model))
+    tuned = get_llm(_local_llm(cfg, str(inputs["finetune"].path / "model")))
+    table, stats = evaluate.side_by_side(held_out, base, tuned, e.max_new_tokens, e.repetition_penalty,
+                                         judge_llm=get_llm(cfg.llm) if e.judge else None)
+    stats.update(eval_loss_before=trained["eval_loss_before"], eval_loss_after=trained["eval_loss_after"],
+                 model_path=trained["model_path"])
+    title = f"Base vs tuned answers ({cfg.run.name}, {out.path.name})"
+    atomic_write_text(out.path / "report.md", evaluate.markdown(table, stats, title))
+    return table, {"rows_in": len(held_out), **stats}
 
 
 @dataclass(frozen=True)
@@ -137,8 +156,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("mix", ("quality",), lambda c: {"mix": c.section("mix")}, _run_mix, (mix, exports, prompts)),
     Stage("finetune", ("mix",),
           lambda c: {"seed": c.run.seed, "model": c.finetune.base_model or c.llm.model,
-                     "finetune": c.section("finetune"), "evaluate": c.section("evaluate")},
+                     "finetune": c.section("finetune"),
+                     "eval_loss": {k: c.section("evaluate")[k] for k in ("max_examples", "batch_size")}},
           _run_finetune, (finetune, prompts, losses, transformers_backend)),
+    Stage("evaluate", ("mix", "finetune"),
+          lambda c: {"evaluate": c.section("evaluate"), "base": _local_llm(c, c.finetune.base_model).identity(),
+                     "judge_llm": c.llm.identity() if c.evaluate.judge else None},
+          _run_evaluate, (evaluate, judge, prompts, *_GEN), uses_llm=True),
 ]}
 
 

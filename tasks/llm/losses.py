@@ -123,11 +123,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 # ---- Packing: several examples per row, no attention across them -------------------------------------------
 
 
-def pack(lengths: list[int], row_tokens: int) -> list[list[int]]:
-    """First-fit decreasing: example indices grouped into rows of at most `row_tokens` tokens."""
+def pack(lengths: list[int], row_tokens: int, decreasing: bool = True) -> list[list[int]]:
+    """First fit (decreasing by default): example indices grouped into rows of at most `row_tokens` tokens.
+    Without `decreasing` the examples are taken in the given order."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]) if decreasing else range(len(lengths)):
         if lengths[i] > row_tokens:
             raise ValueError(f"example {i} has {lengths[i]} tokens, more than a packed row's {row_tokens}")
         for r, free in enumerate(room):

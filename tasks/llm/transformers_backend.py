@@ -42,10 +42,11 @@ def load_tokenizer(model_dir: Path, padding_side: str = "left"):
     return tokenizer
 
 
-def load_causal_lm(model_dir: Path, device: torch.device, dtype: torch.dtype):
+def load_causal_lm(model_dir: Path, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra)
     return model.to(device)
 
 

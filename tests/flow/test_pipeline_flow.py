@@ -49,7 +49,7 @@ def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir
 
     first, states = run_flow(base)
     assert states == {stage: "Completed" for stage in STAGES}
-    assert [s["reused"] for s in first["stages"]] == [False] * 6
+    assert [s["reused"] for s in first["stages"]] == [False] * 7
     for stage in STAGES:
         (key_dir,) = (tmp_path / "artifacts" / stage_dirname(stage)).iterdir()
         assert {"data.parquet", "stats.json", "_SUCCESS"} <= {p.name for p in key_dir.iterdir()}
@@ -78,6 +78,10 @@ def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir
     assert scores["score_ifd"]["rows"] > 0 and scores["score_deita"]["rows"] > 0
     (quality_dir,) = (tmp_path / "artifacts" / stage_dirname("quality")).iterdir()
     assert {"report.html", "report.md"} <= {p.name for p in quality_dir.iterdir()}
+    # Base and tuned answers side by side, and the run summary.
+    assert "| instruction | base model | tuned model | reference |" in artifacts["evaluate-report"]
+    assert artifacts["evaluate-report"].count("\n| ") >= 5  # header, rule and the 4 held-out rows
+    assert "Eval loss:" in artifacts["run-summary"] and "evaluate-report" in artifacts["run-summary"]
     (mix_dir,) = (tmp_path / "artifacts" / stage_dirname("mix")).iterdir()
     manifest = json.loads((mix_dir / "manifest.json").read_text())
     assert manifest["train"] == 16 and set(manifest["sources"]) == {row["source"] for row in artifacts["mix-sources"]}
@@ -86,12 +90,12 @@ def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir
 
     second, states = run_flow(base)
     assert states == {stage: "Cached" for stage in STAGES}
-    assert [s["reused"] for s in second["stages"]] == [True] * 6
+    assert [s["reused"] for s in second["stages"]] == [True] * 7
     assert second["model_path"] == first["model_path"]
 
     third, states = run_flow(base + ["mix.seed=2"])
-    assert [s["reused"] for s in third["stages"]] == [True] * 4 + [False] * 2
-    assert states["mix"] == "Completed" and states["finetune"] == "Completed"
+    assert [s["reused"] for s in third["stages"]] == [True] * 4 + [False] * 3
+    assert states["mix"] == states["finetune"] == states["evaluate"] == "Completed"
     assert third["model_path"] != first["model_path"]
 
 

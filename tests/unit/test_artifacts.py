@@ -20,7 +20,7 @@ def test_key_is_stable_and_sensitive():
 
 def test_stage_dirnames():
     assert [stage_dirname(s) for s in artifacts.STAGES] == [
-        "01_seeds", "02_self_instruct", "03_evol_instruct", "04_quality", "05_mix", "06_finetune"]
+        "01_seeds", "02_self_instruct", "03_evol_instruct", "04_quality", "05_mix", "06_finetune", "07_evaluate"]
 
 
 def test_commit_writes_success_last_with_hash(tmp_path):

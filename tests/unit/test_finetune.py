@@ -63,6 +63,38 @@ def test_finetune_tiny_model_lowers_eval_loss_and_saves(tiny_model_dir, tmp_path
     assert model.config.num_hidden_layers == 2
     assert AutoTokenizer.from_pretrained(tmp_path / "model").padding_side == "left"
     assert not (tmp_path / "model.tmp").exists()
+    # Packed by default; every example trains on its response; the curve, the card and the figures.
+    assert metrics["packing"] and metrics["attn_implementation"] == "sdpa"
+    assert metrics["mask"]["examples"] == 8 and 0 < metrics["mask"]["trainable_share_min"] < 1
+    assert metrics["real_tokens_per_s"] > 0 and metrics["peak_rss_gb"] > 0
+    assert (tmp_path / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "Base model:" in card and "eval_loss_after" in card
+
+
+def test_an_example_without_response_tokens_stops_the_stage():
+    from tasks.finetune import mask_report
+    from tasks.llm.losses import Example
+
+    good = Example([2, 5, 6], [IGNORE, 6, 1])
+    assert mask_report([good], ["a"])["trainable_share_min"] == round(2 / 3, 4)
+    with pytest.raises(ValueError, match=r"1 training examples have no response token.*\['b'\]"):
+        mask_report([good, Example([2, 5], [IGNORE, IGNORE])], ["a", "b"])
+
+
+def test_step_plan_covers_every_example_each_epoch_and_is_fixed_by_the_seed():
+    from tasks.finetune import plan_steps
+
+    lengths = [30, 10, 25, 5, 40, 20, 15, 35]
+    cfg = FinetuneConfig(epochs=2, batch_size=2, row_tokens=64, max_length=64)
+    steps = plan_steps(lengths, cfg, seed=3)
+    assert steps == plan_steps(lengths, cfg, seed=3) and steps != plan_steps(lengths, cfg, seed=4)
+    rows = [row for step in steps for micro in step for row in micro]
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    seen = sorted(i for row in rows for i in row)
+    assert seen == sorted(list(range(8)) * 2)  # two epochs, each example once per epoch
+    unpacked = plan_steps(lengths, cfg.model_copy(update={"packing": False}), seed=3)
+    assert len(unpacked) == 8 and all(len(row) == 1 for step in unpacked for micro in step for row in micro)
 
 
 def test_response_only_logits_match_full_forward(tiny_model_dir, tokenizer):
