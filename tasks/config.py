@@ -252,6 +252,16 @@ class MixConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    # Low-rank adapters (peft) instead of full fine-tuning; the saved model has them merged in, so it loads
+    # with `from_pretrained` like a fully tuned one. Needs the `lora` extra (`pip install -e .[lora]`).
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 class FinetuneConfig(Section):
     base_model: str | None = Field(None, description="None: the same model as llm.model")
     template: Literal["alpaca"] = "alpaca"
@@ -276,6 +286,7 @@ class FinetuneConfig(Section):
     logit_chunk: int = Field(4096, ge=64, description="positions per output-layer chunk of the loss")
     attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
     checkpoint_every: int | None = Field(100, ge=1, description="optimizer steps between checkpoints")
+    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
     def _rows_hold_an_example(self) -> "FinetuneConfig":

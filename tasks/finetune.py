@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.artifacts import atomic_write_json
-from tasks.config import EvaluateConfig, FinetuneConfig
+from tasks.config import EvaluateConfig, FinetuneConfig, LoraConfig
 from tasks.llm.losses import (IGNORE, Example, collate, make_example, pack, packed_batch, packed_loss, stack_rows,
                               token_losses)
 from tasks.llm.transformers_backend import load_causal_lm, load_tokenizer, pick_device, pick_dtype
@@ -142,10 +142,21 @@ class Checkpoints:
         return int(state["step"]), list(state["log"])
 
 
+def with_lora(model, cfg: LoraConfig):
+    """The model wrapped with trainable low-rank adapters; everything else frozen."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+    except ImportError:
+        raise RuntimeError("finetune.lora.enabled needs peft: pip install -e '.[lora]'") from None
+    return get_peft_model(model, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+
+
 def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id: int, device: torch.device,
           checkpoints: Checkpoints | None = None) -> tuple[list[dict[str, float]], int]:
     """Train; return the log (one entry per optimizer step) and the step the run resumed from (0: none)."""
-    if not cfg.train_embeddings:
+    if not cfg.train_embeddings and not cfg.lora.enabled:
         model.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -240,7 +251,8 @@ def model_card(metrics: dict[str, Any], data: dict[str, str]) -> str:
     lines = ["# instructflow fine-tune", "",
              f"Base model: `{metrics['base_model']}`, instruction-tuned with the Alpaca template, loss on response "
              f"tokens only ({metrics['steps']} optimizer steps, {metrics['train_examples']} training examples"
-             f"{', packed' if metrics['packing'] else ''}).", "", "## Data", ""]
+             f"{', packed' if metrics['packing'] else ''}{', LoRA adapters merged in' if metrics['lora'] else ''}).",
+             "", "## Data", ""]
     lines += [f"- {name}: `{value}`" for name, value in data.items()]
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
     for key in ("eval_loss_before", "eval_loss_after", "real_tokens_per_s", "mfu", "peak_mem_gb"):
@@ -271,6 +283,8 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
     eval_examples = build_examples(tokenizer, eval_df, cfg.max_length)
     masks = mask_report(train_examples, train_df["id"].tolist())
     pad_id = tokenizer.pad_token_id
+    if cfg.lora.enabled:
+        model = with_lora(model, cfg.lora)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -285,14 +299,17 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
     # 3. Metrics, the curve, the model with its tokenizer and card; the checkpoints go once the model is saved.
     metrics = {
         "base_model": str(model_dir), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "attn_implementation": attention_for(cfg, device), "packing": cfg.packing,
+        "attn_implementation": attention_for(cfg, device), "packing": cfg.packing, "lora": cfg.lora.enabled,
         "train_examples": len(train_examples), "eval_examples": len(eval_examples), "steps": len(log),
         "resumed_from_step": resumed_from, "mask": masks,
         "eval_loss_before": before, "eval_loss_after": after, "eval_loss_delta": after - before,
         "train_loss_first": log[0]["loss"], "train_loss_last": log[-1]["loss"],
         **training_figures(log[resumed_from:], model, device), "seconds": seconds, "train_log": log,
     }
+    metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plot_curve(log, before, after, out_dir / "training_curve.png")
+    if cfg.lora.enabled:
+        model = model.merge_and_unload()  # a plain model again: from_pretrained needs no peft
     final = out_dir / "model"
     staging = out_dir / "model.tmp"
     shutil.rmtree(staging, ignore_errors=True)

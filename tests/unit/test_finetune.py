@@ -113,3 +113,16 @@ def test_response_only_logits_match_full_forward(tiny_model_dir, tokenizer):
                                                  ignore_index=IGNORE, reduction="none").sum(dim=1)
     assert counts.tolist() == [ex.trainable_tokens for ex in examples]
     assert torch.allclose(sums, full, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_trains_adapters_only_and_saves_a_plain_model(tiny_model_dir, tmp_path):
+    cfg = FinetuneConfig(max_steps=4, batch_size=2, row_tokens=96, learning_rate=1e-2, warmup_ratio=0.0,
+                         max_length=96, lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0})
+    _, stats = finetune(mixed_frame(), cfg, EvaluateConfig(batch_size=4), tiny_model_dir, tmp_path, seed=0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    n_base = sum(p.numel() for p in base.parameters())
+    assert 0 < stats["trainable_params"] < n_base / 100  # adapters on 2 small layers only
+    assert stats["eval_loss_after"] < stats["eval_loss_before"]
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # merged: no peft needed to load
+    assert not any("lora" in name for name, _ in tuned.named_parameters())
+    assert sum(p.numel() for p in tuned.parameters()) == n_base
