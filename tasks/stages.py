@@ -60,7 +60,8 @@ def _run_evol(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
 
 def _local_llm(cfg: Config, model: str | None = None) -> LLMConfig:
     """A local completion-style model: `model`, else the run's own model when it is local, else the
-    fine-tuning base model. The run's own LLM section when that is what it comes to (one loaded copy)."""
+    fine-tuning base model. In the default profile this equals the run's `llm` section, so the stages
+    share one loaded model (get_llm caches by section)."""
     model = model or (cfg.llm.model if cfg.llm.backend == "transformers" else cfg.finetune.base_model)
     return cfg.llm.model_copy(update={"backend": "transformers", "model": model, "mode": "completions"})
 
