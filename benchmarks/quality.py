@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from tasks.config import QualityConfig  # noqa: E402
 from tasks.dedup import near_duplicates  # noqa: E402
 from tasks.quality import heuristic_scores  # noqa: E402
+from tests.unit.test_quality import reference_scores  # noqa: E402  (the row-by-row definitions)
 
 
 def synthetic(n: int, seed: int = 0) -> pa.Table:
@@ -54,25 +55,6 @@ def synthetic(n: int, seed: int = 0) -> pa.Table:
     return pa.table({name: pa.array(values, pa.large_string()) for name, values in cols.items()})
 
 
-def reference_heuristics(instruction: str, input: str, output: str, cfg: QualityConfig,
-                         unsafe: re.Pattern[str]) -> float:
-    """score_total for one row, computed the straightforward way."""
-    words = len(output.split())
-    low = max(cfg.min_output_words, 1)
-    length = cfg.max_output_words / words if words > cfg.max_output_words else min(words / low, 1.0)
-    lines = [line.strip() for line in output.split("\n") if line.strip()]
-    repeated = len(lines) >= 3 and max(lines.count(line) for line in lines) >= 3
-    checks = [not re.search(r"###\s*(?:instruction|input|response)|below is an instruction", output, re.I),
-              not repeated, bool(re.search(r"[.!?\"')\]`*0-9]\s*\Z", output)),
-              bool(re.match(r"\s*(?:[A-Za-z0-9_\"'(\[`$-]|[^\x00-\x7f])", output))]
-    wanted = set(re.findall(r"[a-z]{4,}", instruction.lower()))
-    have = set(re.findall(r"[a-z]{4,}", (input + " " + output).lower()))
-    relevance = len(wanted & have) / len(wanted) if wanted else 1.0
-    safety = 0.0 if any(unsafe.search(t) for t in (instruction, input, output)) else 1.0
-    scores = {"length": length, "format": sum(checks) / 4, "relevance": relevance, "safety": safety}
-    return sum(scores[k] * w for k, w in cfg.weights.items()) / sum(cfg.weights.values())
-
-
 def bench_heuristics(rows: int, reference_rows: int) -> dict:
     cfg = QualityConfig()
     table = synthetic(rows)
@@ -80,11 +62,12 @@ def bench_heuristics(rows: int, reference_rows: int) -> dict:
     t0 = time.perf_counter()
     scores = heuristic_scores(table, cfg)
     seconds = time.perf_counter() - t0
-    unsafe = re.compile("|".join(rf"\b{re.escape(t)}\b" for t in cfg.unsafe_terms), re.I)
     subset = table.slice(0, reference_rows).to_pylist()
+    total_weight = sum(cfg.weights.values())
     t0 = time.perf_counter()
-    reference = np.array([reference_heuristics(r["instruction"], r["input"], r["output"], cfg, unsafe)
-                          for r in subset])
+    reference = np.array([sum(w * row[f"score_{k}"] for k, w in cfg.weights.items()) / total_weight
+                          for row in (reference_scores(r["instruction"], r["input"], r["output"], cfg)
+                                     for r in subset)])
     ref_seconds = time.perf_counter() - t0
     return {"heuristic_rows": rows, "heuristic_1m_s": round(seconds * 1_000_000 / rows, 3),
             "heuristic_rows_per_s": round(rows / seconds),

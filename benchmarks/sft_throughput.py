@@ -30,23 +30,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.llm.losses import (Example, collate, make_example, pack, packed_batch,  # noqa: E402
-                              packed_example_losses, packed_loss, stack_rows, token_losses)
-from tasks.prompts import alpaca_prompt  # noqa: E402
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+from tasks.finetune import PEAK_BF16_FLOPS, build_example  # noqa: E402
+from tasks.llm.losses import (Example, collate, pack, packed_batch, packed_example_losses,  # noqa: E402
+                              packed_loss, stack_rows, token_losses)
 
 
 def examples(tokenizer, n: int, max_length: int) -> list[Example]:
+    """n training examples, the seed tasks' instances in turn, built as the finetune stage builds them."""
     seeds = [json.loads(line) for line in (ROOT / "data" / "seed_tasks.jsonl").read_text().splitlines() if line]
-    pairs = [(s["instruction"], i.get("input", ""), i["output"]) for s in seeds for i in s["instances"]]
-    out = []
-    for k in range(n):
-        instruction, input, output = pairs[k % len(pairs)]
-        prompt = tokenizer(alpaca_prompt(instruction, input))["input_ids"]
-        response = tokenizer(output.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        out.append(make_example(prompt, response, max_length))
-    return out
+    built = [build_example(tokenizer, s["instruction"], i.get("input", ""), i["output"], max_length)
+             for s in seeds for i in s["instances"]]
+    return [built[k % len(built)] for k in range(n)]
 
 
 def padded_batches(exs: list[Example], batch: int, pad_id: int):
@@ -102,7 +96,7 @@ def run_variant(name: str, model, exs, args, pad_id: int, device) -> dict:
             losses.append(float(loss.detach()))
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_s = timed_tokens / timed_seconds
-    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     return {"variant": name, "real_tokens_per_s": round(tokens_per_s), "mfu": round(6 * n_params * tokens_per_s / peak, 4)
             if peak else None, "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if device.type == "cuda" else None, "tokens_per_step": round(timed_tokens / args.steps),

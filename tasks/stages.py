@@ -135,7 +135,6 @@ class Stage:
     key_config: Callable[[Config], dict[str, Any]]
     run: Callable[[Config, Inputs, Artifact], StageOutput]
     code: tuple[ModuleType, ...]
-    uses_llm: bool = False
 
     def version(self) -> str:
         return code_version(*self.code)
@@ -148,12 +147,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           _run_seeds, (seeds,)),
     Stage("self_instruct", ("seeds",),
           lambda c: {"seed": c.run.seed, "llm": c.llm.identity(), "self_instruct": c.section("self_instruct")},
-          _run_self_instruct, (self_instruct, *_GEN), uses_llm=True),
+          _run_self_instruct, (self_instruct, *_GEN)),
     Stage("evol_instruct", ("self_instruct",),
           lambda c: {"seed": c.run.seed, "llm": c.llm.identity(), "evol_instruct": c.section("evol_instruct")},
-          _run_evol, (evol_instruct, *_GEN), uses_llm=True),
+          _run_evol, (evol_instruct, *_GEN)),
     Stage("quality", ("evol_instruct",), _quality_key, _run_quality,
-          (quality, judge, model_scores, dedup, textscan, report, losses, *_GEN), uses_llm=True),
+          (quality, judge, model_scores, dedup, textscan, report, losses, *_GEN)),
     Stage("mix", ("quality",), lambda c: {"mix": c.section("mix")}, _run_mix, (mix, exports, prompts)),
     Stage("finetune", ("mix",),
           lambda c: {"seed": c.run.seed, "model": c.finetune.base_model or c.llm.model,
@@ -163,7 +162,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("evaluate", ("mix", "finetune"),
           lambda c: {"evaluate": c.section("evaluate"), "base": _local_llm(c, c.finetune.base_model).identity(),
                      "judge_llm": c.llm.identity() if c.evaluate.judge else None},
-          _run_evaluate, (evaluate, judge, prompts, *_GEN), uses_llm=True),
+          _run_evaluate, (evaluate, judge, prompts, *_GEN)),
 ]}
 
 

@@ -163,13 +163,19 @@ def stack_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
 
+def _packed_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # No attention mask and no cache: transformers then reads the restarting position ids as packed
+    # sequences and builds the block-diagonal causal mask.
+    return model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               attention_mask=None, use_cache=False).last_hidden_state
+
+
 def packed_loss(model, batch: dict[str, torch.Tensor], chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response-token loss and token count of a packed batch, through the chunked output layer.
 
     Each example starts with a prompt token (label -100), so no position predicts across two examples.
     """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                 attention_mask=None, use_cache=False).last_hidden_state
+    hidden = _packed_hidden(model, batch)
     target = batch["labels"][:, 1:]
     mask = target != IGNORE
     head = model.get_output_embeddings()
@@ -181,8 +187,7 @@ def packed_loss(model, batch: dict[str, torch.Tensor], chunk: int = LOGIT_CHUNK)
 def packed_example_losses(model, examples: list[Example], pad_id: int) -> list[float]:
     """Each example's mean response-token loss, read from one packed row holding all of them."""
     batch = {k: v.to(model.device) for k, v in packed_batch(examples, pad_id).items()}
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                 attention_mask=None, use_cache=False).last_hidden_state
+    hidden = _packed_hidden(model, batch)
     target = batch["labels"][:, 1:]
     mask = target != IGNORE
     per_token = _token_ce(model, hidden[:, :-1][mask], target[mask])

@@ -41,8 +41,9 @@ def test_scores_exact():
     assert s.loc[0, "score_total"] == pytest.approx(expected0)
 
 
-def _reference(instruction: str, input: str, output: str, cfg: QualityConfig) -> dict[str, float]:
-    """The documented definitions, one row at a time with regular expressions."""
+def reference_scores(instruction: str, input: str, output: str, cfg: QualityConfig) -> dict[str, float]:
+    """The documented definitions, one row at a time with regular expressions (also the benchmark's
+    reference, benchmarks/quality.py)."""
     words = len(output.split())
     low = max(cfg.min_output_words, 1)
     length = cfg.max_output_words / words if words > cfg.max_output_words else min(words / low, 1.0)
@@ -77,7 +78,7 @@ def test_heuristics_agree_with_the_row_by_row_definitions():
     df = frame(rows)
     got = score(df, CFG)
     for i, (instruction, input, output) in enumerate(rows):
-        expected = _reference(instruction, input or "", output, CFG)
+        expected = reference_scores(instruction, input or "", output, CFG)
         for name, value in expected.items():
             assert got.loc[i, name] == pytest.approx(value), (i, name)
 
