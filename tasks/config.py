@@ -286,6 +286,13 @@ class FinetuneConfig(Section):
     logit_chunk: int = Field(4096, ge=64, description="positions per output-layer chunk of the loss")
     attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
     checkpoint_every: int | None = Field(100, ge=1, description="optimizer steps between checkpoints")
+    # Recompute each layer's activations in backward instead of keeping them: bigger rows or batches in
+    # the same memory, about a third more compute.
+    gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each decoder layer (GPU; the first steps compile)")
+    # Data-parallel processes on this machine, launched with torchrun (one per GPU; gloo on CPU). Each step
+    # then holds batch_size x grad_accum x processes rows.
+    processes: int = Field(1, ge=1)
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")

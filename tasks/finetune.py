@@ -5,10 +5,16 @@ response tokens only (prompt and padding labels are -100). An over-long example 
 where possible and drops prompt tokens from the left. Training is a plain AdamW loop with linear warmup and
 cosine decay. The same eval loss (mean over response tokens of the held-out split) is measured on the base
 model and on the tuned model, which is saved with its tokenizer so `from_pretrained` loads it.
+
+Weights and optimizer state stay in float32; on a GPU the forward and backward run in bfloat16 under
+autocast. Under torchrun (tasks/multigpu.py) every process trains its share of each step's micro-batches
+and DistributedDataParallel averages the gradients, so N processes take the same steps as one process with
+N times the gradient accumulation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -19,16 +25,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from tasks.artifacts import atomic_write_json
 from tasks.config import EvaluateConfig, FinetuneConfig, LoraConfig
-from tasks.llm.losses import (IGNORE, Example, collate, make_example, pack, packed_batch, packed_loss, stack_rows,
+from tasks.llm.losses import (Example, collate, make_example, pack, packed_batch, packed_loss, stack_rows,
                               token_losses)
 from tasks.llm.transformers_backend import load_causal_lm, load_tokenizer, pick_device, pick_dtype
 from tasks.prompts import alpaca_prompt
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
+
+
+def ranks() -> tuple[int, int]:
+    """This process's rank and the number of processes training together (0 and 1 outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision: float32 weights, `dtype` compute. A no-op for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def build_example(tokenizer, instruction: str, input: str, output: str, max_length: int) -> Example:
@@ -44,15 +65,25 @@ def build_examples(tokenizer, df: pd.DataFrame, max_length: int) -> list[Example
 
 @torch.inference_mode()
 def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
-                  desc: str = "eval loss") -> tuple[float, list[float]]:
-    """Token-weighted mean loss over the examples' response tokens, and each example's own mean."""
+                  dtype: torch.dtype = torch.float32, desc: str = "eval loss") -> tuple[float, list[float]]:
+    """Token-weighted mean loss over the examples' response tokens, and each example's own mean.
+    Under torchrun each process takes every N-th example and all receive the whole result."""
+    rank, world = ranks()
     model.eval()
+    mine = examples[rank::world]
     sums, counts = [], []
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        s, c = token_losses(model, batch)
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, leave=False, disable=rank > 0):
+        batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
+        with autocast(device, dtype):
+            s, c = token_losses(model, batch)
         sums += s.tolist()
         counts += c.tolist()
+    if world > 1:
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, (sums, counts))
+        sums, counts = [0.0] * len(examples), [0] * len(examples)
+        for r, (s, c) in enumerate(shares):
+            sums[r::world], counts[r::world] = s, c
     return sum(sums) / max(sum(counts), 1), [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
@@ -65,13 +96,15 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
-def plan_steps(lengths: list[int], cfg: FinetuneConfig, seed: int) -> list[list[list[list[int]]]]:
-    """The whole run's data order, fixed by the seed: per optimizer step its micro-batches, each a list of
-    rows, each row the examples it holds (several when packed, one otherwise). A resumed run replays it."""
+def plan_steps(lengths: list[int], cfg: FinetuneConfig, seed: int, world: int = 1) -> list[list[list[list[int]]]]:
+    """The whole run's data order, fixed by the seed: per optimizer step its `grad_accum x world`
+    micro-batches, each a list of rows, each row the examples it holds (several when packed, one otherwise).
+    A resumed run replays it; process r of `world` trains micro-batches r*grad_accum to (r+1)*grad_accum."""
     rng = np.random.default_rng(seed)
     batches: list[list[list[int]]] = []
+    per_step = cfg.grad_accum * world
     per_epoch = total = 0
-    while not total or len(batches) < total * cfg.grad_accum:
+    while not total or len(batches) < total * per_step:
         order = rng.permutation(len(lengths)).tolist()
         if cfg.packing:  # first fit in a new random order each epoch: different neighbours, few gaps
             rows = [[order[i] for i in row] for row in pack([lengths[i] for i in order], cfg.row_tokens,
@@ -81,9 +114,9 @@ def plan_steps(lengths: list[int], cfg: FinetuneConfig, seed: int) -> list[list[
             rows = [[i] for i in order]
         epoch = [rows[s:s + cfg.batch_size] for s in range(0, len(rows), cfg.batch_size)]
         per_epoch = per_epoch or len(epoch)
-        total = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
+        total = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / per_step))
         batches += epoch
-    return [batches[s * cfg.grad_accum:(s + 1) * cfg.grad_accum] for s in range(total)]
+    return [batches[s * per_step:(s + 1) * per_step] for s in range(total)]
 
 
 def micro_batch(examples: list[Example], rows: list[list[int]], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
@@ -100,6 +133,20 @@ def batch_loss(model, batch: dict[str, torch.Tensor], packing: bool, chunk: int)
         return total, int(count)
     sums, counts = token_losses(model, batch)
     return sums.sum(), int(counts.sum())
+
+
+class ResponseLoss(torch.nn.Module):
+    """`batch_loss` as one module call: DistributedDataParallel synchronises the gradients of the
+    forward it wraps, and the loss reads the decoder's hidden states, not the model's logits."""
+
+    def __init__(self, model, packing: bool, chunk: int):
+        super().__init__()
+        self.model = model
+        self.packing = packing
+        self.chunk = chunk
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return batch_loss(self.model, batch, self.packing, self.chunk)
 
 
 class Checkpoints:
@@ -154,38 +201,58 @@ def with_lora(model, cfg: LoraConfig):
 
 
 def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id: int, device: torch.device,
-          checkpoints: Checkpoints | None = None) -> tuple[list[dict[str, float]], int]:
+          checkpoints: Checkpoints | None = None,
+          dtype: torch.dtype = torch.float32) -> tuple[list[dict[str, float]], int]:
     """Train; return the log (one entry per optimizer step) and the step the run resumed from (0: none)."""
+    rank, world = ranks()
     if not cfg.train_embeddings and not cfg.lora.enabled:
         model.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps = plan_steps([len(ex.input_ids) for ex in examples], cfg, seed)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    steps = plan_steps([len(ex.input_ids) for ex in examples], cfg, seed, world)
     warmup = int(cfg.warmup_ratio * len(steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, len(steps)))
     start, log = checkpoints.load(model, optimizer, scheduler) if checkpoints else (0, [])
     torch.manual_seed(seed)
+    loss_fn: torch.nn.Module = ResponseLoss(model, cfg.packing, cfg.logit_chunk)
+    if world > 1:
+        loss_fn = torch.nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     model.train()
-    for step in (bar := tqdm(range(start, len(steps)), desc="finetune", unit="step", initial=start, total=len(steps))):
+    bar = tqdm(range(start, len(steps)), desc="finetune", unit="step", initial=start, total=len(steps), disable=rank > 0)
+    for step in bar:
         t0 = time.perf_counter()
-        micro = [micro_batch(examples, rows, cfg.packing, pad_id) for rows in steps[step]]
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        # Every process knows the whole step; it trains its own micro-batches and scales its loss so that
+        # the averaged gradient is that of the mean over all response tokens of the step.
+        n_tokens = sum(examples[i].trainable_tokens for rows in steps[step] for row in rows for i in row)
         real_tokens = sum(len(examples[i].input_ids) for rows in steps[step] for row in rows for i in row)
-        step_sum = 0.0
-        for batch in micro:
-            total, _ = batch_loss(model, {k: v.to(device) for k, v in batch.items()}, cfg.packing, cfg.logit_chunk)
-            (total / n_tokens).backward()  # mean over all response tokens of the optimizer step
-            step_sum += float(total.detach())
+        mine = steps[step][rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
+        step_sum = torch.zeros((), device=device)
+        for k, rows in enumerate(mine):
+            batch = {key: v.to(device) for key, v in micro_batch(examples, rows, cfg.packing, pad_id).items()}
+            last = k == len(mine) - 1
+            sync = contextlib.nullcontext() if last or world == 1 else loss_fn.no_sync()
+            with sync:
+                with autocast(device, dtype):
+                    total, _ = loss_fn(batch)
+                (total * world / n_tokens).backward()
+            step_sum += total.detach()
+        if world > 1:
+            dist.all_reduce(step_sum)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        log.append({"step": step + 1, "loss": step_sum / max(n_tokens, 1), "lr": scheduler.get_last_lr()[0],
+        log.append({"step": step + 1, "loss": float(step_sum) / max(n_tokens, 1), "lr": scheduler.get_last_lr()[0],
                     "tokens": n_tokens, "real_tokens": real_tokens, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
         if checkpoints and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(steps):
-            checkpoints.save(step + 1, model, optimizer, scheduler, log)
+            if rank == 0:
+                checkpoints.save(step + 1, model, optimizer, scheduler, log)
+            if world > 1:
+                dist.barrier()  # nobody runs ahead of a checkpoint it might have to resume from
     return log, start
 
 
@@ -210,17 +277,18 @@ def attention_for(cfg: FinetuneConfig, device: torch.device) -> str:
     return "flex_attention" if device.type == "cuda" and cfg.packing else "sdpa"
 
 
-def training_figures(log: list[dict[str, float]], model, device: torch.device) -> dict[str, Any]:
+def training_figures(log: list[dict[str, float]], model, device: torch.device, world: int = 1) -> dict[str, Any]:
+    """Throughput of all processes together; MFU against `world` GPUs' peak; this process's peak memory."""
     seconds = sum(entry["seconds"] for entry in log) or 1e-9
     real = sum(entry["real_tokens"] for entry in log)
     figures: dict[str, Any] = {"train_tokens": sum(entry["tokens"] for entry in log), "train_real_tokens": real,
-                               "real_tokens_per_s": real / seconds, "train_seconds": seconds}
+                               "real_tokens_per_s": real / seconds, "train_seconds": seconds, "processes": world}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
         n_params = sum(p.numel() for p in model.parameters())
         figures.update(gpu=name, peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30,
-                       mfu=6 * n_params * real / seconds / peak if peak else None)
+                       mfu=6 * n_params * real / seconds / (peak * world) if peak else None)
     else:
         import resource
 
@@ -268,11 +336,17 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
     `data` names what the model was trained on (artifact keys) for its model card. A run that finds
     checkpoints in `out_dir/checkpoints` continues from the newest one.
     """
-    # 1. Model, tokenizer and examples.
+    # 1. Model (float32 weights; `dtype` is the compute precision), tokenizer and examples. Under torchrun
+    # each process takes the GPU of its local rank.
+    rank, world = ranks()
+    out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     dtype = pick_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
-    model = load_causal_lm(model_dir, device, dtype, attn_implementation=attention_for(cfg, device))
+    model = load_causal_lm(model_dir, device, torch.float32, attn_implementation=attention_for(cfg, device))
     train_df = mixed[mixed["split"] == "train"]
     eval_df = mixed[mixed["split"] == "eval"]
     if eval_cfg.max_examples is not None:
@@ -285,28 +359,40 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
     pad_id = tokenizer.pad_token_id
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        for layer in model.get_decoder().layers:
+            layer.compile()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     # 2. Eval loss of the base model, training (from the newest checkpoint, if any), eval loss again.
     t0 = time.perf_counter()
-    before, before_each = evaluate_loss(model, eval_examples, eval_cfg.batch_size, pad_id, device, "eval (base)")
+    before, before_each = evaluate_loss(model, eval_examples, eval_cfg.batch_size, pad_id, device, dtype, "eval (base)")
     checkpoints = Checkpoints(out_dir / "checkpoints")
-    log, resumed_from = train(model, train_examples, cfg, seed, pad_id, device, checkpoints)
-    after, after_each = evaluate_loss(model, eval_examples, eval_cfg.batch_size, pad_id, device, "eval (tuned)")
+    log, resumed_from = train(model, train_examples, cfg, seed, pad_id, device, checkpoints, dtype)
+    after, after_each = evaluate_loss(model, eval_examples, eval_cfg.batch_size, pad_id, device, dtype, "eval (tuned)")
     seconds = time.perf_counter() - t0
 
     # 3. Metrics, the curve, the model with its tokenizer and card; the checkpoints go once the model is saved.
     metrics = {
         "base_model": str(model_dir), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "weights_dtype": "float32", "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile,
         "attn_implementation": attention_for(cfg, device), "packing": cfg.packing, "lora": cfg.lora.enabled,
         "train_examples": len(train_examples), "eval_examples": len(eval_examples), "steps": len(log),
         "resumed_from_step": resumed_from, "mask": masks,
         "eval_loss_before": before, "eval_loss_after": after, "eval_loss_delta": after - before,
         "train_loss_first": log[0]["loss"], "train_loss_last": log[-1]["loss"],
-        **training_figures(log[resumed_from:], model, device), "seconds": seconds, "train_log": log,
+        **training_figures(log[resumed_from:], model, device, world), "seconds": seconds, "train_log": log,
     }
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_example = pd.DataFrame({"id": eval_df["id"].to_numpy(), "instruction": eval_df["instruction"].to_numpy(),
+                                "loss_before": before_each, "loss_after": after_each})
+    stats = {k: v for k, v in metrics.items() if k != "train_log"}
+    stats["model_path"] = str(out_dir / "model")
+    if rank > 0:  # the first process writes; the others are done
+        return per_example, stats
     plot_curve(log, before, after, out_dir / "training_curve.png")
     if cfg.lora.enabled:
         model = model.merge_and_unload()  # a plain model again: from_pretrained needs no peft
@@ -321,9 +407,4 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
     os.replace(staging, final)
     atomic_write_json(out_dir / "metrics.json", metrics)
     shutil.rmtree(checkpoints.root, ignore_errors=True)
-
-    per_example = pd.DataFrame({"id": eval_df["id"].to_numpy(), "instruction": eval_df["instruction"].to_numpy(),
-                                "loss_before": before_each, "loss_after": after_each})
-    stats = {k: v for k, v in metrics.items() if k != "train_log"}
-    stats["model_path"] = str(final)
     return per_example, stats

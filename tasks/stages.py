@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks import (calibration, dedup, evaluate, evol_instruct, exports, finetune, judge, mix, model_scores, prompts,
-                   quality, report, seeds, self_instruct, text, textscan)
+from tasks import (calibration, dedup, evaluate, evol_instruct, exports, finetune, judge, mix, model_scores, multigpu,
+                   prompts, quality, report, seeds, self_instruct, text, textscan)
 from tasks.artifacts import (Artifact, PartWriter, artifact_key, atomic_write_json, atomic_write_parquet,
                              atomic_write_text, code_version, input_hashes, source_hash)
 from tasks.config import Config, LLMConfig
@@ -108,7 +108,12 @@ def _run_finetune(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     rows = _frame(inputs["mix"])
     model_dir = resolve_model(cfg.finetune.base_model or cfg.llm.model)
     data = {"mix artifact": inputs["mix"].path.name, "mix content hash": inputs["mix"].content_hash()}
-    per_example, stats = finetune.finetune(rows, cfg.finetune, cfg.evaluate, model_dir, out.path, cfg.run.seed, data)
+    if cfg.finetune.processes > 1:  # data parallel under torchrun; the first process's results come back
+        per_example, stats = multigpu.launch(inputs["mix"].data_path, cfg.finetune, cfg.evaluate, model_dir,
+                                             out.path, cfg.run.seed, data)
+    else:
+        per_example, stats = finetune.finetune(rows, cfg.finetune, cfg.evaluate, model_dir, out.path, cfg.run.seed,
+                                               data)
     return per_example, {"rows_in": len(rows), **stats}
 
 
@@ -158,7 +163,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           lambda c: {"seed": c.run.seed, "model": c.finetune.base_model or c.llm.model,
                      "finetune": c.section("finetune"),
                      "eval_loss": {k: c.section("evaluate")[k] for k in ("max_examples", "batch_size")}},
-          _run_finetune, (finetune, prompts, losses, transformers_backend)),
+          _run_finetune, (finetune, multigpu, prompts, losses, transformers_backend)),
     Stage("evaluate", ("mix", "finetune"),
           lambda c: {"evaluate": c.section("evaluate"), "base": _local_llm(c, c.finetune.base_model).identity(),
                      "judge_llm": c.llm.identity() if c.evaluate.judge else None},

@@ -24,7 +24,8 @@ def test_real_gemma_trains_on_gpu_and_eval_loss_drops(tmp_path):
     # A few hundred packed steps of ~10 examples each.
     cfg = FinetuneConfig(epochs=20, batch_size=4, row_tokens=256, learning_rate=2e-5, device="cuda", max_length=256)
     per_example, stats = finetune(mixed, cfg, EvaluateConfig(batch_size=16), bundled_model_dir(), tmp_path, seed=0)
-    assert stats["device"].startswith("cuda") and stats["dtype"] == "bfloat16" and stats["steps"] >= 200
+    assert stats["device"].startswith("cuda") and stats["dtype"] == "bfloat16" and stats["weights_dtype"] == "float32"
+    assert stats["steps"] >= 200
     assert stats["attn_implementation"] == "flex_attention" and stats["mfu"] is not None
     assert stats["eval_loss_after"] < stats["eval_loss_before"]
     assert isinstance(per_example, pd.DataFrame) and len(per_example) == stats["eval_examples"]

@@ -14,11 +14,18 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("profile", ["default.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("profile", ["default.yaml", "tiny.yaml", "gpu.yaml"])
 def test_profiles_load(profile):
     cfg = load_config(ROOT / "configs" / profile)
     assert isinstance(cfg, Config)
     assert cfg.llm.model == "bundled"
+
+
+def test_every_profile_in_configs_loads():
+    profiles = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+    assert {"default.yaml", "gpu.yaml", "openai.yaml", "tiny.yaml"} <= set(profiles)
+    for name in profiles:
+        assert isinstance(load_config(ROOT / "configs" / name), Config)
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

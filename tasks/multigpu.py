@@ -1,0 +1,124 @@
+"""Data-parallel fine-tuning: with `finetune.processes: N` the finetune stage runs itself under torchrun.
+
+The stage writes a launch file into its artifact directory and runs
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.multigpu <artifact>/launch.json
+
+Each process trains on the GPU of its local rank (NCCL), or on the CPU (gloo) when there is no GPU or
+`finetune.device` is `cpu`; the first process writes the model, metrics and per-example eval losses, and
+the stage commits the artifact as with one process, so caching, checkpoints and resume are unchanged.
+The same command runs by hand with any launch file, and across machines with torchrun's `--nnodes` and
+`--rdzv-endpoint` in place of `--standalone` (every machine must see the artifact directory).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from tasks.artifacts import atomic_write_json, atomic_write_parquet
+from tasks.config import EvaluateConfig, FinetuneConfig
+
+LAUNCH = "launch.json"
+RESULT_ROWS = "launch.per_example.parquet"
+RESULT_STATS = "launch.stats.json"
+ERRORS = "launch.error.*"  # one per failed process: "rank N: ExceptionType: message"
+
+
+def command(processes: int, launch_file: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            "-m", "tasks.multigpu", str(launch_file)]
+
+
+def _die_with_parent() -> None:
+    # torchrun stops its workers on SIGTERM; ask Linux to send it one if the stage's process dies first
+    # (kill -9 included), so no orphan keeps writing into an artifact a re-run is about to use.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_dir: Path, out_dir: Path,
+           seed: int, data: dict[str, str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Run `finetune.finetune` in `cfg.processes` processes; return what the first one produced."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    launch_file = out_dir / LAUNCH
+    _clean(out_dir, keep_launch_file=False)
+    atomic_write_json(launch_file, {"mix": str(mix_path), "finetune": cfg.model_dump(mode="json"),
+                                    "evaluate": eval_cfg.model_dump(mode="json"), "model_dir": str(model_dir),
+                                    "out_dir": str(out_dir), "seed": seed, "data": data})
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                                                          // cfg.processes)))}
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    proc = subprocess.Popen(command(cfg.processes, launch_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, preexec_fn=_die_with_parent)
+    try:
+        for line in proc.stdout or ():  # pass the processes' progress through, keep the end for an error
+            sys.stdout.write(line)
+            tail.append(line)
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+    if code != 0 or not (out_dir / RESULT_STATS).is_file():
+        errors = [p.read_text() for p in sorted(out_dir.glob(ERRORS))]
+        cause = "\n".join(errors) if errors else f"its last lines:\n{''.join(tail).rstrip()}"
+        _clean(out_dir, keep_launch_file=True)
+        raise RuntimeError(f"finetune across {cfg.processes} processes failed (torchrun exit {code}): {cause}")
+    per_example = pd.read_parquet(out_dir / RESULT_ROWS)
+    stats = json.loads((out_dir / RESULT_STATS).read_text())
+    _clean(out_dir, keep_launch_file=False)
+    return per_example, stats
+
+
+def _clean(out_dir: Path, keep_launch_file: bool) -> None:
+    for path in [out_dir / RESULT_ROWS, out_dir / RESULT_STATS, *out_dir.glob(ERRORS)]:
+        path.unlink(missing_ok=True)
+    if not keep_launch_file:  # kept after a failure, to rerun the command by hand
+        (out_dir / LAUNCH).unlink(missing_ok=True)
+
+
+def main(argv: list[str]) -> int:
+    """One torchrun process: join the group, train, and (first process) write the results."""
+    import torch
+    import torch.distributed as dist
+
+    from tasks.finetune import finetune
+
+    if len(argv) != 1:
+        print("usage: torchrun --nproc-per-node N -m tasks.multigpu <launch.json>", file=sys.stderr)
+        return 2
+    request = json.loads(Path(argv[0]).read_text())
+    cfg = FinetuneConfig.model_validate(request["finetune"])
+    eval_cfg = EvaluateConfig.model_validate(request["evaluate"])
+    gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    dist.init_process_group("nccl" if gpu else "gloo")
+    out_dir = Path(request["out_dir"])
+    rank = dist.get_rank()
+    try:
+        per_example, stats = finetune(pd.read_parquet(request["mix"]), cfg, eval_cfg, Path(request["model_dir"]),
+                                      out_dir, request["seed"], request["data"])
+        if rank == 0:
+            atomic_write_parquet(out_dir / RESULT_ROWS, pa.Table.from_pandas(per_example, preserve_index=False))
+            atomic_write_json(out_dir / RESULT_STATS, stats)
+        dist.barrier()
+    except Exception as exc:  # the launcher reports the cause, not torchrun's summary; the traceback follows
+        (out_dir / ERRORS.replace("*", str(rank))).write_text(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
