@@ -1,4 +1,4 @@
-"""`instructflow` command line: `run` the pipeline (more subcommands grow here)."""
+"""`instructflow` command line: `run` the pipeline, `resume` a failed run, `serve` the deployments."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from tasks.config import ConfigError, load_config
 
@@ -17,6 +18,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="configs/default.yaml", help="YAML run profile")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set mix.seed=2 (repeatable)")
+    resume = sub.add_parser("resume", help="continue a failed run: finished stages are reused, the rest run")
+    resume.add_argument("run_id", help="a directory name under the runs directory, e.g. 20261127T081500-1a2b3c4d")
+    resume.add_argument("--runs-dir", default="data/runs", help="where the run directories are")
+    serve = sub.add_parser("serve", help="serve prefect.yaml's deployments from this machine (no worker needed)")
+    serve.add_argument("names", nargs="*", help="deployments to serve (default: all of prefect.yaml's)")
+    serve.add_argument("--limit", type=int, default=1, help="flow runs at once on this machine")
     return parser
 
 
@@ -38,9 +45,9 @@ def _print_summary(summary: dict, seconds: float) -> None:
     console.print(f"finished in {seconds:.1f} s")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_flow(config: str, overrides: list[str], run_id: str | None = None) -> int:
     try:
-        load_config(args.config, args.overrides)  # fail fast, before Prefect starts
+        load_config(config, overrides)  # fail fast, before Prefect starts
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -48,11 +55,52 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        summary = instruction_tuning(config=args.config, overrides=args.overrides)
+        summary = instruction_tuning(config=config, overrides=overrides, run_id=run_id)
     except Exception as exc:  # the flow has logged the traceback; the user gets one line
         print(f"run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if run_id is None:
+            print("continue it with: instructflow resume <run_id> (the run directory printed above)", file=sys.stderr)
         return 1
     _print_summary(summary, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run_flow(args.config, args.overrides)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Run the flow again with the run's own resolved config, into the same run directory: the artifacts
+    of finished stages are found by their keys and reused; the failed stage continues from its parts."""
+    from tasks.runs import read_manifest
+
+    run_dir = Path(args.runs_dir) / args.run_id
+    try:
+        manifest = read_manifest(run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"resume: {exc}", file=sys.stderr)
+        return 2
+    if manifest.get("status") == "completed":
+        print(f"run {args.run_id} completed already; its model: {manifest.get('model_path')}")
+        return 0
+    done = [name for name in manifest.get("stages", {})]
+    print(f"resuming run {args.run_id} (attempt {manifest.get('attempt', 1) + 1}); "
+          f"finished before: {', '.join(done) or 'none'}")
+    return _run_flow(str(run_dir / "config.yaml"), [], run_id=args.run_id)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prefect import serve
+
+    from flows.deployments import ROOT, DeploymentError, runner_deployments
+
+    try:
+        deployments = runner_deployments(args.names or None)
+    except DeploymentError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+    os.chdir(ROOT)  # the deployments' `config` parameters are paths relative to the project
+    serve(*deployments, limit=args.limit)
     return 0
 
 
@@ -66,9 +114,8 @@ def _quiet_defaults() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     args = _parser().parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    raise AssertionError(args.command)
+    commands = {"run": cmd_run, "resume": cmd_resume, "serve": cmd_serve}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

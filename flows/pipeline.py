@@ -31,12 +31,15 @@ def run_stage(stage: str, cfg: Config, run: RunRecord, inputs: dict[str, str]) -
 
 
 @flow(name="instruction-tuning", log_prints=True)
-def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str] | None = None,
+                       run_id: str | None = None) -> dict[str, Any]:
+    """Run the pipeline with the run profile `config` and dotted-key `overrides` (["mix.seed=2"]).
+    `run_id` continues that run's record (instructflow resume); a retried flow run continues its own."""
     # 1. Configuration: a bad file, key or value stops here, before any stage.
     overrides = list(overrides or [])
     cfg = load_config(config, overrides)
-    run = RunRecord.start(cfg, config, overrides, flow_run_id=runtime.flow_run.id)
-    print(f"run directory: {run.path}")
+    run = RunRecord.start(cfg, config, overrides, flow_run_id=runtime.flow_run.id, run_id=run_id)
+    print(f"run directory: {run.path} (attempt {run.attempt})")
 
     try:
         with tags(f"model:{cfg.llm.model}", f"profile:{cfg.run.name}"):

@@ -8,10 +8,14 @@ artifact behind a cache record has gone, so a deleted artifact is rebuilt rather
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from tqdm import tqdm
 
 from tasks.config import Config
 from tasks.stages import execute
@@ -45,12 +49,62 @@ def _publish_stats(stage: str, stats: dict[str, Any]) -> None:
             create_table_artifact(key=f"{slug}-{field.replace('_', '-')}", table=table, description=f"{stage}: {what}")
 
 
+class StageProgress:
+    """A progress artifact for a running stage, fed from the stage's own progress bars.
+
+    The stage logic knows nothing of Prefect; it shows tqdm bars. While the stage runs, a thread reads the
+    outermost live bar every `every` seconds and updates the artifact (percent, and "desc n/total" as its
+    description), so the UI shows generation, scoring or training advancing.
+    """
+
+    def __init__(self, stage: str, every: float = 3.0):
+        self.stage = stage
+        self.every = every
+        self.id = create_progress_artifact(0.0, key=f"{stage.replace('_', '-')}-progress",
+                                           description=f"{stage}: starting")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"{stage}-progress", daemon=True)
+
+    def __enter__(self) -> "StageProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is None:
+            self._update(100.0, f"{self.stage}: done")
+
+    @staticmethod
+    def outermost_bar() -> tqdm | None:
+        bars = [b for b in list(tqdm._instances) if b.total and not b.disable]  # type: ignore[attr-defined]
+        return min(bars, key=lambda b: abs(b.pos), default=None)
+
+    def _update(self, percent: float, description: str) -> None:
+        try:
+            update_progress_artifact(self.id, percent, description=description)
+        except Exception as exc:  # progress is for people; the stage goes on, and the log says why it stopped
+            logging.getLogger(__name__).warning("%s: progress artifact not updated: %s", self.stage, exc)
+
+    def _watch(self) -> None:
+        last = None
+        while not self._stop.wait(self.every):
+            bar = self.outermost_bar()
+            if bar is None:
+                continue
+            now = (bar.desc, bar.n, bar.total)
+            if now != last:
+                last = now
+                self._update(min(100.0, 100.0 * bar.n / bar.total), f"{self.stage}: {bar.desc} {bar.n}/{bar.total}")
+
+
 def _stage_task(stage: str, retries: int):
     @task(name=stage, task_run_name=f"{stage} [{{key}}]", tags=["instructflow", f"stage:{stage}"],
           retries=retries, retry_delay_seconds=5, cache_key_fn=_cache_key(stage), persist_result=True,
           result_serializer="json")
     def run(key: str, config: dict[str, Any], inputs: dict[str, str], artifacts_dir: str) -> str:
-        artifact = execute(stage, Config.model_validate(config), inputs)
+        with StageProgress(stage):
+            artifact = execute(stage, Config.model_validate(config), inputs)
         if artifact.path.name != key:
             raise RuntimeError(f"{stage}: planned artifact {key} but wrote {artifact.path.name}; "
                                f"the stage's code changed during the run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,16 +39,34 @@ class RunRecord:
     config_path: str
     overrides: list[str]
     started_at: float
+    attempt: int = 1
     stages: list[StageRecord] = field(default_factory=list)
 
     @classmethod
-    def start(cls, cfg: Config, config_path: str, overrides: list[str], flow_run_id: str | None = None) -> "RunRecord":
+    def start(cls, cfg: Config, config_path: str, overrides: list[str], flow_run_id: str | None = None,
+              run_id: str | None = None) -> "RunRecord":
+        """A new run directory, or the existing one of `run_id` (a resume) or of this flow run (a Prefect
+        retry of it), continued as its next attempt."""
+        runs_dir = Path(cfg.run.runs_dir).resolve()
+        if run_id is None and flow_run_id:
+            earlier = sorted(runs_dir.glob(f"*-{str(flow_run_id)[:8]}"))
+            run_id = earlier[-1].name if earlier else None
+        if run_id is not None:
+            return cls.resume(runs_dir / run_id)
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        run_id = f"{stamp}-{(flow_run_id or secrets.token_hex(4))[:8]}"
-        path = Path(cfg.run.runs_dir).resolve() / run_id
+        run_id = f"{stamp}-{(str(flow_run_id) if flow_run_id else secrets.token_hex(4))[:8]}"
+        path = runs_dir / run_id
         path.mkdir(parents=True, exist_ok=False)
         atomic_write_text(path / "config.yaml", cfg.to_yaml())
         record = cls(run_id, path, config_path, list(overrides), time.time())
+        record.save(status="running")
+        return record
+
+    @classmethod
+    def resume(cls, path: Path) -> "RunRecord":
+        manifest = read_manifest(path)
+        record = cls(manifest["run_id"], path, manifest["config"], list(manifest["overrides"]), time.time(),
+                     attempt=int(manifest.get("attempt", 1)) + 1)
         record.save(status="running")
         return record
 
@@ -62,9 +81,19 @@ class RunRecord:
         return target
 
     def save(self, status: str, extra: dict[str, Any] | None = None) -> None:
-        manifest = {"run_id": self.run_id, "status": status, "config": self.config_path,
+        manifest = {"run_id": self.run_id, "status": status, "attempt": self.attempt, "config": self.config_path,
                     "overrides": self.overrides, "started_at": time.strftime(
                         "%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started_at)),
                     "seconds": round(time.time() - self.started_at, 3),
                     "stages": {s.stage: asdict(s) for s in self.stages}, **(extra or {})}
         atomic_write_json(self.path / "manifest.json", manifest)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no run here (no manifest.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
