@@ -1,0 +1,120 @@
+"""The deployment topology of docker-compose.yml without Docker: PostgreSQL, `prefect server start` on it,
+and `instructflow serve`, all on loopback. Runs go through the Prefect CLI as a user would start them; a
+failed stage is retried with `prefect flow-run retry`; a headless Chromium reads the result in the UI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.servers import _stop, postgres_bin, postgres_server, prefect_server
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOYMENT = "instruction-tuning/adhoc"
+STAGES = ["seeds", "self_instruct", "evol_instruct", "quality", "mix", "finetune", "evaluate"]
+
+pytestmark = pytest.mark.skipif(postgres_bin() is None or shutil.which("runuser") is None and os.geteuid() == 0,
+                                reason="needs Debian's `postgresql` package (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir):
+    """PostgreSQL, the Prefect server on it, and the adhoc deployment served from this checkout."""
+    root = tmp_path_factory.mktemp("stack")
+    with postgres_server() as database_url, \
+            prefect_server(database_url, root / "prefect-home", root / "server.log") as api:
+        env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(root / "prefect-home"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
+        log = (root / "serve.log").open("w")
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "adhoc"], cwd=ROOT, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 120
+            while prefect(env, "deployment", "inspect", DEPLOYMENT, check=False).returncode != 0:
+                if serve.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"serve did not come up:\n{(root / 'serve.log').read_text()[-3000:]}")
+                time.sleep(1)
+            yield {"env": env, "api": api, "root": root, "tiny": tiny_model_dir, "database_url": database_url}
+        finally:
+            _stop(serve)
+            log.close()
+
+
+def prefect(env: dict[str, str], *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_deployment(stack, overrides: list[str], check: bool = True) -> tuple[str, subprocess.CompletedProcess]:
+    params = json.dumps({"config": str(ROOT / "configs" / "tiny.yaml"), "overrides": overrides})
+    result = prefect(stack["env"], "deployment", "run", DEPLOYMENT, "--params", params, "--watch",
+                     "--watch-timeout", "800", check=check)
+    found = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
+    assert found, result.stdout
+    return found.group(1), result
+
+
+def tiny_overrides(stack, name: str, **extra: str) -> list[str]:
+    where = stack["root"] / name
+    base = {"llm.model": str(stack["tiny"]), "run.artifacts_dir": str(where / "artifacts"),
+            "run.runs_dir": str(where / "runs"), "seeds.path": str(ROOT / "data" / "seed_tasks.jsonl")}
+    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
+
+
+def read_back(stack, flow_run_id: str) -> dict:
+    """The flow run, its task runs and its artifacts, through the Prefect client."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack["api"]}):
+        with get_client(sync_client=True) as client:
+            only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            flow_run = client.read_flow_run(flow_run_id)
+            tasks = client.read_task_runs(flow_run_filter=only)
+            artifacts = client.read_artifacts(flow_run_filter=only)
+    return {"flow_run": flow_run, "tasks": tasks, "artifacts": artifacts}
+
+
+def wait_terminal(stack, flow_run_id: str, timeout_s: float = 800):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = read_back(stack, flow_run_id)["flow_run"].state
+        if state.is_final() and not state.is_scheduled():
+            return state
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout_s}s")
+
+
+def test_deployment_run_completes_and_its_artifacts_read_back(stack):
+    flow_run_id, result = run_deployment(stack, tiny_overrides(stack, "completed"))
+    assert "Completed" in result.stdout, result.stdout
+    seen = read_back(stack, flow_run_id)
+    assert seen["flow_run"].state.is_completed() and seen["flow_run"].deployment_id is not None
+    # One readable task run per stage, tagged with its stage and the model.
+    by_stage = {t.name.split(" [")[0]: t for t in seen["tasks"]}
+    assert sorted(by_stage) == sorted(STAGES) and all(t.state.is_completed() for t in by_stage.values())
+    assert all(re.fullmatch(rf"{s} \[[0-9a-f]+\]", by_stage[s].name) for s in STAGES)
+    assert all(f"stage:{s}" in by_stage[s].tags and any(t.startswith("model:") for t in by_stage[s].tags)
+               for s in STAGES)
+    # The UI's artifacts: the summary, a stats table per stage, progress that reached 100%.
+    artifacts = {a.key: a for a in seen["artifacts"] if a.key}
+    summary = artifacts["run-summary"].data
+    assert "| finetune |" in summary and "Eval loss:" in summary and "Tuned model:" in summary
+    assert {f"{s.replace('_', '-')}-stats" for s in STAGES} <= set(artifacts)
+    progress = {a.key: a for a in seen["artifacts"] if a.type == "progress"}
+    assert {f"{s.replace('_', '-')}-progress" for s in STAGES} <= set(progress)
+    assert all(float(a.data) == 100.0 for a in progress.values())
+    stats = {row["metric"]: row["value"] for row in json.loads(artifacts["finetune-stats"].data)}
+    assert stats["steps"] == 2 and stats["eval_loss_after"] > 0
