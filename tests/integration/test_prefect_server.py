@@ -118,3 +118,88 @@ def test_deployment_run_completes_and_its_artifacts_read_back(stack):
     assert all(float(a.data) == 100.0 for a in progress.values())
     stats = {row["metric"]: row["value"] for row in json.loads(artifacts["finetune-stats"].data)}
     assert stats["steps"] == 2 and stats["eval_loss_after"] > 0
+    stack["completed"] = flow_run_id
+
+
+def test_a_failed_stage_is_retried_alone_with_prefect_flow_run_retry(stack):
+    # The fine-tuning base model is not there yet (a volume not mounted, say): the run fails at finetune.
+    late_model = stack["root"] / "late-model"
+    overrides = tiny_overrides(stack, "retried", **{"finetune.base_model": str(late_model)})
+    flow_run_id, result = run_deployment(stack, overrides, check=False)
+    assert result.returncode != 0 and "Failed" in result.stdout, result.stdout
+    first = read_back(stack, flow_run_id)
+    states = {t.name.split(" [")[0]: t.state.name for t in first["tasks"]}
+    assert states == {**{s: "Completed" for s in STAGES[:5]}, "finetune": "Failed"}
+    ran_first = {t.name: t.start_time for t in first["tasks"]}
+
+    shutil.copytree(stack["tiny"], late_model)  # the model arrives; retry the flow run
+    prefect(stack["env"], "flow-run", "retry", flow_run_id)
+    assert wait_terminal(stack, flow_run_id).is_completed()
+
+    # Only the failed stage and those after it ran again: the first five kept their first run.
+    again = read_back(stack, flow_run_id)
+    latest = {}
+    for t in sorted(again["tasks"], key=lambda t: t.start_time or t.expected_start_time):
+        latest[t.name.split(" [")[0]] = t
+    assert all(latest[s].state.name in ("Completed", "Cached") for s in STAGES)
+    rerun = [s for s in STAGES if latest[s].state.name == "Completed" and latest[s].start_time != ran_first.get(
+        latest[s].name)]
+    assert rerun == ["finetune", "evaluate"], {s: (latest[s].state.name, latest[s].start_time) for s in STAGES}
+    (run_dir,) = (stack["root"] / "retried" / "runs").iterdir()  # the retry continued the same run record
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["attempt"] == 2
+    assert {s: r["reused"] for s, r in manifest["stages"].items()} == {
+        **{s: True for s in STAGES[:5]}, "finetune": False, "evaluate": False}
+    stack["retried_flow_run"] = flow_run_id
+
+
+def test_bad_parameters_are_refused_naming_the_key(stack):
+    flow_run_id, result = run_deployment(stack, tiny_overrides(stack, "bad") + ["mix.sed=3"], check=False)
+    seen = read_back(stack, flow_run_id)
+    assert seen["flow_run"].state.is_failed() and seen["tasks"] == []
+    assert "unknown key `mix.sed`" in seen["flow_run"].state.message
+    # A parameter of the wrong type never becomes a run: the deployment's schema refuses it.
+    refused = prefect(stack["env"], "deployment", "run", DEPLOYMENT, "--params", json.dumps({"overrides": "mix.seed=2"}),
+                      check=False)
+    assert refused.returncode != 0 and "overrides" in refused.stdout + refused.stderr
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                    reason="needs Debian's chromium and chromium-driver (make test installs them)")
+def test_the_ui_shows_the_stage_task_runs_and_the_run_summary(stack):
+    pytest.importorskip("selenium", reason="needs selenium (the dev extra)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    flow_run_id = stack.get("completed") or run_deployment(stack, tiny_overrides(stack, "ui"))[0]
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1200"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        ui = stack["api"].removesuffix("/api")
+        browser.get(f"{ui}/runs/flow-run/{flow_run_id}")
+        wait = WebDriverWait(browser, 90)
+
+        def page() -> str:
+            return browser.find_element(By.TAG_NAME, "body").text
+
+        wait.until(lambda b: b.find_elements(By.ID, "task-runs"))[0].click()
+        wait.until(lambda b: all(f"{stage} [" in page() for stage in STAGES))
+        assert "stage:finetune" in page() and "7 Task runs" in page()
+        browser.find_element(By.ID, "artifacts").click()
+        wait.until(lambda b: b.find_elements(By.XPATH, "//*[normalize-space(text())='run-summary']"))[0].click()
+        wait.until(lambda b: "Eval loss:" in page())
+        text = page()
+        assert "/artifacts/artifact/" in browser.current_url
+        assert "instruction-tuning run " in text and "Tuned model:" in text and "(tuned)" in text
+        assert all(re.search(rf"^{stage} \d+ \d+ ", text, re.M) for stage in STAGES), text[:2000]
+    finally:
+        browser.quit()
