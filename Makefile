@@ -9,7 +9,12 @@ SERVE  := $(VENV)/.installed-serve
 CONFIG ?= configs/default.yaml
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test test-gpu setup clean-outputs
+.PHONY: run test test-gpu setup system-deps clean-outputs
+
+# Debian packages the tests use: PostgreSQL under the Prefect server, headless Chromium for the UI test,
+# docker-compose (1.29) to validate docker-compose.yml. Installed once when missing (root, or sudo).
+TEST_DEBS := postgresql chromium chromium-driver docker-compose
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(STAMP)
 
@@ -28,7 +33,15 @@ $(SERVE): $(STAMP)
 	$(PIP) install -e '.[dev,serve]'
 	touch $(SERVE)
 
-test: $(SERVE)
+system-deps:
+	@if ! command -v dpkg >/dev/null 2>&1; then echo "not Debian: install $(TEST_DEBS) yourself, or those tests skip"; exit 0; fi; \
+	missing=$$(for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the tests:" $$missing; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: $(SERVE) system-deps
 	$(BIN)/python -m pytest -m "not gpu" tests
 
 test-gpu: $(STAMP)
