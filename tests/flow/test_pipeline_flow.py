@@ -132,3 +132,35 @@ def test_failed_stage_marks_run_failed_and_nothing_done(harness, tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "failed" and f"{bad}:2: malformed JSON" in manifest["error"]
     assert not list((tmp_path / "artifacts").rglob("_SUCCESS"))
+
+
+def test_instructflow_resume_continues_a_failed_local_run(harness, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from flows.cli import main
+
+    late_model = tmp_path / "late-model"  # the fine-tuning base model is not there yet: finetune fails
+    sets = [f"llm.model={tiny_model_dir}", f"run.artifacts_dir={tmp_path / 'artifacts'}",
+            f"run.runs_dir={tmp_path / 'runs'}", f"seeds.path={ROOT / 'data' / 'seed_tasks.jsonl'}",
+            f"finetune.base_model={late_model}"]
+    args = ["run", "--config", str(ROOT / "configs" / "tiny.yaml")] + [x for s in sets for x in ("--set", s)]
+    assert main(args) == 1
+    assert "instructflow resume" in capsys.readouterr().err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    failed = json.loads((run_dir / "manifest.json").read_text())
+    assert failed["status"] == "failed" and list(failed["stages"]) == list(STAGES)[:5]
+
+    shutil.copytree(tiny_model_dir, late_model)
+    assert main(["resume", run_dir.name, "--runs-dir", str(tmp_path / "runs")]) == 0
+    resumed = json.loads((run_dir / "manifest.json").read_text())
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]  # the same run, continued
+    assert resumed["status"] == "completed" and resumed["attempt"] == 2
+    assert resumed["config"] == failed["config"] and resumed["overrides"] == failed["overrides"]
+    assert {s: r["reused"] for s, r in resumed["stages"].items()} == {
+        **{s: True for s in list(STAGES)[:5]}, "finetune": False, "evaluate": False}
+
+    capsys.readouterr()
+    assert main(["resume", run_dir.name, "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert "completed already" in capsys.readouterr().out
+    assert main(["resume", "no-such-run", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "no-such-run: no run here (no manifest.json)" in capsys.readouterr().err
