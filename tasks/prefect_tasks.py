@@ -99,9 +99,11 @@ class StageProgress:
 
 
 def _stage_task(stage: str, retries: int):
+    # log_prints off: stages log through `logging`, and with it on, the disassembly that dill captures
+    # internally while `datasets` fingerprints a table (mix exports) leaked into the run's logs.
     @task(name=stage, task_run_name=f"{stage} [{{key}}]", tags=["instructflow", f"stage:{stage}"],
           retries=retries, retry_delay_seconds=5, cache_key_fn=_cache_key(stage), persist_result=True,
-          result_serializer="json")
+          result_serializer="json", log_prints=False)
     def run(key: str, config: dict[str, Any], inputs: dict[str, str], artifacts_dir: str) -> str:
         with StageProgress(stage):
             artifact = execute(stage, Config.model_validate(config), inputs)
