@@ -22,7 +22,7 @@ from tasks.stages import plan
 def run_stage(stage: str, cfg: Config, run: RunRecord, inputs: dict[str, str]) -> str:
     """Plan the stage's artifact, run its task (or reuse the artifact), and record it in the manifest."""
     artifact = plan(stage, cfg, inputs)
-    reused = artifact.is_done()
+    reused = artifact.is_done(verify=True)  # a truncated or altered artifact is recomputed, not reused
     task = getattr(prefect_tasks, stage).with_options(refresh_cache=not reused)
     path = task(key=artifact.path.name, config=cfg.model_dump(mode="json"), inputs=inputs,
                 artifacts_dir=str(artifact.path.parent.parent.resolve()))

@@ -154,14 +154,26 @@ class Artifact:
     def parts_dir(self) -> Path:
         return self.path / "parts"
 
-    def is_done(self) -> bool:
-        if not (self.success_path.is_file() and self.data_path.is_file()):
+    def is_done(self, verify: bool = False) -> bool:
+        """A finished artifact: `_SUCCESS` names the data's hash and size, the data has that size and a
+        Parquet footer, and stats.json is there. `verify` also re-hashes the data (a flipped byte), which
+        the flow and `execute` do once before reusing an artifact; a corrupted one is then recomputed."""
+        if not (self.success_path.is_file() and self.data_path.is_file() and self.stats_path.is_file()):
             return False
         try:
             marker = json.loads(self.success_path.read_text())
+            if not (isinstance(marker, dict) and "content_hash" in marker):
+                return False
+            size = self.data_path.stat().st_size
+            if "bytes" in marker and size != marker["bytes"]:
+                return False
+            with self.data_path.open("rb") as fh:
+                fh.seek(max(0, size - 4))
+                if fh.read(4) != b"PAR1":  # a truncated Parquet file has lost its footer
+                    return False
         except (OSError, ValueError):
             return False
-        return isinstance(marker, dict) and "content_hash" in marker
+        return not verify or sha256_file(self.data_path) == marker["content_hash"]
 
     def marker(self) -> dict[str, Any]:
         if not self.is_done():
@@ -188,7 +200,8 @@ class Artifact:
         """Write data, then stats, then `_SUCCESS` naming the data's content hash; drop the parts."""
         atomic_write_parquet(self.data_path, table)
         atomic_write_json(self.stats_path, stats)
-        marker = {"content_hash": sha256_file(self.data_path), "rows": table.num_rows,
+        marker = {"content_hash": sha256_file(self.data_path), "bytes": self.data_path.stat().st_size,
+                  "rows": table.num_rows,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_json(self.success_path, marker)
         if self.parts_dir.exists():

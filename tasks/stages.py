@@ -183,7 +183,7 @@ def execute(stage: str, cfg: Config, inputs: dict[str, str | Path]) -> Artifact:
     """Run `stage` into its planned artifact unless that is already done; return the artifact."""
     spec = STAGES[stage]
     out = plan(stage, cfg, inputs)
-    if out.is_done():
+    if out.is_done(verify=True):
         return out
     out.begin()
     t0 = time.perf_counter()

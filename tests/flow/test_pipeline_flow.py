@@ -113,6 +113,14 @@ def test_deleted_artifact_is_rebuilt_not_returned(harness, tiny_model_dir, tmp_p
     assert states["mix"] == "Completed" and states["finetune"] == "Completed" and states["quality"] == "Cached"
     assert (mix_dir / "_SUCCESS").is_file() and Path(second["model_path"]).is_dir()
 
+    # A truncated Parquet file under a valid _SUCCESS is detected and recomputed; the recomputed mix has
+    # the same content, so what was trained on it is still reused.
+    data = (mix_dir / "data.parquet").read_bytes()
+    (mix_dir / "data.parquet").write_bytes(data[: len(data) // 2])
+    third, states = run_flow(base)
+    assert states["mix"] == "Completed" and states["quality"] == "Cached" and states["finetune"] == "Cached"
+    assert (mix_dir / "data.parquet").read_bytes() == data
+
 
 def test_bad_config_fails_before_any_stage(harness, tmp_path):
     state = instruction_tuning(config=str(ROOT / "configs" / "tiny.yaml"),

@@ -99,3 +99,25 @@ def test_source_hash_of_directory_and_missing(tmp_path):
     before = source_hash(tmp_path / "d")
     (tmp_path / "d" / "x").write_text("2")
     assert source_hash(tmp_path / "d") != before and source_hash(tmp_path / "nope") == "missing"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_stats", "no_success", "empty_success"])
+def test_a_damaged_artifact_is_not_done(tmp_path, damage):
+    art = Artifact.at(tmp_path, "mix", "k")
+    art.begin()
+    art.commit(pa.table({"x": list(range(1000))}), {"rows_out": 1000})
+    assert art.is_done(verify=True)
+    data = art.data_path.read_bytes()
+    if damage == "truncate":
+        art.data_path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size, same footer, one byte changed: only the hash sees it
+        middle = len(data) // 2
+        art.data_path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+        assert art.is_done()
+    elif damage == "no_stats":
+        art.stats_path.unlink()
+    elif damage == "no_success":
+        art.success_path.unlink()
+    else:
+        art.success_path.write_text("")
+    assert not art.is_done(verify=True)
