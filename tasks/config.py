@@ -369,14 +369,19 @@ def _describe(err: dict[str, Any]) -> str:
     return f"key `{key}`: {err['msg']} (got {shown})"
 
 
+def _shown(text: str) -> str:
+    """An override as typed, on one line (control characters escaped)."""
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override `{text}` must look like section.key=value")
+        raise ConfigError(f"override `{_shown(text)}` must look like section.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override `{text}`: value is not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"override `{_shown(text)}`: value is not valid YAML ({exc.__class__.__name__})") from None
     return key.strip().split("."), value
 
 
@@ -388,7 +393,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 where = ".".join(path[: depth + 1])
-                raise ConfigError(f"override `{text}`: `{where}` is a value, not a section")
+                raise ConfigError(f"override `{_shown(text)}`: `{where}` is a value, not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -400,11 +405,16 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. a control character
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid YAML (character {chr(exc.character)!r} is not allowed)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if data is None:
