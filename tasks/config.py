@@ -50,10 +50,16 @@ class LLMConfig(Section):
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
     request_timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout")
     max_retries: int = Field(6, ge=0, description="openai: retries per request on 429, 5xx, timeouts")
+    requests_per_minute: int | None = Field(None, ge=1, description="openai: client-side limit (None: none)")
+    tokens_per_minute: int | None = Field(None, ge=1, description="openai: client-side limit, prompt + completion")
+    # The key comes from this Prefect Secret block when set (`prefect block create secret`), else from
+    # the environment variable `api_key_env`. It is never written anywhere.
+    api_key_secret: str | None = Field(None, description="openai: name of a Prefect Secret block holding the key")
 
     # Settings that change how requests are sent, not what comes back: left out of artifact keys, so that
     # a run resumed with a lower concurrency or a longer timeout keeps its checkpoints.
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("api_key_env", "max_concurrency", "request_timeout_s", "max_retries")
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("api_key_env", "api_key_secret", "max_concurrency", "request_timeout_s",
+                                              "max_retries", "requests_per_minute", "tokens_per_minute")
 
     @model_validator(mode="after")
     def _backend(self) -> "LLMConfig":

@@ -11,11 +11,12 @@ from tasks.llm.base import LLM
 @functools.lru_cache(maxsize=2)
 def _cached(cfg: LLMConfig) -> LLM:
     if cfg.backend == "openai":
-        from tasks.llm.openai_backend import OpenAILLM, api_key_from_env
+        from tasks.llm.openai_backend import OpenAILLM, api_key
 
-        return OpenAILLM(cfg.model, base_url=cfg.base_url, mode=cfg.mode, api_key=api_key_from_env(cfg.api_key_env),
-                         max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s,
-                         max_retries=cfg.max_retries)
+        return OpenAILLM(cfg.model, base_url=cfg.base_url, mode=cfg.mode,
+                         api_key=api_key(cfg.api_key_env, cfg.api_key_secret), max_concurrency=cfg.max_concurrency,
+                         timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
+                         requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute)
     from tasks.llm.models import resolve_model
     from tasks.llm.transformers_backend import TransformersLLM
 

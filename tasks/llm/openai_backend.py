@@ -1,7 +1,8 @@
 """OpenAI-compatible endpoints (OpenAI, vLLM, llama.cpp server, Ollama): completions or chat.
 
 One `generate` call sends all its prompts at once, at most `max_concurrency` in flight, each with its own
-timeout. A request that fails with 429, 5xx, a timeout or a dropped connection is retried with
+timeout, and no faster than the client-side limits allow (`requests_per_minute`, `tokens_per_minute`, over a
+sliding minute; a request counts its prompt estimate plus `max_new_tokens` until the server reports usage). A request that fails with 429, 5xx, a timeout or a dropped connection is retried with
 exponential backoff and full jitter, waiting at least what the server's Retry-After asks; after
 `max_retries` retries the call raises `LLMRequestError`, and the stage stops at its last checkpoint.
 Other errors (a bad request, a wrong key, an unknown model) are not retried.
@@ -13,13 +14,14 @@ else: it is not logged, not part of the backend's name and not in any error mess
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import email.utils
 import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import openai
@@ -85,10 +87,54 @@ def describe(exc: Exception) -> str:
     return f"{kind}{f' (HTTP {status})' if status else ''}: {message[:300]}"
 
 
+class RateLimiter:
+    """At most `rpm` requests and `tpm` tokens started in any `window_s` seconds (None: no limit).
+
+    Each grant is recorded as [start time, tokens]; `settle` replaces the estimate with the usage the server
+    reported. A request alone larger than `tpm` is let through when nothing else is in the window, or it
+    would wait forever. `clock` and `sleep` are injectable so tests can run on virtual time.
+    """
+
+    def __init__(self, rpm: int | None, tpm: int | None, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        self.rpm, self.tpm, self.window_s = rpm, tpm, window_s
+        self.clock, self.sleep = clock, sleep
+        self.grants: collections.deque[list[float]] = collections.deque()
+        self.waited_s = 0.0
+
+    async def acquire(self, tokens: int) -> list[float]:
+        while True:
+            now = self.clock()
+            while self.grants and self.grants[0][0] <= now - self.window_s:
+                self.grants.popleft()
+            used = sum(g[1] for g in self.grants)
+            fits_requests = self.rpm is None or len(self.grants) < self.rpm
+            fits_tokens = self.tpm is None or used + tokens <= self.tpm or not self.grants
+            if fits_requests and fits_tokens:
+                grant = [now, float(tokens)]
+                self.grants.append(grant)
+                return grant
+            wait = max(self.grants[0][0] + self.window_s - now, 1e-3)  # until the oldest grant leaves
+            self.waited_s += wait
+            await self.sleep(wait)
+
+    @staticmethod
+    def settle(grant: list[float], tokens: int) -> None:
+        grant[1] = float(tokens)
+
+
+def estimate_tokens(prompt: Prompt, max_new_tokens: int) -> int:
+    """Before the server says: about four characters per prompt token, plus the whole completion budget."""
+    text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
+    return len(text) // 4 + 1 + max_new_tokens
+
+
 class OpenAILLM:
     def __init__(self, model: str, base_url: str | None = None, mode: Mode = "completions",
                  api_key: str | None = None, max_concurrency: int = 8, timeout_s: float = 120.0,
-                 max_retries: int = 6, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0):
+                 max_retries: int = 6, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
+                 requests_per_minute: int | None = None, tokens_per_minute: int | None = None):
         self.model = model
         self.base_url = base_url
         self.mode = mode
@@ -99,6 +145,9 @@ class OpenAILLM:
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        self.rate_limited_s = 0.0  # time spent waiting for the client-side limits, all calls
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAILLM({self.name!r}, mode={self.mode!r})"
@@ -117,12 +166,13 @@ class OpenAILLM:
         client = openai.AsyncOpenAI(api_key=self._api_key or "not-needed", base_url=self.base_url,
                                     timeout=self.timeout_s, max_retries=0)
         gate = asyncio.Semaphore(self.max_concurrency)
+        limiter = RateLimiter(self.requests_per_minute, self.tokens_per_minute)
         rng = random.Random(params.seed)
         try:
             with tqdm(total=len(prompts), desc=desc, unit="request", leave=False) as bar:
                 async def one(index: int, prompt: Prompt) -> Completion:
                     async with gate:
-                        completion = await self._with_retries(client, index, prompt, params, rng)
+                        completion = await self._with_retries(client, index, prompt, params, rng, limiter)
                     bar.update(1)
                     return completion
 
@@ -135,12 +185,14 @@ class OpenAILLM:
                     await asyncio.gather(*tasks, return_exceptions=True)
                     raise
         finally:
+            self.rate_limited_s += limiter.waited_s
             await client.close()
 
     async def _with_retries(self, client: openai.AsyncOpenAI, index: int, prompt: Prompt,
-                            params: GenerationParams, rng: random.Random) -> Completion:
+                            params: GenerationParams, rng: random.Random, limiter: RateLimiter) -> Completion:
         attempt = 0
         while True:
+            grant = await limiter.acquire(estimate_tokens(prompt, params.max_new_tokens))  # retries count too
             try:
                 completion = await self._request(client, index, prompt, params)
             except openai.OpenAIError as exc:
@@ -156,6 +208,7 @@ class OpenAILLM:
                 attempt += 1
                 await asyncio.sleep(wait)
                 continue
+            limiter.settle(grant, completion.prompt_tokens + completion.completion_tokens)
             return Completion(completion.text, completion.finish_reason, completion.prompt_tokens,
                               completion.completion_tokens, retries=attempt)
 
@@ -186,5 +239,15 @@ class OpenAILLM:
                           completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
 
 
-def api_key_from_env(variable: str) -> str | None:
+def api_key(variable: str, secret_block: str | None = None) -> str | None:
+    """The API key: from the Prefect Secret block `secret_block` when one is named, else from the
+    environment variable `variable` (None when unset: local servers need no key)."""
+    if secret_block:
+        from prefect.blocks.system import Secret
+
+        try:
+            return str(Secret.load(secret_block).get())
+        except ValueError as exc:  # no such block: say which key to fix, never echo a value
+            raise LLMRequestError(f"llm.api_key_secret: no Prefect Secret block named `{secret_block}` "
+                                  f"({type(exc).__name__}); create it with `prefect block create secret`") from None
     return os.environ.get(variable) or None

@@ -42,3 +42,60 @@ def test_backoff_is_full_jitter_and_capped():
     waits = [backoff_s(attempt, 0.5, 30.0, rng) for attempt in range(12) for _ in range(50)]
     assert min(waits) >= 0.0 and max(waits) <= 30.0
     assert max(backoff_s(0, 0.5, 30.0, rng) for _ in range(100)) <= 0.5
+
+
+class VirtualTime:
+    """A clock that only moves when someone sleeps: rate limits checked exactly and instantly."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _grants(limiter, sizes, concurrency=4):
+    import asyncio
+
+    async def main():
+        gate = asyncio.Semaphore(concurrency)
+        starts = []
+
+        async def one(tokens):
+            async with gate:
+                grant = await limiter.acquire(tokens)
+                starts.append((limiter.clock(), tokens))
+                limiter.settle(grant, tokens // 2)  # the server reported half the estimate
+
+        await asyncio.gather(*(one(t) for t in sizes))
+        return starts
+
+    return asyncio.run(main())
+
+
+def test_rate_limiter_keeps_every_minute_within_requests_and_tokens():
+    from tasks.llm.openai_backend import RateLimiter
+
+    t = VirtualTime()
+    limiter = RateLimiter(rpm=5, tpm=1000, clock=t.clock, sleep=t.sleep)
+    starts = _grants(limiter, [300] * 12)
+    assert len(starts) == 12
+    for s, _ in starts:  # any sliding minute: at most 5 requests and 1000 settled tokens
+        window = [tokens // 2 for start, tokens in starts if s <= start < s + 60]
+        assert len(window) <= 5 and sum(window) <= 1000
+    # 12 requests at 5 per minute need three minutes' worth of windows: starts at 0, 60 and 120.
+    assert sorted({start for start, _ in starts}) == [0.0, 60.0, 120.0] and limiter.waited_s > 0
+
+
+def test_rate_limiter_tokens_bound_and_an_oversized_request_still_runs():
+    from tasks.llm.openai_backend import RateLimiter
+
+    t = VirtualTime()
+    limiter = RateLimiter(rpm=None, tpm=100, clock=t.clock, sleep=t.sleep)
+    starts = _grants(limiter, [250, 60, 60], concurrency=1)  # 250 alone exceeds tpm: it runs in an empty window
+    assert starts == [(0.0, 250), (60.0, 60), (60.0, 60)]  # settled at 125, 30, 30
+    unlimited = RateLimiter(None, None, clock=t.clock, sleep=t.sleep)
+    assert len(_grants(unlimited, [10**6] * 50)) == 50 and unlimited.waited_s == 0

