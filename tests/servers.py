@@ -19,13 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0,
+                  headers: dict[str, str] | None = None) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2):
                 return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.25)
@@ -34,17 +35,19 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float 
 
 
 @contextlib.contextmanager
-def llama_cpp_server(gguf: Path, log: Path, n_ctx: int = 4096) -> Iterator[str]:
-    """llama-cpp-python's OpenAI-compatible server for `gguf`; yields its base URL (…/v1)."""
+def llama_cpp_server(gguf: Path, log: Path, n_ctx: int = 4096, api_key: str | None = None) -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server for `gguf`; yields its base URL (…/v1). With `api_key`,
+    every request must carry it."""
     port = free_port()
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-             "--port", str(port), "--n_ctx", str(n_ctx), "--chat_format", "gemma", "--n_threads", "2"],
+             "--port", str(port), "--n_ctx", str(n_ctx), "--chat_format", "gemma", "--n_threads", "2",
+             *(["--api_key", api_key] if api_key else [])],
             stdout=out, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}/v1"
-        wait_for_http(f"{base}/models", proc, log)
+        wait_for_http(f"{base}/models", proc, log, headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
         yield base
     finally:
         proc.terminate()
