@@ -13,7 +13,7 @@ from prefect import flow, runtime, tags
 from prefect.artifacts import create_markdown_artifact
 
 from tasks import prefect_tasks
-from tasks.artifacts import Artifact
+from tasks.artifacts import Artifact, check_writable
 from tasks.config import Config, load_config
 from tasks.runs import RunRecord, StageRecord
 from tasks.stages import plan
@@ -38,6 +38,8 @@ def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str
     # 1. Configuration: a bad file, key or value stops here, before any stage.
     overrides = list(overrides or [])
     cfg = load_config(config, overrides)
+    check_writable(cfg.run.artifacts_dir, "run.artifacts_dir")  # a read-only or missing disk stops here
+    check_writable(cfg.run.runs_dir, "run.runs_dir")
     run = RunRecord.start(cfg, config, overrides, flow_run_id=runtime.flow_run.id, run_id=run_id)
     print(f"run directory: {run.path} (attempt {run.attempt})")
 

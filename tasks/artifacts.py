@@ -9,6 +9,7 @@ without `_SUCCESS` is never read as done.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -74,6 +75,38 @@ def artifact_key(stage: str, config: dict[str, Any], input_hashes: Iterable[str]
     payload = canonical_json({"stage": stage, "config": config, "inputs": list(input_hashes),
                               "code": version})
     return sha256_bytes(payload.encode())[:KEY_LENGTH]
+
+
+class StorageError(RuntimeError):
+    """The output disk refused a write (full, read-only, no permission); the message names the place."""
+
+
+# errno values, and the words libraries without errno (pyarrow) use, of a disk that refuses writes.
+_REFUSALS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
+def storage_refusal(exc: BaseException) -> str | None:
+    """What the disk said, if `exc` is the disk refusing a write (else None). Besides OSError, this reads
+    the I/O errors that libraries pass on as text (pyarrow; safetensors: "I/O error: ... (os error 28)")."""
+    if isinstance(exc, OSError) and exc.errno in _REFUSALS:
+        return _REFUSALS[exc.errno]
+    text = str(exc).lower()
+    if not (isinstance(exc, OSError) or "i/o error" in text or "os error" in text):
+        return None
+    return next((words for words in _REFUSALS.values() if words in text), None)
+
+
+def check_writable(path: str | Path, key: str) -> Path:
+    """Create `path` if needed and prove a file can be written there; else a StorageError naming `key`."""
+    path = Path(path).resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-")
+        probe.close()
+    except OSError as exc:
+        raise StorageError(f"`{key}`: cannot write to {path} ({exc.strerror or exc})") from None
+    return path
 
 
 def _fsync_dir(path: Path) -> None:

@@ -19,8 +19,9 @@ import pyarrow as pa
 
 from tasks import (calibration, dedup, evaluate, evol_instruct, exports, finetune, judge, mix, model_scores, multigpu,
                    prompts, quality, report, seeds, self_instruct, text, textscan)
-from tasks.artifacts import (Artifact, PartWriter, artifact_key, atomic_write_json, atomic_write_parquet,
-                             atomic_write_text, code_version, input_hashes, source_hash)
+from tasks.artifacts import (Artifact, PartWriter, StorageError, artifact_key, atomic_write_json,
+                             atomic_write_parquet, atomic_write_text, code_version, input_hashes, source_hash,
+                             storage_refusal)
 from tasks.config import Config, LLMConfig
 from tasks.llm import get_llm
 from tasks.llm import base as llm_base
@@ -185,12 +186,20 @@ def execute(stage: str, cfg: Config, inputs: dict[str, str | Path]) -> Artifact:
     out = plan(stage, cfg, inputs)
     if out.is_done(verify=True):
         return out
-    out.begin()
-    t0 = time.perf_counter()
-    data, stats = spec.run(cfg, {name: Artifact(Path(inputs[name])) for name in spec.inputs}, out)
-    table = _table(data)
-    stats = {"stage": stage, "key": out.path.name, "inputs": {n: str(inputs[n]) for n in spec.inputs},
-             "rows_in": stats.pop("rows_in", None), "rows_out": table.num_rows,
-             "dropped": stats.pop("dropped", {}), **stats, "seconds": round(time.perf_counter() - t0, 3)}
-    out.commit(table, stats)
+    try:
+        out.begin()
+        t0 = time.perf_counter()
+        data, stats = spec.run(cfg, {name: Artifact(Path(inputs[name])) for name in spec.inputs}, out)
+        table = _table(data)
+        stats = {"stage": stage, "key": out.path.name, "inputs": {n: str(inputs[n]) for n in spec.inputs},
+                 "rows_in": stats.pop("rows_in", None), "rows_out": table.num_rows,
+                 "dropped": stats.pop("dropped", {}), **stats, "seconds": round(time.perf_counter() - t0, 3)}
+        out.commit(table, stats)
+    except Exception as exc:  # a full or read-only disk: say so and where; what is there is not marked done
+        refusal = storage_refusal(exc)
+        if refusal is None:
+            raise
+        raise StorageError(f"{stage}: cannot write {getattr(exc, 'filename', None) or out.path}: {refusal} "
+                           f"(`run.artifacts_dir` is {cfg.run.artifacts_dir}); free space or fix it, then run "
+                           f"again: finished stages and checkpoints are kept") from exc
     return out
