@@ -55,11 +55,20 @@ class LLMConfig(Section):
     # The key comes from this Prefect Secret block when set (`prefect block create secret`), else from
     # the environment variable `api_key_env`. It is never written anywhere.
     api_key_secret: str | None = Field(None, description="openai: name of a Prefect Secret block holding the key")
+    # Spending limits for one run (one process): once spent, the next request is not sent and the stage
+    # stops at its last checkpoint; raise the limit and run again to continue from there. Requests already
+    # in flight finish, so the spend can pass the limit by at most max_concurrency requests.
+    max_tokens: int | None = Field(None, ge=1, description="openai: prompt + completion tokens per run")
+    max_cost_usd: float | None = Field(None, gt=0, description="openai: spend per run, at the prices below")
+    prompt_price_per_1m: float | None = Field(None, ge=0, description="openai: USD per 1M prompt tokens")
+    completion_price_per_1m: float | None = Field(None, ge=0, description="openai: USD per 1M completion tokens")
 
     # Settings that change how requests are sent, not what comes back: left out of artifact keys, so that
     # a run resumed with a lower concurrency or a longer timeout keeps its checkpoints.
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("api_key_env", "api_key_secret", "max_concurrency", "request_timeout_s",
-                                              "max_retries", "requests_per_minute", "tokens_per_minute")
+                                              "max_retries", "requests_per_minute", "tokens_per_minute",
+                                              "max_tokens", "max_cost_usd", "prompt_price_per_1m",
+                                              "completion_price_per_1m")
 
     @model_validator(mode="after")
     def _backend(self) -> "LLMConfig":
@@ -67,6 +76,8 @@ class LLMConfig(Section):
             raise ValueError("with backend `openai`, `llm.model` must name the model the endpoint serves")
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
+        if self.max_cost_usd is not None and (self.prompt_price_per_1m is None or self.completion_price_per_1m is None):
+            raise ValueError("max_cost_usd needs prompt_price_per_1m and completion_price_per_1m (USD per 1M tokens)")
         return self
 
     def identity(self) -> dict[str, Any]:

@@ -40,6 +40,40 @@ class LLMRequestError(RuntimeError):
     """A request that failed for good: not retryable, or still failing after every retry."""
 
 
+class BudgetExhausted(LLMRequestError):
+    """The run's token or cost budget is spent: no more requests; the stage stops at its last checkpoint."""
+
+
+class Spend:
+    """Tokens and dollars spent by one backend instance (one run), against optional limits."""
+
+    def __init__(self, max_tokens: int | None = None, max_cost_usd: float | None = None,
+                 prompt_price_per_1m: float = 0.0, completion_price_per_1m: float = 0.0):
+        self.max_tokens, self.max_cost_usd = max_tokens, max_cost_usd
+        self.prompt_price, self.completion_price = prompt_price_per_1m, completion_price_per_1m
+        self.prompt_tokens = self.completion_tokens = self.requests = 0
+
+    @property
+    def cost_usd(self) -> float:
+        return (self.prompt_tokens * self.prompt_price + self.completion_tokens * self.completion_price) / 1e6
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.requests += 1
+
+    def check(self) -> None:
+        tokens = self.prompt_tokens + self.completion_tokens
+        if self.max_tokens is not None and tokens >= self.max_tokens:
+            raise BudgetExhausted(f"llm.max_tokens ({self.max_tokens}) spent: {tokens} tokens over {self.requests} "
+                                  f"requests; the stage stopped at its last checkpoint: raise llm.max_tokens and "
+                                  f"run again to continue")
+        if self.max_cost_usd is not None and self.cost_usd >= self.max_cost_usd:
+            raise BudgetExhausted(f"llm.max_cost_usd ({self.max_cost_usd:.2f}) spent: ${self.cost_usd:.4f} over "
+                                  f"{self.requests} requests; the stage stopped at its last checkpoint: raise "
+                                  f"llm.max_cost_usd and run again to continue")
+
+
 def _status(exc: Exception) -> int | None:
     return getattr(exc, "status_code", None)
 
@@ -134,7 +168,8 @@ class OpenAILLM:
     def __init__(self, model: str, base_url: str | None = None, mode: Mode = "completions",
                  api_key: str | None = None, max_concurrency: int = 8, timeout_s: float = 120.0,
                  max_retries: int = 6, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-                 requests_per_minute: int | None = None, tokens_per_minute: int | None = None):
+                 requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
+                 spend: Spend | None = None):
         self.model = model
         self.base_url = base_url
         self.mode = mode
@@ -148,6 +183,7 @@ class OpenAILLM:
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
         self.rate_limited_s = 0.0  # time spent waiting for the client-side limits, all calls
+        self.spend = spend or Spend()
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAILLM({self.name!r}, mode={self.mode!r})"
@@ -192,6 +228,7 @@ class OpenAILLM:
                             params: GenerationParams, rng: random.Random, limiter: RateLimiter) -> Completion:
         attempt = 0
         while True:
+            self.spend.check()  # a spent budget sends nothing more
             grant = await limiter.acquire(estimate_tokens(prompt, params.max_new_tokens))  # retries count too
             try:
                 completion = await self._request(client, index, prompt, params)
@@ -209,6 +246,7 @@ class OpenAILLM:
                 await asyncio.sleep(wait)
                 continue
             limiter.settle(grant, completion.prompt_tokens + completion.completion_tokens)
+            self.spend.add(completion.prompt_tokens, completion.completion_tokens)
             return Completion(completion.text, completion.finish_reason, completion.prompt_tokens,
                               completion.completion_tokens, retries=attempt)
 

@@ -31,14 +31,17 @@ def upstream_port(tmp_path_factory):
         yield int(base_url.split(":")[-1].split("/")[0])
 
 
+def overrides(tmp_path, base_url):  # the settings every test here shares
+    return [f"run.artifacts_dir={tmp_path / 'artifacts'}", f"seeds.path={ROOT / 'data' / 'seed_tasks.jsonl'}",
+            "llm.backend=openai", "llm.model=gemma-3-270m", f"llm.base_url={base_url}", "llm.max_concurrency=4",
+            "finetune.base_model=bundled", "self_instruct.num_instructions=4", "self_instruct.max_requests=12",
+            "self_instruct.requests_per_batch=4", "self_instruct.checkpoint_every=2",
+            "self_instruct.max_new_tokens=64", "self_instruct.temperature=1.0", "self_instruct.top_p=0.9",
+            "self_instruct.instances_per_task=1", "self_instruct.instance_max_new_tokens=64"]
+
+
 def stage_config(tmp_path, base_url, retries):
-    return load_config(ROOT / "configs" / "tiny.yaml", [
-        f"run.artifacts_dir={tmp_path / 'artifacts'}", f"seeds.path={ROOT / 'data' / 'seed_tasks.jsonl'}",
-        "llm.backend=openai", "llm.model=gemma-3-270m", f"llm.base_url={base_url}", "llm.max_concurrency=4",
-        f"llm.max_retries={retries}", "finetune.base_model=bundled",
-        "self_instruct.num_instructions=4", "self_instruct.max_requests=12", "self_instruct.requests_per_batch=4",
-        "self_instruct.checkpoint_every=2", "self_instruct.max_new_tokens=64", "self_instruct.temperature=1.0",
-        "self_instruct.top_p=0.9", "self_instruct.instances_per_task=1", "self_instruct.instance_max_new_tokens=64"])
+    return load_config(ROOT / "configs" / "tiny.yaml", [*overrides(tmp_path, base_url), f"llm.max_retries={retries}"])
 
 
 def test_faults_are_retried_and_the_stage_completes(upstream_port, tmp_path):
@@ -86,3 +89,25 @@ def test_a_server_failing_everything_stops_at_a_checkpoint_and_a_rerun_continues
     rows = out.read_table().to_pandas()
     assert rows["id"].is_unique and out.is_done(verify=True)
     assert kept_before and kept_before <= set(rows["id"])  # what was saved before the outage is kept, once
+
+
+def test_a_spent_cost_budget_stops_at_a_checkpoint_and_a_bigger_one_continues(upstream_port, tmp_path):
+    from tasks.llm.openai_backend import BudgetExhausted
+
+    base_url = f"http://127.0.0.1:{upstream_port}/v1"
+    prices = ["llm.prompt_price_per_1m=1000", "llm.completion_price_per_1m=2000"]  # $1 per 1K prompt tokens
+    cfg = stage_config(tmp_path, base_url, retries=2)
+    tight = load_config(ROOT / "configs" / "tiny.yaml", [*overrides(tmp_path, base_url), *prices, "llm.max_cost_usd=2"])
+    seeds = execute("seeds", tight, {})
+    with pytest.raises(BudgetExhausted, match=r"llm.max_cost_usd \(2.00\) spent: \$[2-9]\.\d+ over \d+ requests"):
+        execute("self_instruct", tight, {"seeds": str(seeds.path)})
+    out = plan("self_instruct", tight, {"seeds": str(seeds.path)})
+    assert not out.is_done() and list(out.parts_dir.glob("part-*.parquet"))
+    # The budget is not part of the artifact key: a bigger one continues the same artifact from its parts.
+    roomy = load_config(ROOT / "configs" / "tiny.yaml", [*overrides(tmp_path, base_url), *prices, "llm.max_cost_usd=500"])
+    assert plan("self_instruct", roomy, {"seeds": str(seeds.path)}).path == out.path == plan(
+        "self_instruct", cfg, {"seeds": str(seeds.path)}).path
+    done = execute("self_instruct", roomy, {"seeds": str(seeds.path)})
+    assert done.is_done(verify=True) and done.read_table().to_pandas()["id"].is_unique
+    stats = done.stats()  # the totals include what the first attempt spent before the budget stopped it
+    assert stats["prompt_tokens"] > stats["usage_this_attempt"]["prompt_tokens"] > 0

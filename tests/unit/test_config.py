@@ -96,3 +96,12 @@ def test_openai_backend_needs_a_model_name_and_a_model_to_tune():
     cfg = load_config(ROOT / "configs" / "openai.yaml", ["llm.max_concurrency=2"])
     assert cfg.llm.mode == "chat" and "max_concurrency" not in cfg.llm.identity()
     assert cfg.llm.identity() == load_config(ROOT / "configs" / "openai.yaml").llm.identity()
+
+
+def test_a_cost_budget_needs_prices_and_budgets_stay_out_of_artifact_keys(tmp_path):
+    base = ["llm.backend=openai", "llm.model=m", "finetune.base_model=bundled"]
+    with pytest.raises(ConfigError, match=r"c.yaml: llm.max_cost_usd needs prompt_price_per_1m and completion_price_per_1m"):
+        load_config(write(tmp_path, ""), [*base, "llm.max_cost_usd=5"])
+    cheap = load_config(write(tmp_path, ""), [*base, "llm.max_cost_usd=5", "llm.prompt_price_per_1m=0.1",
+                                              "llm.completion_price_per_1m=0.4", "llm.requests_per_minute=60"])
+    assert cheap.llm.identity() == load_config(write(tmp_path, ""), base).llm.identity()
