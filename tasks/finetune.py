@@ -359,8 +359,11 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
     pad_id = tokenizer.pad_token_id
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it; older releases have the old name only
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         for layer in model.get_decoder().layers:
             layer.compile()
