@@ -86,7 +86,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     done = [name for name in manifest.get("stages", {})]
     print(f"resuming run {args.run_id} (attempt {manifest.get('attempt', 1) + 1}); "
           f"finished before: {', '.join(done) or 'none'}")
-    return _run_flow(str(run_dir / "config.yaml"), [], run_id=args.run_id)
+    # The run's own resolved config, with the runs directory where this command found the run.
+    return _run_flow(str(run_dir / "config.yaml"), [f"run.runs_dir={Path(args.runs_dir).resolve()}"],
+                     run_id=args.run_id)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -91,6 +92,9 @@ def storage_refusal(exc: BaseException) -> str | None:
     the I/O errors that libraries pass on as text (pyarrow; safetensors: "I/O error: ... (os error 28)")."""
     if isinstance(exc, OSError) and exc.errno in _REFUSALS:
         return _REFUSALS[exc.errno]
+    quoted = re.search(r"\[Errno (\d+)\]", str(exc))  # an OSError passed on as text (torchrun's processes)
+    if quoted and int(quoted.group(1)) in _REFUSALS:
+        return _REFUSALS[int(quoted.group(1))]
     text = str(exc).lower()
     if not (isinstance(exc, OSError) or "i/o error" in text or "os error" in text):
         return None

@@ -15,6 +15,7 @@ N times the gradient accumulation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import shutil
@@ -167,8 +168,13 @@ class Checkpoints:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save({"step": step, "model": trainable, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "log": log}, staging / "state.pt")
+        try:
+            torch.save({"step": step, "model": trainable, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "log": log}, staging / "state.pt")
+        except RuntimeError as exc:  # torch's writer reports a full disk without an errno; say what it was
+            full = shutil.disk_usage(staging).free < 64 * 2**20
+            raise OSError(errno.ENOSPC if full else errno.EIO, f"writing a checkpoint failed ({exc})",
+                          str(staging / "state.pt")) from exc
         os.replace(staging, final)
         for old in self.root.glob("step-*"):
             if old != final:

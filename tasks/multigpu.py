@@ -40,16 +40,26 @@ def command(processes: int, launch_file: Path) -> list[str]:
             "-m", "tasks.multigpu", str(launch_file)]
 
 
+# torchrun stops its workers on SIGTERM; Linux sends it one if the stage's process dies first (kill -9
+# included), so no orphan keeps writing into an artifact a re-run is about to use. prctl is looked up here,
+# not in the forked child, where loading a library could deadlock.
+_PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
-    # torchrun stops its workers on SIGTERM; ask Linux to send it one if the stage's process dies first
-    # (kill -9 included), so no orphan keeps writing into an artifact a re-run is about to use.
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_dir: Path, out_dir: Path,
            seed: int, data: dict[str, str]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Run `finetune.finetune` in `cfg.processes` processes; return what the first one produced."""
+    import torch
+
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+    if gpus and cfg.processes > gpus:
+        raise ValueError(f"finetune.processes is {cfg.processes} but this machine has {gpus} GPUs; "
+                         f"set it to at most {gpus} (or finetune.device=cpu)")
     out_dir.mkdir(parents=True, exist_ok=True)
     launch_file = out_dir / LAUNCH
     _clean(out_dir, keep_launch_file=False)
@@ -67,9 +77,13 @@ def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_
             tail.append(line)
         code = proc.wait()
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the stage was interrupted: stop the processes, forcibly if they linger
             proc.terminate()
-            proc.wait()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     if code != 0 or not (out_dir / RESULT_STATS).is_file():
         errors = [p.read_text() for p in sorted(out_dir.glob(ERRORS))]
         cause = "\n".join(errors) if errors else f"its last lines:\n{''.join(tail).rstrip()}"

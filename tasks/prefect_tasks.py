@@ -20,6 +20,8 @@ from tqdm import tqdm
 from tasks.config import Config
 from tasks.stages import execute
 
+log = logging.getLogger(__name__)
+
 
 def _cache_key(stage: str):
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
@@ -60,42 +62,55 @@ class StageProgress:
     def __init__(self, stage: str, every: float = 3.0):
         self.stage = stage
         self.every = every
-        self.id = create_progress_artifact(0.0, key=f"{stage.replace('_', '-')}-progress",
-                                           description=f"{stage}: starting")
+        self.id = None
+        try:
+            self.id = create_progress_artifact(0.0, key=f"{stage.replace('_', '-')}-progress",
+                                               description=f"{stage}: starting")
+        except Exception as exc:  # no progress shown is no reason to fail the stage
+            log.warning("%s: no progress artifact: %s", stage, exc)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"{stage}-progress", daemon=True)
 
     def __enter__(self) -> "StageProgress":
-        self._thread.start()
+        if self.id is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         if exc[0] is None:
             self._update(100.0, f"{self.stage}: done")
 
     @staticmethod
-    def outermost_bar() -> tqdm | None:
-        bars = [b for b in list(tqdm._instances) if b.total and not b.disable]  # type: ignore[attr-defined]
-        return min(bars, key=lambda b: abs(b.pos), default=None)
+    def outermost_bar() -> tuple[str, int, int] | None:
+        """(description, done, total) of the outermost live bar, read under tqdm's own lock."""
+        with tqdm.get_lock():
+            bars = [b for b in tqdm._instances if b.total and not b.disable]  # type: ignore[attr-defined]
+            bar = min(bars, key=lambda b: abs(b.pos), default=None)
+            return (bar.desc, bar.n, bar.total) if bar is not None else None
 
     def _update(self, percent: float, description: str) -> None:
+        if self.id is None:
+            return
         try:
             update_progress_artifact(self.id, percent, description=description)
         except Exception as exc:  # progress is for people; the stage goes on, and the log says why it stopped
-            logging.getLogger(__name__).warning("%s: progress artifact not updated: %s", self.stage, exc)
+            log.warning("%s: progress artifact not updated: %s", self.stage, exc)
 
     def _watch(self) -> None:
         last = None
         while not self._stop.wait(self.every):
-            bar = self.outermost_bar()
-            if bar is None:
+            try:
+                now = self.outermost_bar()
+            except Exception as exc:  # a bar closing under us: skip this look, keep watching
+                log.debug("%s: progress bars unreadable: %s", self.stage, exc)
                 continue
-            now = (bar.desc, bar.n, bar.total)
-            if now != last:
+            if now is not None and now != last:
                 last = now
-                self._update(min(100.0, 100.0 * bar.n / bar.total), f"{self.stage}: {bar.desc} {bar.n}/{bar.total}")
+                desc, done, total = now
+                self._update(min(100.0, 100.0 * done / total), f"{self.stage}: {desc} {done}/{total}")
 
 
 def _stage_task(stage: str, retries: int):

@@ -41,6 +41,7 @@ class RunRecord:
     started_at: float
     attempt: int = 1
     stages: list[StageRecord] = field(default_factory=list)
+    earlier: dict[str, Any] = field(default_factory=dict)  # stages recorded by earlier attempts
 
     @classmethod
     def start(cls, cfg: Config, config_path: str, overrides: list[str], flow_run_id: str | None = None,
@@ -49,9 +50,11 @@ class RunRecord:
         retry of it), continued as its next attempt."""
         runs_dir = Path(cfg.run.runs_dir).resolve()
         if run_id is None and flow_run_id:
-            earlier = sorted(runs_dir.glob(f"*-{str(flow_run_id)[:8]}"))
-            run_id = earlier[-1].name if earlier else None
+            same_flow_run = sorted(runs_dir.glob(f"*-{str(flow_run_id)[:8]}"))
+            run_id = same_flow_run[-1].name if same_flow_run else None
         if run_id is not None:
+            if Path(run_id).name != run_id or run_id in (".", ".."):
+                raise ValueError(f"run_id `{run_id}` must be a directory name under {runs_dir}")
             return cls.resume(runs_dir / run_id)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         run_id = f"{stamp}-{(str(flow_run_id) if flow_run_id else secrets.token_hex(4))[:8]}"
@@ -66,7 +69,7 @@ class RunRecord:
     def resume(cls, path: Path) -> "RunRecord":
         manifest = read_manifest(path)
         record = cls(manifest["run_id"], path, manifest["config"], list(manifest["overrides"]), time.time(),
-                     attempt=int(manifest.get("attempt", 1)) + 1)
+                     attempt=int(manifest.get("attempt", 1)) + 1, earlier=dict(manifest.get("stages") or {}))
         record.save(status="running")
         return record
 
@@ -85,7 +88,7 @@ class RunRecord:
                     "overrides": self.overrides, "started_at": time.strftime(
                         "%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started_at)),
                     "seconds": round(time.time() - self.started_at, 3),
-                    "stages": {s.stage: asdict(s) for s in self.stages}, **(extra or {})}
+                    "stages": {**self.earlier, **{s.stage: asdict(s) for s in self.stages}}, **(extra or {})}
         atomic_write_json(self.path / "manifest.json", manifest)
 
 

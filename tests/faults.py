@@ -77,8 +77,12 @@ class FaultProxy:
                                    _response("429 Too Many Requests", f"retry-after: {self.retry_after_s}\r\n"))
                     await client_w.drain()
                     return
-                if action == "delay":
-                    await asyncio.sleep(self.delay_s)
+                if action == "delay":  # hold the request; if the client gives up meanwhile, so do we
+                    try:
+                        if await asyncio.wait_for(client_r.read(1), timeout=self.delay_s) == b"":
+                            return
+                    except asyncio.TimeoutError:
+                        pass
                 if upstream is None:
                     upstream = await asyncio.open_connection("127.0.0.1", self.upstream_port)
                 upstream[1].write(request)
@@ -112,6 +116,8 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     @property
     def base_url(self) -> str:

@@ -98,10 +98,10 @@ def postgres_server() -> Iterator[str]:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
 
-    run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-o",
-        f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
     try:
+        run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
         psql = [str(bin_dir / "psql") if (bin_dir / "psql").exists() else "psql",
                 "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c"]
         run(*psql, "CREATE ROLE prefect LOGIN PASSWORD 'prefect'")

@@ -8,17 +8,25 @@ from tasks.config import LLMConfig
 from tasks.llm.base import LLM
 
 
+@functools.lru_cache(maxsize=None)
+def _endpoint_state(cfg: LLMConfig):
+    """The run's rate limiter and spend for an endpoint, one per process and setting: a backend rebuilt
+    after the cache below let it go (the evaluate stage loads two local models) keeps both."""
+    from tasks.llm.openai_backend import RateLimiter, Spend
+
+    return (RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute),
+            Spend(cfg.max_tokens, cfg.max_cost_usd, cfg.prompt_price_per_1m or 0.0, cfg.completion_price_per_1m or 0.0))
+
+
 @functools.lru_cache(maxsize=2)
 def _cached(cfg: LLMConfig) -> LLM:
     if cfg.backend == "openai":
-        from tasks.llm.openai_backend import OpenAILLM, Spend, api_key
+        from tasks.llm.openai_backend import OpenAILLM, api_key
 
-        spend = Spend(cfg.max_tokens, cfg.max_cost_usd, cfg.prompt_price_per_1m or 0.0, cfg.completion_price_per_1m or 0.0)
+        limiter, spend = _endpoint_state(cfg)
         return OpenAILLM(cfg.model, base_url=cfg.base_url, mode=cfg.mode,
                          api_key=api_key(cfg.api_key_env, cfg.api_key_secret), max_concurrency=cfg.max_concurrency,
-                         timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
-                         requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute,
-                         spend=spend)
+                         timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries, limiter=limiter, spend=spend)
     from tasks.llm.models import resolve_model
     from tasks.llm.transformers_backend import TransformersLLM
 

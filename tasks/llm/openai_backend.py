@@ -7,8 +7,8 @@ exponential backoff and full jitter, waiting at least what the server's Retry-Af
 `max_retries` retries the call raises `LLMRequestError`, and the stage stops at its last checkpoint.
 Other errors (a bad request, a wrong key, an unknown model) are not retried.
 
-The API key is read from the environment variable the config names, handed to the client and nowhere
-else: it is not logged, not part of the backend's name and not in any error message this module writes.
+The API key comes from a Prefect Secret block or the environment variable the config names, is handed to
+the client and nowhere else: it is not logged, not part of the backend's name and not in any error message this module writes.
 """
 
 from __future__ import annotations
@@ -168,8 +168,7 @@ class OpenAILLM:
     def __init__(self, model: str, base_url: str | None = None, mode: Mode = "completions",
                  api_key: str | None = None, max_concurrency: int = 8, timeout_s: float = 120.0,
                  max_retries: int = 6, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-                 requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
-                 spend: Spend | None = None):
+                 limiter: RateLimiter | None = None, spend: Spend | None = None):
         self.model = model
         self.base_url = base_url
         self.mode = mode
@@ -180,9 +179,8 @@ class OpenAILLM:
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
-        self.requests_per_minute = requests_per_minute
-        self.tokens_per_minute = tokens_per_minute
-        self.rate_limited_s = 0.0  # time spent waiting for the client-side limits, all calls
+        # The limiter and the spend outlive each generate() call: the limits hold across calls and stages.
+        self.limiter = limiter or RateLimiter(None, None)
         self.spend = spend or Spend()
 
     def __repr__(self) -> str:  # never show the key
@@ -202,7 +200,7 @@ class OpenAILLM:
         client = openai.AsyncOpenAI(api_key=self._api_key or "not-needed", base_url=self.base_url,
                                     timeout=self.timeout_s, max_retries=0)
         gate = asyncio.Semaphore(self.max_concurrency)
-        limiter = RateLimiter(self.requests_per_minute, self.tokens_per_minute)
+        limiter = self.limiter
         rng = random.Random(params.seed)
         try:
             with tqdm(total=len(prompts), desc=desc, unit="request", leave=False) as bar:
@@ -221,7 +219,6 @@ class OpenAILLM:
                     await asyncio.gather(*tasks, return_exceptions=True)
                     raise
         finally:
-            self.rate_limited_s += limiter.waited_s
             await client.close()
 
     async def _with_retries(self, client: openai.AsyncOpenAI, index: int, prompt: Prompt,
@@ -229,7 +226,8 @@ class OpenAILLM:
         attempt = 0
         while True:
             self.spend.check()  # a spent budget sends nothing more
-            grant = await limiter.acquire(estimate_tokens(prompt, params.max_new_tokens))  # retries count too
+            estimate = estimate_tokens(prompt, params.max_new_tokens)
+            grant = await limiter.acquire(estimate)  # retries count too
             try:
                 completion = await self._request(client, index, prompt, params)
             except openai.OpenAIError as exc:
@@ -245,8 +243,11 @@ class OpenAILLM:
                 attempt += 1
                 await asyncio.sleep(wait)
                 continue
-            limiter.settle(grant, completion.prompt_tokens + completion.completion_tokens)
-            self.spend.add(completion.prompt_tokens, completion.completion_tokens)
+            prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+            if prompt_tokens + completion_tokens == 0:  # a server that reports no usage: count the estimate
+                prompt_tokens, completion_tokens = estimate - params.max_new_tokens, params.max_new_tokens
+            limiter.settle(grant, prompt_tokens + completion_tokens)
+            self.spend.add(prompt_tokens, completion_tokens)
             return Completion(completion.text, completion.finish_reason, completion.prompt_tokens,
                               completion.completion_tokens, retries=attempt)
 

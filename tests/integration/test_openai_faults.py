@@ -40,20 +40,23 @@ def overrides(tmp_path, base_url):  # the settings every test here shares
             "self_instruct.instances_per_task=1", "self_instruct.instance_max_new_tokens=64"]
 
 
-def stage_config(tmp_path, base_url, retries):
-    return load_config(ROOT / "configs" / "tiny.yaml", [*overrides(tmp_path, base_url), f"llm.max_retries={retries}"])
+def stage_config(tmp_path, base_url, retries, *extra):
+    return load_config(ROOT / "configs" / "tiny.yaml",
+                       [*overrides(tmp_path, base_url), f"llm.max_retries={retries}", *extra])
 
 
 def test_faults_are_retried_and_the_stage_completes(upstream_port, tmp_path):
     rates = {"drop": 0.1, "error_500": 0.1, "error_429": 0.05, "delay": 0.1}
-    with FaultProxy(upstream_port, rates, seed=3) as proxy:
-        cfg = stage_config(tmp_path, proxy.base_url, retries=10)
+    # A delayed request outlasts the request timeout: a timeout, retried like the rest. One request at a
+    # time, so that no answered request waits long enough in the server's queue to time out as well.
+    with FaultProxy(upstream_port, rates, seed=3, delay_s=20) as proxy:
+        cfg = stage_config(tmp_path, proxy.base_url, 10, "llm.request_timeout_s=12", "llm.max_concurrency=1")
         seeds = execute("seeds", cfg, {})
         out = execute("self_instruct", cfg, {"seeds": str(seeds.path)})
     stats = out.stats()
     assert all(proxy.counts[f] > 0 for f in ("drop", "error_500", "error_429", "delay", "forward")), proxy.counts
-    # Every injected fault cost exactly one retry, and no request failed for good.
-    assert stats["retries"] == proxy.faults and stats["requests"] >= 3
+    # Every injected fault (timeouts included) cost exactly one retry, and no request failed for good.
+    assert stats["retries"] == proxy.faults + proxy.counts["delay"] and stats["requests"] >= 3
     assert stats["stop_reason"] in ("target_reached", "max_requests")
     rows = out.read_table().to_pandas()
     assert rows["id"].is_unique and out.is_done(verify=True)

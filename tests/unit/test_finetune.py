@@ -131,11 +131,15 @@ def test_lora_trains_adapters_only_and_saves_a_plain_model(tiny_model_dir, tmp_p
 def test_gradient_checkpointing_and_compiled_layers_learn_the_same(tiny_model_dir, tmp_path):
     base = dict(max_steps=3, batch_size=2, row_tokens=96, learning_rate=3e-3, warmup_ratio=0.0, max_length=96,
                 train_embeddings=True, device="cpu")
+    import torch._dynamo.utils
+
     runs = {}
+    torch._dynamo.utils.counters.clear()
     for name, extra in {"plain": {}, "recompute+compile": {"gradient_checkpointing": True, "compile": True}}.items():
         _, runs[name] = finetune(mixed_frame(), FinetuneConfig(**base, **extra), EvaluateConfig(batch_size=4),
                                  tiny_model_dir, tmp_path / name.replace("+", "_"), seed=0)
     plain, other = runs["plain"], runs["recompute+compile"]
     assert other["gradient_checkpointing"] and other["compile"] and not plain["compile"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the layers really were compiled
     for key in ("train_loss_first", "train_loss_last", "eval_loss_after"):
         assert other[key] == pytest.approx(plain[key], rel=1e-5)

@@ -34,8 +34,14 @@ line = st.one_of(task.map(json.dumps), mutated_task.map(json.dumps), json_values
                  st.text(max_size=40).filter(lambda s: "\n" not in s and "\r" not in s))
 
 
+SCRATCH = Path(tempfile.mkdtemp(prefix="instructflow-fuzz-"))
+
+
 def _scratch(name: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix="fuzz-")) / name
+    """A fresh path for one example's file; the previous example's files are gone."""
+    for old in SCRATCH.iterdir():
+        old.unlink()
+    return SCRATCH / name
 
 
 def _check_seed_error(exc: SeedFormatError, path: Path, n_lines: int) -> None:

@@ -99,3 +99,20 @@ def test_rate_limiter_tokens_bound_and_an_oversized_request_still_runs():
     assert starts == [(0.0, 250), (60.0, 60), (60.0, 60)]  # settled at 125, 30, 30
     unlimited = RateLimiter(None, None, clock=t.clock, sleep=t.sleep)
     assert len(_grants(unlimited, [10**6] * 50)) == 50 and unlimited.waited_s == 0
+
+
+def test_limits_and_spend_hold_across_generate_calls_and_rebuilt_backends():
+    from tasks.config import LLMConfig
+    from tasks.llm.base import GenerationParams
+    from tasks.llm.factory import _cached, get_llm
+    from tasks.llm.openai_backend import BudgetExhausted
+
+    cfg = LLMConfig(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", requests_per_minute=3,
+                    max_tokens=1000)
+    first = get_llm(cfg)
+    first.spend.add(600, 500)
+    _cached.cache_clear()  # the backend cache let it go (another model was loaded)
+    again = get_llm(cfg)
+    assert again is not first and again.limiter is first.limiter and again.spend is first.spend
+    with pytest.raises(BudgetExhausted, match=r"llm.max_tokens \(1000\) spent: 1100 tokens over 1 requests"):
+        again.generate(["hello"], GenerationParams())  # refused before any connection is tried
