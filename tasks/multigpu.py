@@ -66,8 +66,8 @@ def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_
     atomic_write_json(launch_file, {"mix": str(mix_path), "finetune": cfg.model_dump(mode="json"),
                                     "evaluate": eval_cfg.model_dump(mode="json"), "model_dir": str(model_dir),
                                     "out_dir": str(out_dir), "seed": seed, "data": data})
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
-                                                                                          // cfg.processes)))}
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.processes))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}  # share the cores, do not oversubscribe them
     tail: collections.deque[str] = collections.deque(maxlen=40)
     proc = subprocess.Popen(command(cfg.processes, launch_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, preexec_fn=_die_with_parent)

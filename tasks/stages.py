@@ -106,16 +106,16 @@ def _run_mix(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
 def _run_finetune(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     from tasks.llm.models import resolve_model
 
-    rows = _frame(inputs["mix"])
+    mix_artifact = inputs["mix"]
     model_dir = resolve_model(cfg.finetune.base_model or cfg.llm.model)
-    data = {"mix artifact": inputs["mix"].path.name, "mix content hash": inputs["mix"].content_hash()}
-    if cfg.finetune.processes > 1:  # data parallel under torchrun; the first process's results come back
-        per_example, stats = multigpu.launch(inputs["mix"].data_path, cfg.finetune, cfg.evaluate, model_dir,
+    data = {"mix artifact": mix_artifact.path.name, "mix content hash": mix_artifact.content_hash()}
+    if cfg.finetune.processes > 1:  # data parallel under torchrun: each process reads the mix itself
+        per_example, stats = multigpu.launch(mix_artifact.data_path, cfg.finetune, cfg.evaluate, model_dir,
                                              out.path, cfg.run.seed, data)
     else:
-        per_example, stats = finetune.finetune(rows, cfg.finetune, cfg.evaluate, model_dir, out.path, cfg.run.seed,
-                                               data)
-    return per_example, {"rows_in": len(rows), **stats}
+        per_example, stats = finetune.finetune(_frame(mix_artifact), cfg.finetune, cfg.evaluate, model_dir, out.path,
+                                               cfg.run.seed, data)
+    return per_example, {"rows_in": mix_artifact.marker()["rows"], **stats}
 
 
 def _run_evaluate(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
