@@ -1,8 +1,8 @@
 """Content-addressed stage artifacts, atomic writes and run manifests.
 
 An artifact lives in `<artifacts_dir>/<NN_stage>/<key>/` and holds `data.parquet`, `stats.json` and
-`_SUCCESS`, written last. `key` hashes the stage name, the config sections the stage reads, the content
-hashes of its inputs and the stage's code version, so a changed input or setting gives a new directory and
+`_SUCCESS`, written last. `key` hashes the stage name, the config the stage reads (models by content), the
+content hashes of its inputs and the stage's code (tasks/codehash.py), so a changed input or setting gives a new directory and
 an old one is never overwritten. While a long stage runs, its checkpoints sit in `parts/`; a directory
 without `_SUCCESS` is never read as done.
 """
@@ -62,14 +62,6 @@ def source_hash(path: str | Path) -> str:
             digest.update(str(item.relative_to(path)).encode() + b"\0" + sha256_file(item).encode())
         return digest.hexdigest()
     return "missing"
-
-
-def code_version(*modules: Any) -> str:
-    """Hash of the source files of the given modules: editing a stage's code invalidates its artifacts."""
-    digest = hashlib.sha256()
-    for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:KEY_LENGTH]
 
 
 def artifact_key(stage: str, config: dict[str, Any], input_hashes: Iterable[str], version: str) -> str:

@@ -312,6 +312,18 @@ class FinetuneConfig(Section):
     processes: int = Field(1, ge=1)
     lora: LoraConfig = LoraConfig()
 
+    # How the work is done, not what is learned: out of the artifact key, so that a run resumed with fewer
+    # GPUs, or with checkpoints, recomputation or compilation switched, continues the same artifact. The data
+    # order depends on `batch_size` and on the micro-batches per step, `grad_accum x processes`, not on how
+    # those micro-batches are shared between processes: the key holds that product (tests/unit/test_keys.py).
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "processes", "compile", "gradient_checkpointing",
+                                              "logit_chunk", "grad_accum")
+
+    def identity(self) -> dict[str, Any]:
+        """The part of this section that decides the trained weights (artifact keys cover it)."""
+        kept = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.OPERATIONAL}
+        return {**kept, "micro_batches_per_step": self.grad_accum * self.processes}
+
     @model_validator(mode="after")
     def _rows_hold_an_example(self) -> "FinetuneConfig":
         if self.packing and self.row_tokens < self.max_length:

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import math
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -185,7 +186,14 @@ class Checkpoints:
         latest = self.latest()
         if latest is None:
             return 0, []
-        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
+        # Tensors, numbers, strings and containers only: a checkpoint on a shared volume is never unpickled
+        # into arbitrary objects, so a planted file cannot run code in the training process.
+        try:
+            state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise RuntimeError(f"{latest / 'state.pt'}: refused, it holds more than tensors and plain values "
+                               f"({str(exc).splitlines()[0]}); delete {latest} to train from the previous "
+                               f"checkpoint or the start") from None
         missing = set(state["model"]) - {n for n, p in model.named_parameters() if p.requires_grad}
         if missing:
             raise RuntimeError(f"{latest}: checkpoint holds weights this run does not train: {sorted(missing)[:3]}")

@@ -11,21 +11,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
-from tasks import (calibration, dedup, evaluate, evol_instruct, exports, finetune, judge, mix, model_scores, multigpu,
-                   prompts, quality, report, seeds, self_instruct, text, textscan)
-from tasks.artifacts import (Artifact, PartWriter, StorageError, artifact_key, atomic_write_json,
-                             atomic_write_parquet, atomic_write_text, code_version, input_hashes, source_hash,
-                             storage_refusal)
+from tasks import evaluate, evol_instruct, exports, finetune, mix, multigpu, quality, report, seeds, self_instruct
+from tasks.artifacts import (KEY_LENGTH, Artifact, PartWriter, StorageError, artifact_key, atomic_write_json,
+                             atomic_write_parquet, atomic_write_text, input_hashes, source_hash, storage_refusal)
+from tasks.codehash import code_hash
 from tasks.config import Config, LLMConfig
 from tasks.llm import get_llm
-from tasks.llm import base as llm_base
-from tasks.llm import losses, openai_backend, transformers_backend
+from tasks.llm.factory import model_identity
+from tasks.llm.models import fingerprint
 
 Inputs = dict[str, Artifact]
 StageOutput = tuple[pd.DataFrame | pa.Table, dict[str, Any]]
@@ -88,8 +86,8 @@ def _run_quality(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
 
 def _quality_key(c: Config) -> dict[str, Any]:
     scorer = _scorer_llm(c)
-    return {"quality": c.section("quality"), "judge_llm": c.llm.identity() if c.quality.judge.enabled else None,
-            "scorer": scorer.identity() if scorer else None}
+    return {"quality": c.section("quality"), "judge_llm": model_identity(c.llm) if c.quality.judge.enabled else None,
+            "scorer": model_identity(scorer) if scorer else None}
 
 
 def _run_mix(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
@@ -134,41 +132,61 @@ def _run_evaluate(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     return table, {"rows_in": len(held_out), **stats}
 
 
+def _seeds_key(c: Config) -> dict[str, Any]:
+    # The seed file is an input too: editing it must give a new key, not a stale cached table.
+    return {"seeds": c.section("seeds"), "source": source_hash(c.seeds.path)}
+
+
+def _self_instruct_key(c: Config) -> dict[str, Any]:
+    return {"seed": c.run.seed, "llm": model_identity(c.llm), "self_instruct": c.section("self_instruct")}
+
+
+def _evol_key(c: Config) -> dict[str, Any]:
+    return {"seed": c.run.seed, "llm": model_identity(c.llm), "evol_instruct": c.section("evol_instruct")}
+
+
+def _mix_key(c: Config) -> dict[str, Any]:
+    return {"mix": c.section("mix")}
+
+
+def _finetune_key(c: Config) -> dict[str, Any]:
+    return {"seed": c.run.seed, "model": fingerprint(c.finetune.base_model or c.llm.model),
+            "finetune": c.finetune.identity(), "eval_loss": {k: c.section("evaluate")[k] for k in ("max_examples", "batch_size")}}
+
+
+def _evaluate_key(c: Config) -> dict[str, Any]:
+    return {"evaluate": c.section("evaluate"), "base": model_identity(_local_llm(c, c.finetune.base_model)),
+            "judge_llm": model_identity(c.llm) if c.evaluate.judge else None}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     inputs: tuple[str, ...]
     key_config: Callable[[Config], dict[str, Any]]
     run: Callable[[Config, Inputs, Artifact], StageOutput]
-    code: tuple[ModuleType, ...]
+    code: tuple[str, ...]  # the modules the stage calls; the project modules they import are followed
 
     def version(self) -> str:
-        return code_version(*self.code)
+        """The hash of every piece of code the stage runs: its modules and their project imports, and its
+        glue here (its run and key functions, `execute`, and what those call), as code: comments and
+        docstrings do not count."""
+        digest, _ = code_hash(self.code, glue_module=__name__, glue_roots=(self.run.__name__,
+                              self.key_config.__name__, "execute"), glue_stop=("STAGES",),
+                              exclude=("tasks.prefect_tasks",))
+        return digest[:KEY_LENGTH]
 
 
-_GEN = (text, prompts, calibration, llm_base, transformers_backend, openai_backend)
+_GEN = ("tasks.text", "tasks.prompts", "tasks.calibration", "tasks.llm.factory")
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    # The seed file is an input too: editing it must give a new key, not a stale cached table.
-    Stage("seeds", (), lambda c: {"seeds": c.section("seeds"), "source": source_hash(c.seeds.path)},
-          _run_seeds, (seeds,)),
-    Stage("self_instruct", ("seeds",),
-          lambda c: {"seed": c.run.seed, "llm": c.llm.identity(), "self_instruct": c.section("self_instruct")},
-          _run_self_instruct, (self_instruct, *_GEN)),
-    Stage("evol_instruct", ("self_instruct",),
-          lambda c: {"seed": c.run.seed, "llm": c.llm.identity(), "evol_instruct": c.section("evol_instruct")},
-          _run_evol, (evol_instruct, *_GEN)),
+    Stage("seeds", (), _seeds_key, _run_seeds, ("tasks.seeds",)),
+    Stage("self_instruct", ("seeds",), _self_instruct_key, _run_self_instruct, ("tasks.self_instruct", *_GEN)),
+    Stage("evol_instruct", ("self_instruct",), _evol_key, _run_evol, ("tasks.evol_instruct", *_GEN)),
     Stage("quality", ("evol_instruct",), _quality_key, _run_quality,
-          (quality, judge, model_scores, dedup, textscan, report, losses, *_GEN)),
-    Stage("mix", ("quality",), lambda c: {"mix": c.section("mix")}, _run_mix, (mix, exports, prompts)),
-    Stage("finetune", ("mix",),
-          lambda c: {"seed": c.run.seed, "model": c.finetune.base_model or c.llm.model,
-                     "finetune": c.section("finetune"),
-                     "eval_loss": {k: c.section("evaluate")[k] for k in ("max_examples", "batch_size")}},
-          _run_finetune, (finetune, multigpu, prompts, losses, transformers_backend)),
-    Stage("evaluate", ("mix", "finetune"),
-          lambda c: {"evaluate": c.section("evaluate"), "base": _local_llm(c, c.finetune.base_model).identity(),
-                     "judge_llm": c.llm.identity() if c.evaluate.judge else None},
-          _run_evaluate, (evaluate, judge, prompts, *_GEN)),
+          ("tasks.quality", "tasks.report", "tasks.llm.losses", *_GEN)),
+    Stage("mix", ("quality",), _mix_key, _run_mix, ("tasks.mix", "tasks.exports")),
+    Stage("finetune", ("mix",), _finetune_key, _run_finetune, ("tasks.finetune", "tasks.multigpu", "tasks.llm.models")),
+    Stage("evaluate", ("mix", "finetune"), _evaluate_key, _run_evaluate, ("tasks.evaluate", *_GEN)),
 ]}
 
 

@@ -36,3 +36,23 @@ def _cached(cfg: LLMConfig) -> LLM:
 
 def get_llm(cfg: LLMConfig) -> LLM:
     return _cached(cfg)
+
+
+def model_identity(cfg: LLMConfig) -> dict:
+    """What decides the text this backend produces, for artifact keys: the section's result-deciding
+    settings with the model named by its content. A local model is its files' fingerprint (not its path);
+    an endpoint's model is its name plus what the server reports about it, asked on every call, since a
+    server can be restarted with other weights (the endpoint's address is not part of it: the same model
+    moved to another host keeps its artifacts)."""
+    identity = cfg.identity()
+    if cfg.backend == "openai":
+        from tasks.llm.openai_backend import api_key, served_model
+
+        identity.pop("base_url", None)
+        identity["model"] = served_model(cfg.base_url, api_key(cfg.api_key_env, cfg.api_key_secret), cfg.model,
+                                         timeout_s=min(cfg.request_timeout_s, 30.0))
+    else:
+        from tasks.llm.models import fingerprint
+
+        identity["model"] = fingerprint(cfg.model)
+    return identity

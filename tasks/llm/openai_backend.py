@@ -290,3 +290,26 @@ def api_key(variable: str, secret_block: str | None = None) -> str | None:
             raise LLMRequestError(f"llm.api_key_secret: no Prefect Secret block named `{secret_block}` "
                                   f"({type(exc).__name__}); create it with `prefect block create secret`") from None
     return os.environ.get(variable) or None
+
+
+# Fields of a `/v1/models` entry that describe the served model and stay put between calls. vLLM sets
+# `created` to the time of the request and gives each `permission` a fresh id, so those are left out.
+STABLE_MODEL_FIELDS = ("id", "object", "owned_by", "root", "parent", "max_model_len", "meta")
+
+
+def served_model(base_url: str | None, api_key: str | None, model: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    """What the endpoint reports about `model` (`GET /v1/models`): its entry's stable fields, or, when
+    the server lists no entry of that name (llama.cpp serves one model whatever a request names), every
+    entry it lists. Artifact keys include this, so a server that now serves other weights under another
+    path or size gives new keys; what it cannot see is in the README."""
+    client = openai.OpenAI(api_key=api_key or "not-needed", base_url=base_url, timeout=timeout_s, max_retries=2)
+    try:
+        listed = [entry.model_dump() for entry in client.models.list()]
+    except openai.OpenAIError as exc:
+        raise LLMRequestError(f"llm.base_url {base_url or 'https://api.openai.com/v1'}: cannot list its models "
+                              f"to identify `{model}` ({describe(exc)})") from None
+    finally:
+        client.close()
+    stable = [{k: entry[k] for k in STABLE_MODEL_FIELDS if entry.get(k) is not None} for entry in listed]
+    chosen = [entry for entry in stable if entry.get("id") == model]
+    return {"model": model, "served": chosen or sorted(stable, key=lambda e: str(e.get("id")))}
