@@ -72,7 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     """Run the flow again with the run's own resolved config, into the same run directory: the artifacts
     of finished stages are found by their keys and reused; the failed stage continues from its parts."""
-    from tasks.runs import read_manifest
+    from tasks.locks import describe
+    from tasks.runs import live_holder, read_manifest
 
     run_dir = Path(args.runs_dir) / args.run_id
     try:
@@ -83,6 +84,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if manifest.get("status") == "completed":
         print(f"run {args.run_id} completed already; its model: {manifest.get('model_path')}")
         return 0
+    holder = live_holder(run_dir)
+    if holder is not None:  # a killed run holds nothing: it is continued below
+        print(f"resume: run {args.run_id} is still running: {describe(holder)}; wait for it to end or stop it, "
+              f"then resume it", file=sys.stderr)
+        return 2
     done = [name for name in manifest.get("stages", {})]
     print(f"resuming run {args.run_id} (attempt {manifest.get('attempt', 1) + 1}); "
           f"finished before: {', '.join(done) or 'none'}")

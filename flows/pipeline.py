@@ -25,8 +25,10 @@ def run_stage(stage: str, cfg: Config, run: RunRecord, inputs: dict[str, str]) -
     reused = artifact.is_done(verify=True)  # a truncated or altered artifact is recomputed, not reused
     task = getattr(prefect_tasks, stage).with_options(refresh_cache=not reused)
     path = task(key=artifact.path.name, config=cfg.model_dump(mode="json"), inputs=inputs,
-                artifacts_dir=str(artifact.path.parent.parent.resolve()))
-    run.add(StageRecord.of(stage, Artifact(artifact.path), reused))
+                artifacts_dir=str(artifact.path.parent.parent.resolve()), run_id=run.run_id)
+    # Made by another run while this one waited for it: reused too.
+    made_by = (Artifact(artifact.path).stats().get("computed_by") or {}).get("run_id")
+    run.add(StageRecord.of(stage, Artifact(artifact.path), reused or made_by != run.run_id))
     return path
 
 
@@ -59,6 +61,7 @@ def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str
             evaluated = run_stage("evaluate", cfg, run, {"mix": mixed, "finetune": tuned})
     except BaseException as exc:
         run.save(status="failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        run.close()
         raise
 
     metrics = Artifact(Path(evaluated)).stats()
@@ -68,6 +71,7 @@ def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str
     run.save(status="completed", extra={"model_path": summary["model_path"],
                                         "eval_loss_before": summary["eval_loss_before"],
                                         "eval_loss_after": summary["eval_loss_after"]})
+    run.close()
     create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary),
                              description="instruction-tuning run summary")
     return summary

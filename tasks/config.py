@@ -29,6 +29,9 @@ class RunConfig(Section):
     seed: int = 42
     artifacts_dir: str = "data/artifacts"
     runs_dir: str = "data/runs"
+    # Two runs that need the same artifact at once: the second waits for the first and reuses its result
+    # (true), or stops at once naming the artifact and the run computing it (false).
+    wait_for_artifacts: bool = True
 
 
 class LLMConfig(Section):

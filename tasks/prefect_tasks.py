@@ -119,9 +119,10 @@ def _stage_task(stage: str, retries: int):
     @task(name=stage, task_run_name=f"{stage} [{{key}}]", tags=["instructflow", f"stage:{stage}"],
           retries=retries, retry_delay_seconds=5, cache_key_fn=_cache_key(stage), persist_result=True,
           result_serializer="json", log_prints=False)
-    def run(key: str, config: dict[str, Any], inputs: dict[str, str], artifacts_dir: str) -> str:
+    def run(key: str, config: dict[str, Any], inputs: dict[str, str], artifacts_dir: str,
+            run_id: str | None = None) -> str:
         with StageProgress(stage):
-            artifact = execute(stage, Config.model_validate(config), inputs)
+            artifact = execute(stage, Config.model_validate(config), inputs, run_id=run_id)
         if artifact.path.name != key:
             raise RuntimeError(f"{stage}: planned artifact {key} but wrote {artifact.path.name}; "
                                f"the stage's code changed during the run")

@@ -11,6 +11,18 @@ from typing import Any
 
 from tasks.artifacts import Artifact, atomic_write_bytes, atomic_write_json, atomic_write_text
 from tasks.config import Config
+from tasks.locks import Lock, describe, holder_if_alive, me
+
+LOCK = ".lock"  # in the run directory, held by the process running it
+
+
+class RunBusy(RuntimeError):
+    """The run is still running in a live process."""
+
+
+def live_holder(run_dir: Path) -> dict[str, Any] | None:
+    """The live process running the run in `run_dir`, if any (a killed one does not count)."""
+    return holder_if_alive(Path(run_dir) / LOCK)
 
 
 @dataclass
@@ -42,6 +54,7 @@ class RunRecord:
     attempt: int = 1
     stages: list[StageRecord] = field(default_factory=list)
     earlier: dict[str, Any] = field(default_factory=dict)  # stages recorded by earlier attempts
+    lock: Lock | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def start(cls, cfg: Config, config_path: str, overrides: list[str], flow_run_id: str | None = None,
@@ -60,18 +73,27 @@ class RunRecord:
         run_id = f"{stamp}-{(str(flow_run_id) if flow_run_id else secrets.token_hex(4))[:8]}"
         path = runs_dir / run_id
         path.mkdir(parents=True, exist_ok=False)
+        lock = _take(path, run_id)
         atomic_write_text(path / "config.yaml", cfg.to_yaml())
-        record = cls(run_id, path, config_path, list(overrides), time.time())
+        record = cls(run_id, path, config_path, list(overrides), time.time(), lock=lock)
         record.save(status="running")
         return record
 
     @classmethod
     def resume(cls, path: Path) -> "RunRecord":
+        """Continue the run in `path` as its next attempt; refused while a live process still runs it."""
         manifest = read_manifest(path)
+        lock = _take(path, manifest["run_id"])
         record = cls(manifest["run_id"], path, manifest["config"], list(manifest["overrides"]), time.time(),
-                     attempt=int(manifest.get("attempt", 1)) + 1, earlier=dict(manifest.get("stages") or {}))
+                     attempt=int(manifest.get("attempt", 1)) + 1, earlier=dict(manifest.get("stages") or {}),
+                     lock=lock)
         record.save(status="running")
         return record
+
+    def close(self) -> None:
+        """Let the run directory go (the end of this attempt, finished or failed)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def add(self, stage: StageRecord) -> None:
         self.stages.append(stage)
@@ -90,6 +112,14 @@ class RunRecord:
                     "seconds": round(time.time() - self.started_at, 3),
                     "stages": {**self.earlier, **{s.stage: asdict(s) for s in self.stages}}, **(extra or {})}
         atomic_write_json(self.path / "manifest.json", manifest)
+
+
+def _take(path: Path, run_id: str) -> Lock:
+    lock = Lock(path / LOCK)
+    if not lock.try_acquire(me(run_id)):
+        raise RunBusy(f"run {run_id} is still running: {describe(live_holder(path))}; wait for it to end "
+                      f"or stop it, then continue it")
+    return lock
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:

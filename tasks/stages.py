@@ -24,6 +24,7 @@ from tasks.config import Config, LLMConfig
 from tasks.llm import get_llm
 from tasks.llm.factory import model_identity
 from tasks.llm.models import fingerprint
+from tasks.locks import holding, me
 
 Inputs = dict[str, Artifact]
 StageOutput = tuple[pd.DataFrame | pa.Table, dict[str, Any]]
@@ -198,26 +199,36 @@ def plan(stage: str, cfg: Config, inputs: dict[str, str | Path]) -> Artifact:
     return Artifact.at(cfg.run.artifacts_dir, stage, key)
 
 
-def execute(stage: str, cfg: Config, inputs: dict[str, str | Path]) -> Artifact:
-    """Run `stage` into its planned artifact unless that is already done; return the artifact."""
+def execute(stage: str, cfg: Config, inputs: dict[str, str | Path], run_id: str | None = None) -> Artifact:
+    """Run `stage` into its planned artifact unless that is already done; return the artifact.
+
+    One process computes an artifact at a time: it holds the artifact's lock while it computes, and
+    another run that needs the same artifact waits for it (or, with `run.wait_for_artifacts: false`, stops
+    naming the holder) and then reuses it. A holder that dies releases the lock; the next one continues
+    from its checkpoints."""
     spec = STAGES[stage]
     out = plan(stage, cfg, inputs)
     if out.is_done(verify=True):
         return out
-    try:
-        out.begin()
-        t0 = time.perf_counter()
-        data, stats = spec.run(cfg, {name: Artifact(Path(inputs[name])) for name in spec.inputs}, out)
-        table = _table(data)
-        stats = {"stage": stage, "key": out.path.name, "inputs": {n: str(inputs[n]) for n in spec.inputs},
-                 "rows_in": stats.pop("rows_in", None), "rows_out": table.num_rows,
-                 "dropped": stats.pop("dropped", {}), **stats, "seconds": round(time.perf_counter() - t0, 3)}
-        out.commit(table, stats)
-    except Exception as exc:  # a full or read-only disk: say so and where; what is there is not marked done
-        refusal = storage_refusal(exc)
-        if refusal is None:
-            raise
-        raise StorageError(f"{stage}: cannot write {getattr(exc, 'filename', None) or out.path}: {refusal} "
-                           f"(`run.artifacts_dir` is {cfg.run.artifacts_dir}); free space or fix it, then run "
-                           f"again: finished stages and checkpoints are kept") from exc
+    with holding(out.path / ".lock", me(run_id), what=f"{stage} artifact {out.path}",
+                 wait=cfg.run.wait_for_artifacts):
+        if out.is_done(verify=True):  # made by the run we waited for
+            return out
+        try:
+            out.begin()
+            t0 = time.perf_counter()
+            data, stats = spec.run(cfg, {name: Artifact(Path(inputs[name])) for name in spec.inputs}, out)
+            table = _table(data)
+            stats = {"stage": stage, "key": out.path.name, "inputs": {n: str(inputs[n]) for n in spec.inputs},
+                     "rows_in": stats.pop("rows_in", None), "rows_out": table.num_rows,
+                     "dropped": stats.pop("dropped", {}), **stats, "seconds": round(time.perf_counter() - t0, 3),
+                     "computed_by": me(run_id)}
+            out.commit(table, stats)
+        except Exception as exc:  # a full or read-only disk: say so and where; what is there is not marked done
+            refusal = storage_refusal(exc)
+            if refusal is None:
+                raise
+            raise StorageError(f"{stage}: cannot write {getattr(exc, 'filename', None) or out.path}: {refusal} "
+                               f"(`run.artifacts_dir` is {cfg.run.artifacts_dir}); free space or fix it, then run "
+                               f"again: finished stages and checkpoints are kept") from exc
     return out
