@@ -45,24 +45,89 @@ def _print_summary(summary: dict, seconds: float) -> None:
     console.print(f"finished in {seconds:.1f} s")
 
 
+def _prefect_advice(exc: BaseException) -> str:
+    """What to do when Prefect itself did not start (no flow ran)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return (f"the Prefect server at {settings.api.url} (PREFECT_API_URL) did not answer: start it "
+                f"(`prefect server start`), fix the address, or unset PREFECT_API_URL to use a temporary local one")
+    return (f"Prefect's temporary local server did not start within "
+            f"{settings.server.ephemeral.startup_timeout_seconds} s: raise "
+            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `prefect server start` in another "
+            f"terminal and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def prepare_local_prefect() -> None:
+    """Without PREFECT_API_URL, each run starts Prefect's temporary server, which must answer within
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS. Its first start also creates and migrates its SQLite
+    database, which alone takes about 20 s on two slow cores: that is done here first, outside the timeout,
+    once per Prefect home."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = settings.server.database.connection_url.get_secret_value() if settings.server.database.connection_url else ""
+    if settings.api.url or not url.startswith("sqlite"):
+        return  # a real server, or a database someone else manages
+    database = Path(url.split(":///", 1)[-1])
+    if database.exists():
+        return  # made before; a newer Prefect migrates it at start, within the timeout set in main()
+    import anyio
+    from prefect.server.database import provide_database_interface
+
+    print(f"preparing Prefect's local database {database} (first run only, about half a minute)", file=sys.stderr,
+          flush=True)
+    anyio.run(provide_database_interface().create_db)
+
+
 def _run_flow(config: str, overrides: list[str], run_id: str | None = None) -> int:
     try:
-        load_config(config, overrides)  # fail fast, before Prefect starts
+        cfg = load_config(config, overrides)  # fail fast, before Prefect starts
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    try:
+        prepare_local_prefect()
+    except Exception as exc:  # nothing has run: say what failed, not how to resume
+        print(f"run not started: preparing Prefect's local database failed ({type(exc).__name__}: {exc}); "
+              f"nothing ran. Check that PREFECT_HOME ({os.environ.get('PREFECT_HOME', '~/.prefect')}) is "
+              f"writable, or set PREFECT_API_URL to a running Prefect server", file=sys.stderr)
+        return 1
     from flows.pipeline import instruction_tuning
 
     t0 = time.perf_counter()
     try:
-        summary = instruction_tuning(config=config, overrides=overrides, run_id=run_id)
-    except Exception as exc:  # the flow has logged the traceback; the user gets one line
-        print(f"run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if run_id is None:
-            print("continue it with: instructflow resume <run_id> (the run directory printed above)", file=sys.stderr)
+        state = instruction_tuning(config=config, overrides=overrides, run_id=run_id, return_state=True)
+    except Exception as exc:  # Prefect did not start: there is no run and no run directory
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"run not started: {type(exc).__name__}: {first[:300]}", file=sys.stderr)
+        print(f"nothing ran and no run directory was made; {_prefect_advice(exc)}", file=sys.stderr)
         return 1
-    _print_summary(summary, time.perf_counter() - t0)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)  # the flow's exception (it has logged the traceback)
+        what = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else state.message or state.name
+        print(f"run failed: {what}", file=sys.stderr)
+        run_dir = _run_dir_of(cfg.run.runs_dir, state, run_id)
+        if run_dir is not None:
+            print(f"continue it with: instructflow resume {run_dir.name}"
+                  + (f" --runs-dir {cfg.run.runs_dir}" if Path(cfg.run.runs_dir) != Path("data/runs") else "")
+                  + f" (run directory {run_dir})", file=sys.stderr)
+        else:
+            print("it stopped before its run directory was made (nothing to resume): fix the cause above and "
+                  "run again", file=sys.stderr)
+        return 1
+    _print_summary(state.result(), time.perf_counter() - t0)
     return 0
+
+
+def _run_dir_of(runs_dir: str, state, run_id: str | None) -> Path | None:
+    """The run directory of a flow run that failed: named after it (or the resumed run), if it was made."""
+    if run_id is not None:
+        return Path(runs_dir) / run_id
+    flow_run_id = str(state.state_details.flow_run_id or "")
+    found = sorted(Path(runs_dir).glob(f"*-{flow_run_id[:8]}")) if flow_run_id else []
+    return found[-1] if found else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -112,9 +177,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Prefect gives its temporary server 20 s to answer by default; a slow or busy machine needs more even
+# with its database prepared (measured here: 8-9 s on two loaded cores), and a Prefect upgrade migrates at
+# start. A user's own setting wins.
+STARTUP_TIMEOUT_S = "600"
+
+
 def _quiet_defaults() -> None:
     # No telemetry from the temporary Prefect server, and never a model hub: everything is local.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT_S)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks import prefect_tasks
 from tasks.artifacts import Artifact, check_writable
-from tasks.config import Config, load_config
+from tasks.config import Config, load_config, load_for_caller
 from tasks.runs import RunRecord, StageRecord
 from tasks.stages import plan
 
@@ -37,9 +37,11 @@ def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str
                        run_id: str | None = None) -> dict[str, Any]:
     """Run the pipeline with the run profile `config` and dotted-key `overrides` (["mix.seed=2"]).
     `run_id` continues that run's record (instructflow resume); a retried flow run continues its own."""
-    # 1. Configuration: a bad file, key or value stops here, before any stage.
+    # 1. Configuration: a bad file, key or value stops here, before any stage. A deployment run's
+    #    parameters come from whoever started it: its profile must be one of the worker's, and its
+    #    overrides may change only what the profile opens (never the endpoint, its key or a path).
     overrides = list(overrides or [])
-    cfg = load_config(config, overrides)
+    cfg = load_for_caller(config, overrides) if runtime.deployment.id else load_config(config, overrides)
     check_writable(cfg.run.artifacts_dir, "run.artifacts_dir")  # a read-only or missing disk stops here
     check_writable(cfg.run.runs_dir, "run.runs_dir")
     run = RunRecord.start(cfg, config, overrides, flow_run_id=runtime.flow_run.id, run_id=run_id)

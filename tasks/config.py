@@ -9,6 +9,7 @@ starts with a message that names the key and lists what is allowed. Overrides us
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -24,11 +25,48 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Keys that a flow-run parameter (`prefect deployment run -p overrides=...`) never changes, whatever the
+# profile allows: where the endpoint is and which key is sent there (they travel together, fixed by the
+# profile), and places on the worker's disk. The command line (`--set`) is the machine's own user and
+# may change anything.
+FIXED_FOR_CALLERS: dict[str, str] = {
+    "llm.backend": "the endpoint and its key travel together, fixed by the profile",
+    "llm.base_url": "the endpoint and its key travel together, fixed by the profile",
+    "llm.api_key_env": "the endpoint and its key travel together, fixed by the profile",
+    "llm.api_key_secret": "the endpoint and its key travel together, fixed by the profile",
+    "llm.model": "a model directory on the worker, or the endpoint's model: fixed by the profile",
+    "quality.scorer_model": "a model directory on the worker: fixed by the profile",
+    "finetune.base_model": "a model directory on the worker: fixed by the profile",
+    "seeds.path": "a place on the worker's disk: fixed by the profile",
+    "run.artifacts_dir": "a place on the worker's disk: fixed by the profile",
+    "run.runs_dir": "a place on the worker's disk: fixed by the profile",
+    "run.overridable": "what callers may change is the profile's to say",
+}
+
+# What a caller may change when the profile does not say: the data and training settings. Not `llm.*`
+# (the endpoint, its limits and its budget are the operator's) and not the fixed keys above.
+DEFAULT_OVERRIDABLE = ["run.name", "run.seed", "seeds.limit", "self_instruct.*", "evol_instruct.*", "quality.*",
+                       "mix.*", "finetune.*", "evaluate.*"]
+
+
 class RunConfig(Section):
     name: str = "default"
     seed: int = 42
     artifacts_dir: str = "data/artifacts"
     runs_dir: str = "data/runs"
+    # Two runs that need the same artifact at once: the second waits for the first and reuses its result
+    # (true), or stops at once naming the artifact and the run computing it (false).
+    wait_for_artifacts: bool = True
+    # Keys (`mix.seed`) or sections (`mix.*`) that a deployment's caller may override with the flow
+    # parameter `overrides`; the keys in FIXED_FOR_CALLERS never. `[]`: callers change nothing.
+    overridable: list[str] = Field(default_factory=lambda: list(DEFAULT_OVERRIDABLE))
+
+    @model_validator(mode="after")
+    def _overridable(self) -> "RunConfig":
+        for pattern in self.overridable:  # a section pattern (`llm.*`) opens its keys but the fixed ones
+            if pattern in FIXED_FOR_CALLERS:
+                raise ValueError(f"overridable: `{pattern}` cannot be opened to callers: {FIXED_FOR_CALLERS[pattern]}")
+        return self
     # Two runs that need the same artifact at once: the second waits for the first and reuses its result
     # (true), or stops at once naming the artifact and the run computing it (false).
     wait_for_artifacts: bool = True
@@ -459,3 +497,57 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+
+
+def _matches(key: str, pattern: str) -> bool:
+    return key.startswith(pattern[:-1]) if pattern.endswith(".*") else key == pattern
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def changed_keys(before: Config, after: Config) -> list[str]:
+    """The dotted keys whose resolved values differ (a mapping's entries one by one)."""
+    a, b = _leaves(before.model_dump(mode="json")), _leaves(after.model_dump(mode="json"))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def profile_dirs() -> list[Path]:
+    """Where a deployment run may take its profile from: INSTRUCTFLOW_PROFILE_DIRS on the worker (paths
+    separated by `:`), else `configs/` of the working directory (the project, where deployments run)."""
+    raw = os.environ.get("INSTRUCTFLOW_PROFILE_DIRS")
+    dirs = [Path(p) for p in raw.split(os.pathsep) if p] if raw else [Path("configs")]
+    return [d.resolve() for d in dirs]
+
+
+def load_for_caller(path: str | Path, overrides: list[str] | tuple[str, ...]) -> Config:
+    """The config of a run whose parameters come from someone else (a deployment run): the profile must
+    lie in a profile directory, and the overrides may change only what the profile's `run.overridable`
+    opens, never the keys in FIXED_FOR_CALLERS. The check compares resolved values, so no spelling of an
+    override (a whole section as a mapping, say) gets round it. Raises ConfigError naming the key."""
+    resolved = Path(path).resolve()
+    allowed = profile_dirs()
+    if not any(resolved.is_relative_to(d) for d in allowed):
+        raise ConfigError(f"config `{path}`: a deployment run takes its profile from "
+                          f"{', '.join(str(d) for d in allowed)} only (INSTRUCTFLOW_PROFILE_DIRS on the worker)")
+    profile = load_config(resolved)
+    cfg = load_config(resolved, overrides)
+    refused = []
+    for key in changed_keys(profile, cfg):
+        fixed = next((why for k, why in FIXED_FOR_CALLERS.items() if key == k or key.startswith(k + ".")), None)
+        if fixed:
+            refused.append(f"`{key}` ({fixed})")
+        elif not any(_matches(key, p) for p in profile.run.overridable):
+            refused.append(f"`{key}` (not in the profile's run.overridable: {', '.join(profile.run.overridable) or 'none'})")
+    if refused:
+        raise ConfigError(f"{path}: a flow-run parameter may not override " + "; ".join(refused))
+    return cfg

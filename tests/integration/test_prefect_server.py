@@ -31,8 +31,11 @@ def stack(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("stack")
     with postgres_server() as database_url, \
             prefect_server(database_url, root / "prefect-home", root / "server.log") as api:
+        # The worker's profiles: the project's, and those the tests write (each with its own directories).
+        (root / "profiles").mkdir()
         env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(root / "prefect-home"),
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
+               "INSTRUCTFLOW_PROFILE_DIRS": f"{ROOT / 'configs'}{os.pathsep}{root / 'profiles'}"}
         log = (root / "serve.log").open("w")
         serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "adhoc"], cwd=ROOT, env=env,
                                  stdout=log, stderr=subprocess.STDOUT)
@@ -56,8 +59,8 @@ def prefect(env: dict[str, str], *args: str, check: bool = True, timeout: float 
     return result
 
 
-def run_deployment(stack, overrides: list[str], check: bool = True) -> tuple[str, subprocess.CompletedProcess]:
-    params = json.dumps({"config": str(ROOT / "configs" / "tiny.yaml"), "overrides": overrides})
+def run_deployment(stack, profile: Path, overrides: list[str], check: bool = True) -> tuple[str, subprocess.CompletedProcess]:
+    params = json.dumps({"config": str(profile), "overrides": overrides})
     result = prefect(stack["env"], "deployment", "run", DEPLOYMENT, "--params", params, "--watch",
                      "--watch-timeout", "800", check=check)
     found = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
@@ -65,11 +68,18 @@ def run_deployment(stack, overrides: list[str], check: bool = True) -> tuple[str
     return found.group(1), result
 
 
-def tiny_overrides(stack, name: str, **extra: str) -> list[str]:
+def tiny_profile(stack, name: str, **extra: str) -> Path:
+    """configs/tiny.yaml with its model, seeds and output directories: a profile the worker trusts, since
+    a caller's overrides may not set paths."""
+    from tasks.config import load_config
+
     where = stack["root"] / name
     base = {"llm.model": str(stack["tiny"]), "run.artifacts_dir": str(where / "artifacts"),
             "run.runs_dir": str(where / "runs"), "seeds.path": str(ROOT / "data" / "seed_tasks.jsonl")}
-    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"{k}={v}" for k, v in {**base, **extra}.items()])
+    path = stack["root"] / "profiles" / f"{name}.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
 
 
 def read_back(stack, flow_run_id: str) -> dict:
@@ -98,7 +108,7 @@ def wait_terminal(stack, flow_run_id: str, timeout_s: float = 800):
 
 
 def test_deployment_run_completes_and_its_artifacts_read_back(stack):
-    flow_run_id, result = run_deployment(stack, tiny_overrides(stack, "completed"))
+    flow_run_id, result = run_deployment(stack, tiny_profile(stack, "completed"), ["mix.seed=1"])
     assert "Completed" in result.stdout, result.stdout
     seen = read_back(stack, flow_run_id)
     assert seen["flow_run"].state.is_completed() and seen["flow_run"].deployment_id is not None
@@ -124,8 +134,8 @@ def test_deployment_run_completes_and_its_artifacts_read_back(stack):
 def test_a_failed_stage_is_retried_alone_with_prefect_flow_run_retry(stack):
     # The fine-tuning base model is not there yet (a volume not mounted, say): the run fails at finetune.
     late_model = stack["root"] / "late-model"
-    overrides = tiny_overrides(stack, "retried", **{"finetune.base_model": str(late_model)})
-    flow_run_id, result = run_deployment(stack, overrides, check=False)
+    profile = tiny_profile(stack, "retried", **{"finetune.base_model": str(late_model)})
+    flow_run_id, result = run_deployment(stack, profile, [], check=False)
     assert result.returncode != 0 and "Failed" in result.stdout, result.stdout
     first = read_back(stack, flow_run_id)
     states = {t.name.split(" [")[0]: t.state.name for t in first["tasks"]}
@@ -154,7 +164,7 @@ def test_a_failed_stage_is_retried_alone_with_prefect_flow_run_retry(stack):
 
 
 def test_bad_parameters_are_refused_naming_the_key(stack):
-    flow_run_id, result = run_deployment(stack, tiny_overrides(stack, "bad") + ["mix.sed=3"], check=False)
+    flow_run_id, result = run_deployment(stack, tiny_profile(stack, "bad"), ["mix.sed=3"], check=False)
     seen = read_back(stack, flow_run_id)
     assert seen["flow_run"].state.is_failed() and seen["tasks"] == []
     assert "unknown key `mix.sed`" in seen["flow_run"].state.message
@@ -162,6 +172,29 @@ def test_bad_parameters_are_refused_naming_the_key(stack):
     refused = prefect(stack["env"], "deployment", "run", DEPLOYMENT, "--params", json.dumps({"overrides": "mix.seed=2"}),
                       check=False)
     assert refused.returncode != 0 and "overrides" in refused.stdout + refused.stderr
+
+
+def test_parameters_cannot_redirect_the_key_or_leave_the_data_directories(stack):
+    """A caller of the deployment sends the worker's key nowhere else and reaches no path on the worker:
+    the run fails before any stage, naming each refused key; a profile from elsewhere is refused too."""
+    profile = tiny_profile(stack, "guarded")
+    hostile = ["llm.base_url=http://attacker.example/v1", "llm.api_key_secret=someone-elses-key",
+               "run.artifacts_dir=/", "seeds.path=/etc/passwd"]
+    flow_run_id, result = run_deployment(stack, profile, hostile, check=False)
+    seen = read_back(stack, flow_run_id)
+    assert seen["flow_run"].state.is_failed() and seen["tasks"] == []
+    message = seen["flow_run"].state.message
+    assert "a flow-run parameter may not override" in message
+    for key in ("llm.base_url", "llm.api_key_secret", "run.artifacts_dir", "seeds.path"):
+        assert f"`{key}` (" in message, message
+    assert not (stack["root"] / "guarded").exists()  # no run directory, no artifact
+
+    elsewhere = stack["root"] / "elsewhere.yaml"
+    elsewhere.write_text(profile.read_text())
+    flow_run_id, _ = run_deployment(stack, elsewhere, [], check=False)
+    seen = read_back(stack, flow_run_id)
+    assert seen["flow_run"].state.is_failed() and seen["tasks"] == []
+    assert "a deployment run takes its profile from" in seen["flow_run"].state.message
 
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -177,7 +210,7 @@ def test_the_ui_shows_the_stage_task_runs_and_the_run_summary(stack):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    flow_run_id = stack.get("completed") or run_deployment(stack, tiny_overrides(stack, "ui"))[0]
+    flow_run_id = stack.get("completed") or run_deployment(stack, tiny_profile(stack, "ui"), [])[0]
     options = Options()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1200"):

@@ -105,3 +105,68 @@ def test_a_cost_budget_needs_prices_and_budgets_stay_out_of_artifact_keys(tmp_pa
     cheap = load_config(write(tmp_path, ""), [*base, "llm.max_cost_usd=5", "llm.prompt_price_per_1m=0.1",
                                               "llm.completion_price_per_1m=0.4", "llm.requests_per_minute=60"])
     assert cheap.llm.identity() == load_config(write(tmp_path, ""), base).llm.identity()
+
+
+# --- what a deployment's caller may override -------------------------------------------------------------
+
+@pytest.fixture
+def profiles(tmp_path, monkeypatch):
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    monkeypatch.setenv("INSTRUCTFLOW_PROFILE_DIRS", str(folder))
+    openai = (ROOT / "configs" / "openai.yaml").read_text()
+
+    def make(name: str, extra: str = "") -> Path:
+        path = folder / name
+        path.write_text(openai + "\n" + extra)
+        return path
+    return make
+
+
+@pytest.mark.parametrize("override", [
+    "llm.base_url=http://attacker.example/v1", "llm.api_key_env=AWS_SECRET_ACCESS_KEY", "llm.api_key_secret=other",
+    "llm.backend=transformers", "run.artifacts_dir=/", "run.runs_dir=/etc", "seeds.path=/etc/passwd",
+    "finetune.base_model=/root", "quality.scorer_model=/root", "llm.model=other-model", "run.overridable=[llm.*]",
+    "llm={base_url: 'http://attacker.example/v1', model: served-model-name}",  # a whole section at once
+])
+def test_a_caller_cannot_move_the_endpoint_its_key_or_a_path(profiles, override):
+    from tasks.config import load_for_caller
+
+    path = profiles("p.yaml", "run: {overridable: ['llm.*', 'run.*', 'seeds.*', 'quality.*', 'finetune.*']}")
+    with pytest.raises(ConfigError) as err:
+        load_for_caller(path, [override])
+    key = override.split("=")[0]
+    named = "llm.base_url" if key == "llm" else key
+    assert f"a flow-run parameter may not override " in str(err.value) and f"`{named}` (" in str(err.value)
+    assert "fixed by the profile" in str(err.value) or "what callers may change" in str(err.value)
+    assert load_config(path, [override])  # the command line (the machine's own user) may
+
+
+def test_the_profile_says_what_callers_may_change(profiles):
+    from tasks.config import load_for_caller
+
+    default = profiles("default-open.yaml")
+    assert load_for_caller(default, ["mix.seed=3", "self_instruct.num_instructions=5"]).mix.seed == 3
+    assert load_for_caller(default, ["llm.base_url=http://127.0.0.1:8000/v1"])  # unchanged: nothing to refuse
+    with pytest.raises(ConfigError, match=r"`llm.max_cost_usd` \(not in the profile's run.overridable"):
+        load_for_caller(default, ["llm.max_cost_usd=1000", "llm.prompt_price_per_1m=1",
+                                  "llm.completion_price_per_1m=1"])
+    closed = profiles("closed.yaml", "run: {overridable: []}")
+    with pytest.raises(ConfigError, match=r"`mix.seed` \(not in the profile's run.overridable: none\)"):
+        load_for_caller(closed, ["mix.seed=3"])
+    llm_open = profiles("llm-open.yaml", "run: {overridable: ['llm.*']}")
+    assert load_for_caller(llm_open, ["llm.max_concurrency=64"]).llm.max_concurrency == 64
+    with pytest.raises(ConfigError, match="run.overridable: `llm.base_url` cannot be opened to callers"):
+        load_config(profiles("bad.yaml", "run: {overridable: ['llm.base_url']}"))
+
+
+def test_a_caller_takes_profiles_from_the_profile_directories_only(profiles, tmp_path):
+    from tasks.config import load_for_caller
+
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text((ROOT / "configs" / "openai.yaml").read_text())
+    link = profiles("inside.yaml").with_name("link.yaml")
+    link.symlink_to(outside)
+    for path in (outside, link, profiles("x.yaml").parent / ".." / "elsewhere.yaml"):
+        with pytest.raises(ConfigError, match="a deployment run takes its profile from .*profiles only"):
+            load_for_caller(path, [])
