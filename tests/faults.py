@@ -67,7 +67,9 @@ class FaultProxy:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
             while (request := await _read_message(client_r)) is not None:
-                action = self._draw()
+                # Faults hit generation requests; the model listing (GET /v1/models) that names the
+                # endpoint's model in artifact keys while a stage is planned passes through.
+                action = self._draw() if request.startswith(b"POST") else "listing"
                 self.counts[action] += 1
                 if action == "drop":  # the connection goes away without an answer
                     client_w.transport.abort()

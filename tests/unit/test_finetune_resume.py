@@ -56,3 +56,31 @@ def test_kill_9_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, kill
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+class _Planted:
+    """What someone with write access to the shared volume could leave as a checkpoint: unpickling it
+    would run code (here: create a file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_checkpoint_is_refused_not_unpickled(tiny_model_dir, tmp_path):
+    from tasks.finetune import Checkpoints
+    from tasks.llm.transformers_backend import load_causal_lm
+
+    marker = tmp_path / "code-ran"
+    step = tmp_path / "checkpoints" / "step-000002"
+    step.mkdir(parents=True)
+    torch.save({"step": 2, "model": {}, "optimizer": {}, "scheduler": {}, "log": [], "x": _Planted(marker)},
+               step / "state.pt")
+    model = load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with pytest.raises(RuntimeError, match=r"state.pt: refused, it holds more than tensors and plain values"):
+        Checkpoints(tmp_path / "checkpoints").load(model, optimizer, scheduler)
+    assert not marker.exists()
