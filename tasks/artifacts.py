@@ -2,8 +2,8 @@
 
 An artifact lives in `<artifacts_dir>/<NN_stage>/<key>/` and holds `data.parquet`, `stats.json` and
 `_SUCCESS`, written last. `key` hashes the stage name, the config the stage reads (models by content), the
-content hashes of its inputs and the stage's code (tasks/codehash.py), so a changed input or setting gives a new directory and
-an old one is never overwritten. While a long stage runs, its checkpoints sit in `parts/`; a directory
+content hashes of its inputs and the stage's code (tasks/codehash.py), so a changed input or setting gives a
+new directory and an old one is never overwritten. While a long stage runs, its checkpoints sit in `parts/`; a directory
 without `_SUCCESS` is never read as done.
 """
 

@@ -547,7 +547,8 @@ def load_for_caller(path: str | Path, overrides: list[str] | tuple[str, ...]) ->
         if fixed:
             refused.append(f"`{key}` ({fixed})")
         elif not any(_matches(key, p) for p in profile.run.overridable):
-            refused.append(f"`{key}` (not in the profile's run.overridable: {', '.join(profile.run.overridable) or 'none'})")
+            opened = ", ".join(profile.run.overridable) or "none"
+            refused.append(f"`{key}` (not in the profile's run.overridable: {opened})")
     if refused:
         raise ConfigError(f"{path}: a flow-run parameter may not override " + "; ".join(refused))
     return cfg

@@ -152,7 +152,8 @@ def _mix_key(c: Config) -> dict[str, Any]:
 
 def _finetune_key(c: Config) -> dict[str, Any]:
     return {"seed": c.run.seed, "model": fingerprint(c.finetune.base_model or c.llm.model),
-            "finetune": c.finetune.identity(), "eval_loss": {k: c.section("evaluate")[k] for k in ("max_examples", "batch_size")}}
+            "finetune": c.finetune.identity(),
+            "eval_loss": {k: c.section("evaluate")[k] for k in ("max_examples", "batch_size")}}
 
 
 def _evaluate_key(c: Config) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def prefect(env: dict[str, str], *args: str, check: bool = True, timeout: float 
     return result
 
 
-def run_deployment(stack, profile: Path, overrides: list[str], check: bool = True) -> tuple[str, subprocess.CompletedProcess]:
+def run_deployment(stack, profile: Path, overrides: list[str],
+                   check: bool = True) -> tuple[str, subprocess.CompletedProcess]:
     params = json.dumps({"config": str(profile), "overrides": overrides})
     result = prefect(stack["env"], "deployment", "run", DEPLOYMENT, "--params", params, "--watch",
                      "--watch-timeout", "800", check=check)

@@ -137,7 +137,7 @@ def test_a_caller_cannot_move_the_endpoint_its_key_or_a_path(profiles, override)
         load_for_caller(path, [override])
     key = override.split("=")[0]
     named = "llm.base_url" if key == "llm" else key
-    assert f"a flow-run parameter may not override " in str(err.value) and f"`{named}` (" in str(err.value)
+    assert "a flow-run parameter may not override " in str(err.value) and f"`{named}` (" in str(err.value)
     assert "fixed by the profile" in str(err.value) or "what callers may change" in str(err.value)
     assert load_config(path, [override])  # the command line (the machine's own user) may
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tasks.artifacts import Artifact, PartWriter
+from tasks.artifacts import Artifact
 from tasks.config import load_config
 from tasks.runs import RunBusy, RunRecord, live_holder
 from tests.conftest import ROOT, ScriptedLLM
