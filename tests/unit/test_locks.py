@@ -95,8 +95,9 @@ def _generate(tmp_path, seeds, run_id, delay=0.05, extra=()):
 
 
 def test_two_runs_generating_the_same_artifact_compute_it_once(tmp_path, seeds_artifact, monkeypatch):
-    script_a, overrides = _generate(tmp_path, seeds_artifact, "run-a")
-    script_b, _ = _generate(tmp_path, seeds_artifact, "run-b")
+    # Slow enough requests (about 10 s of stage) that the second process always finds the first computing.
+    script_a, overrides = _generate(tmp_path, seeds_artifact, "run-a", delay=0.2)
+    script_b, _ = _generate(tmp_path, seeds_artifact, "run-b", delay=0.2)
     a, b = _start(script_a), _start(script_b)  # started together
     (rc_a, out_a, err_a), (rc_b, out_b, err_b) = _finish(a), _finish(b)
     assert rc_a == rc_b == 0, (err_a[-2000:], err_b[-2000:])
