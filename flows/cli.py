@@ -45,7 +45,7 @@ def _print_summary(summary: dict, seconds: float) -> None:
     console.print(f"finished in {seconds:.1f} s")
 
 
-def _prefect_advice(exc: BaseException) -> str:
+def _prefect_advice() -> str:
     """What to do when Prefect itself did not start (no flow ran)."""
     from prefect.settings import get_current_settings
 
@@ -102,7 +102,7 @@ def _run_flow(config: str, overrides: list[str], run_id: str | None = None) -> i
     except Exception as exc:  # Prefect did not start: there is no run and no run directory
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"run not started: {type(exc).__name__}: {first[:300]}", file=sys.stderr)
-        print(f"nothing ran and no run directory was made; {_prefect_advice(exc)}", file=sys.stderr)
+        print(f"nothing ran and no run directory was made; {_prefect_advice()}", file=sys.stderr)
         return 1
     if not state.is_completed():
         error = state.result(raise_on_failure=False)  # the flow's exception (it has logged the traceback)
