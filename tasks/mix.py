@@ -1,8 +1,9 @@
 """Stage 5, mix: turn the kept rows into the exact training set, reproducibly (FLAN-style mixing).
 
 A row's source is its origin (`seed`, `self_instruct`, `evol_r1`, `evol_r2`, ...), its task category, or
-both (`mix.source_by`). The eval split is drawn first, stratified by source, so it never overlaps training
-rows. Then, optionally, each source is capped at `cap` rows (a seeded subsample), and the training rows are
+both (`mix.source_by`). The eval split is drawn first, stratified by source, in whole lineage groups: every
+row of one task (its instances, its evolutions, any row with the same instruction text) is on one side, so
+eval loss is never measured on a task the model trained on. Then, optionally, each source is capped at `cap` rows (a seeded subsample), and the training rows are
 allocated to sources by `mix.mode`:
 
 - `weights`: shares proportional to explicit per-source weights (the seed document's create_instruction_mix);
@@ -185,16 +186,58 @@ class Mixed:
     manifest: dict[str, Any]
 
 
-def split_eval(codes: np.ndarray, names: list[str], cfg: MixConfig, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask of eval rows, stratified by source (a source with one row keeps it for training)."""
+def lineage_groups(df: pd.DataFrame) -> np.ndarray:
+    """A group code per row: rows that share a task (`task_id`), a root (an evolution's `root_id`, which is
+    the id of the row it grew from) or an instruction text (whitespace and case folded) are one group, and
+    so, transitively, is everything linked to them. Label propagation over the three keys: each round every
+    row takes the smallest label in its key groups, until nothing changes (a few rounds; column-wise)."""
+    n = len(df)
+    ids = df["id"].astype(str) if "id" in df else pd.Series(np.arange(n).astype(str), index=df.index)
+    keys = [ids.where(df["task_id"].isna(), df["task_id"].astype(str)) if "task_id" in df else ids,
+            ids.where(df["root_id"].isna(), df["root_id"].astype(str)) if "root_id" in df else ids,
+            df["instruction"].fillna("").astype(str).str.split().str.join(" ").str.lower()]
+    codes = [_factorize(k.to_numpy(dtype=object))[0] for k in keys]
+    label = np.arange(n, dtype=np.int64)
+    while True:
+        before = label
+        for c in codes:
+            smallest = np.full(c.max(initial=-1) + 1, n, dtype=np.int64)
+            np.minimum.at(smallest, c, label)
+            label = smallest[c]
+        label = label[label]  # pointer jumping: a label is a row position, take that row's label
+        if np.array_equal(label, before):
+            return _factorize(label)[0]
+
+
+def split_eval(codes: np.ndarray, names: list[str], groups: np.ndarray, cfg: MixConfig,
+               rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of eval rows: whole lineage groups (`lineage_groups`), so no task, root or instruction
+    is on both sides, stratified by source (a group counts toward the source of its first row; a source
+    with a single group keeps it for training). Each source takes groups in a seeded random order until its
+    share is reached: the last group may carry it a few rows past."""
     n = len(codes)
     n_eval = min(max(cfg.min_eval, round(cfg.eval_fraction * n)), n // 2)
-    sizes = np.bincount(codes, minlength=len(names))
-    per_source = largest_remainder(n_eval, {name: float(k - 1) for name, k in zip(names, sizes)})
-    counts = np.array([per_source[name] for name in names])
-    mask = np.zeros(n, dtype=bool)
-    mask[draw(codes, counts, rng, replace=False)] = True
-    return mask
+    n_groups = int(groups.max(initial=-1)) + 1
+    first = np.full(n_groups, n, dtype=np.int64)
+    np.minimum.at(first, groups, np.arange(n))
+    group_source = codes[first]
+    group_size = np.bincount(groups, minlength=n_groups)
+    rows_per_source = np.bincount(group_source, weights=group_size, minlength=len(names))
+    groups_per_source = np.bincount(group_source, minlength=len(names))
+    target = largest_remainder(n_eval, {name: float(r) if g > 1 else 0.0
+                                        for name, r, g in zip(names, rows_per_source, groups_per_source)})
+    order = np.lexsort((rng.random(n_groups), group_source))  # by source, random within a source
+    sizes = group_size[order]
+    before = np.cumsum(sizes) - sizes  # rows taken before each group ...
+    starts = np.searchsorted(group_source[order], np.arange(len(names)))
+    before -= before[starts[group_source[order]]]  # ... within its own source
+    source = group_source[order]
+    wanted = np.array([target[name] for name in names])[source]
+    # never a whole source: a group that would take a source's last training rows stays in training
+    fits = before + sizes < rows_per_source[source]
+    chosen = np.zeros(n_groups, dtype=bool)
+    chosen[order[(before < wanted) & fits]] = True
+    return chosen[groups]
 
 
 def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
@@ -213,7 +256,7 @@ def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
     rng = np.random.default_rng(cfg.seed)
     names, all_codes = source_codes(df, cfg.source_by)
     kept_codes = all_codes[kept_pos]
-    eval_mask = split_eval(kept_codes, names, cfg, rng)
+    eval_mask = split_eval(kept_codes, names, lineage_groups(df.iloc[kept_pos]), cfg, rng)
 
     pool_pos = np.flatnonzero(~eval_mask)  # positions among kept rows
     codes = kept_codes[pool_pos]

@@ -165,3 +165,51 @@ def test_exports_round_trip(tmp_path):
                                           split="train")["messages"] if "ünïcode" in m[0]["content"]]
     assert all(m[0]["content"].startswith("Do qa 0.\n\nSome context") for m in with_input)
     assert json.loads((tmp_path / "train.alpaca.json").read_text())[0].keys() == {"instruction", "input", "output"}
+
+
+def lineage_table():
+    """Tempts a row-level split: 12 tasks of 3 instances each, every instance evolved twice (root_id, task_id
+    inherited), a generated task that repeats a seed's instruction word for word (another task_id, other
+    case and spacing), and an evolution whose root lost its own row but whose task is kept."""
+    rows = []
+    for t in range(12):
+        cat = ("qa", "math", "coding")[t % 3]
+        for k in range(3):
+            iid = f"seed_{t}#{k}"
+            rows.append({"id": iid, "task_id": f"seed_{t}", "root_id": None, "instruction": f"Task {t} asks this.",
+                         "input": f"case {k}", "output": f"answer {t}.{k}", "category": cat, "origin": "seed"})
+            for r in (1, 2):
+                rows.append({"id": f"{iid}>e{r}", "task_id": f"seed_{t}", "root_id": iid,
+                             "instruction": f"Task {t}, evolved {k}.{r}.", "input": "", "output": f"deeper {t}.{k}.{r}",
+                             "category": cat, "origin": "evol"})
+    rows.append({"id": "si-1#0", "task_id": "si-1", "root_id": None, "instruction": "  task 0 ASKS   this. ",
+                 "input": "", "output": "a copy", "category": "math", "origin": "self_instruct"})
+    rows.append({"id": "si-2#0>e1", "task_id": "si-2", "root_id": "si-2#0", "instruction": "Orphan evolved.",
+                 "input": "", "output": "x", "category": "qa", "origin": "evol"})
+    rows.append({"id": "si-2#1", "task_id": "si-2", "root_id": None, "instruction": "Orphan task.",
+                 "input": "", "output": "y", "category": "qa", "origin": "self_instruct"})
+    return pd.DataFrame(rows).assign(keep=True)
+
+
+def test_lineage_groups_link_tasks_roots_and_instruction_text():
+    from tasks.mix import lineage_groups
+
+    df = lineage_table()
+    groups = pd.Series(lineage_groups(df), index=df["id"])
+    assert groups.nunique() == 12 + 1  # the copied instruction joins seed_0; si-2's rows are one group
+    assert groups["si-1#0"] == groups["seed_0#2>e1"] and groups["si-2#0>e1"] == groups["si-2#1"]
+    assert groups["seed_1#0"] != groups["seed_2#0"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_eval_split_shares_no_task_root_or_instruction_with_train(seed):
+    df = lineage_table()
+    out, stats, _ = mix(df, MixConfig(mode="proportional", eval_fraction=0.25, min_eval=8, seed=seed, **NO_COT))
+    train, evals = out[out["split"] == "train"], out[out["split"] == "eval"]
+    norm = lambda s: set(s.str.split().str.join(" ").str.lower())  # noqa: E731
+    roots = lambda d: set(d["root_id"].dropna()) | set(d["id"])  # noqa: E731
+    assert len(evals) >= 8 and len(train) == len(df) - len(evals)
+    assert not set(train["task_id"]) & set(evals["task_id"])
+    assert not set(train["root_id"].dropna()) & roots(evals) and not set(evals["root_id"].dropna()) & roots(train)
+    assert not norm(train["instruction"]) & norm(evals["instruction"])
+    assert set(evals["category"]) == {"qa", "math", "coding"}  # still stratified by source
