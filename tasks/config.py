@@ -228,6 +228,9 @@ class IfdConfig(Section):
     enabled: bool = False
     max_ifd: float | None = Field(1.0, gt=0.0, description="drop rows whose IFD exceeds this")
     max_length: int = Field(512, ge=16, description="tokens per scored sequence")
+    # Cherry LLM's selection: of the rows left after every other rule, keep this share with the highest IFD
+    # (the paper kept 5-10% of Alpaca's 52K); the rest drop as `low_ifd`. None: IFD only filters (max_ifd).
+    keep_share: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class DedupConfig(Section):
@@ -331,6 +334,9 @@ class FinetuneConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(256, ge=16)
+    # An example longer than max_length keeps its whole prompt and loses the tail of its response (then ends
+    # without the end-of-sequence token, so it does not teach stopping early), or is left out: `drop`.
+    truncation: Literal["response", "drop"] = "response"
     # Gemma ties its 262K x d embedding to the output layer; freezing it saves most of the optimizer
     # memory and a third of the logits cost on CPU.
     train_embeddings: bool = False

@@ -1,8 +1,9 @@
 """Stage 6, finetune: instruction-tune the base model on the mix, and measure eval loss before and after.
 
 Each example is the Alpaca prompt followed by the output and the end-of-sequence token; the loss covers the
-response tokens only (prompt and padding labels are -100). An over-long example keeps its whole response
-where possible and drops prompt tokens from the left. Training is a plain AdamW loop with linear warmup and
+response tokens only (prompt and padding labels are -100). The prompt is always kept whole: an over-long
+example loses the tail of its response (and with it the end-of-sequence token), or is dropped
+(`finetune.truncation`); the mask report counts both, per reason. Training is a plain AdamW loop with linear warmup and
 cosine decay. The same eval loss (mean over response tokens of the held-out split) is measured on the base
 model and on the tuned model, which is saved with its tokenizer so `from_pretrained` loads it.
 
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from tasks.artifacts import atomic_write_json
 from tasks.config import EvaluateConfig, FinetuneConfig, LoraConfig
-from tasks.llm.losses import (Example, collate, make_example, pack, packed_batch, packed_loss, stack_rows,
+from tasks.llm.losses import (Example, collate, fit_response, make_example, pack, packed_batch, packed_loss, stack_rows,
                               token_losses)
 from tasks.llm.transformers_backend import load_causal_lm, load_tokenizer, pick_device, pick_dtype
 from tasks.prompts import alpaca_prompt
@@ -54,15 +55,28 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def build_example(tokenizer, instruction: str, input: str, output: str, max_length: int) -> Example:
+def build_example(tokenizer, instruction: str, input: str, output: str, max_length: int,
+                  truncation: str = "response") -> tuple[Example | None, str | None]:
+    """The training example of one row and what truncation did to it (None: it fit; see fit_response)."""
     prompt_ids = tokenizer(alpaca_prompt(instruction, input), add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(output.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return make_example(prompt_ids, response_ids, max_length)
+    _, why = fit_response(len(prompt_ids), len(response_ids), max_length, truncation)
+    return make_example(prompt_ids, response_ids, max_length, truncation), why
 
 
-def build_examples(tokenizer, df: pd.DataFrame, max_length: int) -> list[Example]:
-    # Every example trains on at least its end-of-sequence token: the response is never cut to nothing.
-    return [build_example(tokenizer, r.instruction, r.input or "", r.output, max_length) for r in df.itertuples()]
+def build_examples(tokenizer, df: pd.DataFrame, max_length: int,
+                   truncation: str = "response") -> tuple[list[Example], np.ndarray, dict[str, int]]:
+    """The examples of the rows that are kept, their row positions in `df`, and the count per truncation
+    reason (truncated_response, dropped_too_long, dropped_prompt_too_long)."""
+    examples, kept, reasons = [], [], {}
+    for pos, r in enumerate(df.itertuples()):
+        ex, why = build_example(tokenizer, r.instruction, r.input or "", r.output, max_length, truncation)
+        if why is not None:
+            reasons[why] = reasons.get(why, 0) + 1
+        if ex is not None:
+            examples.append(ex)
+            kept.append(pos)
+    return examples, np.asarray(kept, dtype=np.int64), reasons
 
 
 @torch.inference_mode()
@@ -270,17 +284,23 @@ def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id
     return log, start
 
 
-def mask_report(examples: list[Example], ids: list[str]) -> dict[str, Any]:
-    """Trainable (response) share of each example's tokens; an example with none stops the stage."""
-    shares = np.array([ex.trainable_tokens / len(ex.input_ids) for ex in examples])
+def mask_report(examples: list[Example], ids: list[str], truncation: dict[str, int] | None = None,
+                max_length: int | None = None) -> dict[str, Any]:
+    """Trainable (response) share of each example's tokens, and what truncation did (count per reason);
+    an example with nothing to learn from stops the stage."""
     empty = [i for i, ex in zip(ids, examples) if ex.trainable_tokens == 0]
     if empty:
         raise ValueError(f"finetune: {len(empty)} training examples have no response token to learn from "
                          f"(first: {empty[:3]}); raise finetune.max_length or fix those rows")
+    if not examples:
+        raise ValueError(f"finetune: every training example was dropped as too long ({truncation}); raise "
+                         f"finetune.max_length (now {max_length}) or set finetune.truncation: response")
+    shares = np.array([ex.trainable_tokens / len(ex.input_ids) for ex in examples])
     return {"examples": len(examples), "trainable_tokens": int(sum(ex.trainable_tokens for ex in examples)),
             "tokens": int(sum(len(ex.input_ids) for ex in examples)),
             "trainable_share_min": round(float(shares.min()), 4), "trainable_share_mean": round(float(shares.mean()), 4),
-            "trainable_share_p10": round(float(np.quantile(shares, 0.1)), 4)}
+            "trainable_share_p10": round(float(np.quantile(shares, 0.1)), 4),
+            "truncation": dict(sorted((truncation or {}).items()))}
 
 
 def attention_for(cfg: FinetuneConfig, device: torch.device) -> str:
@@ -367,9 +387,14 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
         eval_df = eval_df.iloc[: eval_cfg.max_examples]
     if train_df.empty or eval_df.empty:
         raise ValueError(f"finetune needs train and eval rows, got {len(train_df)} and {len(eval_df)}")
-    train_examples = build_examples(tokenizer, train_df, cfg.max_length)
-    eval_examples = build_examples(tokenizer, eval_df, cfg.max_length)
-    masks = mask_report(train_examples, train_df["id"].tolist())
+    train_examples, train_kept, train_cut = build_examples(tokenizer, train_df, cfg.max_length, cfg.truncation)
+    eval_examples, eval_kept, eval_cut = build_examples(tokenizer, eval_df, cfg.max_length, cfg.truncation)
+    masks = mask_report(train_examples, train_df["id"].iloc[train_kept].tolist(), train_cut, cfg.max_length)
+    masks["eval_truncation"] = dict(sorted(eval_cut.items()))
+    eval_df = eval_df.iloc[eval_kept]
+    if not eval_examples:
+        raise ValueError(f"finetune: every eval example was dropped as too long ({eval_cut}); raise "
+                         f"finetune.max_length (now {cfg.max_length}) or set finetune.truncation: response")
     pad_id = tokenizer.pad_token_id
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)

@@ -8,7 +8,9 @@ on the same scale. Both prompts of every row go through one batched forward pass
 
 IFD (Li et al. 2024, "From Quantity to Quality") is the output's mean token loss given the instruction
 (the Alpaca prompt the model is trained on) divided by its mean token loss alone. Near 1 the instruction
-barely helps predict the output; above 1 it hurts, and such pairs are usually mismatched.
+barely helps predict the output; above 1 it hurts, and such pairs are usually mismatched. Cherry LLM (the
+same paper) keeps the rows with the highest IFD below 1: the instruction helps, yet the answer is not simply
+implied by it (an answer that repeats the instruction's words scores low).
 """
 
 from __future__ import annotations
@@ -49,11 +51,16 @@ def deita_scores(instructions: Sequence[str], inputs: Sequence[str], outputs: Se
 
 
 def ifd_scores(instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str], scorer,
-               max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(IFD, conditioned loss, direct loss) per row; NaN where the output is empty."""
-    conditioned = scorer.response_losses([alpaca_prompt(i, x or "") for i, x in zip(instructions, inputs)],
-                                         list(outputs), max_length, desc="IFD (conditioned)")
-    direct = scorer.response_losses([""] * len(outputs), list(outputs), max_length, desc="IFD (direct)")
+               max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
+    """(IFD, conditioned loss, direct loss, truncation) per row; NaN where the output is empty or the prompt
+    alone fills `max_length`. Both losses cover the same response tokens: an over-long output is scored on
+    the head that fits after its instruction, alone as well as conditioned (`truncation` says which rows
+    were cut or dropped, None for those that fit)."""
+    prompts = [alpaca_prompt(i, x or "") for i, x in zip(instructions, inputs)]
+    truncation = scorer.truncations(prompts, list(outputs), max_length)
+    conditioned = scorer.response_losses(prompts, list(outputs), max_length, desc="IFD (conditioned)")
+    direct = scorer.response_losses([""] * len(outputs), list(outputs), max_length, desc="IFD (direct)",
+                                    room_from=prompts)
     with np.errstate(divide="ignore", invalid="ignore"):
         ifd = np.where(direct > 0, conditioned / direct, np.nan)
-    return ifd, conditioned, direct
+    return ifd, conditioned, direct, truncation

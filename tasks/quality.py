@@ -24,11 +24,13 @@ low_total, high_ifd, low_complexity, low_response_quality; then, among the rows 
 near-duplicates over `dedup.fields` (tasks/dedup.py): in each cluster the row with the best
 `dedup.rank_by` stays, the others are dropped as near_duplicate with `duplicate_of` naming its id.
 Instances of one task (same `task_id` and instruction) are not linked to each other unless
-`dedup.same_task_instances` is set.
+`dedup.same_task_instances` is set. Last, with `ifd.keep_share`, Cherry LLM's selection: of the rows still
+kept, that share with the highest IFD stays and the rest drop as low_ifd.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -117,8 +119,9 @@ def _score_chunk(chunk: pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None,
         out["score_deita_complexity"], out["score_deita_quality"] = complexity, response_quality
         out["score_deita"] = complexity * response_quality
     if cfg.ifd.enabled:
-        ifd, conditioned, direct = model_scores.ifd_scores(*args, scorer, cfg.ifd.max_length)
+        ifd, conditioned, direct, cut = model_scores.ifd_scores(*args, scorer, cfg.ifd.max_length)
         out["score_ifd"], out["ifd_loss_conditioned"], out["ifd_loss_direct"] = ifd, conditioned, direct
+        out["ifd_truncation"] = pd.Series(cut, dtype=object)
     return out
 
 
@@ -197,10 +200,24 @@ def decide(scored: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.DataFrame, dict
         figures = {"clusters": int((sizes > 1).sum()), "rows_in_clusters": int(sizes[sizes > 1].sum()),
                    "largest_cluster": int(sizes.max()), "candidate_pairs": found.candidates,
                    "linked_pairs": len(found.pairs), "bands": found.bands, "rows_per_band": found.per_band}
+    if i.enabled and i.keep_share is not None:  # Cherry-style: the highest-IFD share of what is left
+        figures["ifd_selection"] = _select_by_ifd(reason, col("score_ifd"), i.keep_share)
     out["drop_reason"] = pd.Series(np.where(reason == "", None, reason), index=out.index, dtype=object)
     out["keep"] = out["drop_reason"].isna()
     out["duplicate_of"] = pd.Series(duplicate_of, index=out.index, dtype=object)
     return out, figures
+
+
+def _select_by_ifd(reason: np.ndarray, ifd: np.ndarray, share: float) -> dict[str, Any]:
+    """Keep the `share` of the still-kept rows with the highest IFD (ties by position; a row without an IFD
+    ranks last); mark the rest `low_ifd` in `reason`. Returns the selection's figures."""
+    kept = np.flatnonzero(reason == "")
+    n_keep = math.ceil(share * len(kept))
+    order = np.lexsort((kept, -np.nan_to_num(ifd[kept], nan=-np.inf)))
+    reason[kept[order[n_keep:]]] = "low_ifd"
+    chosen = ifd[kept[order[:n_keep]]]
+    return {"ranked": len(kept), "kept": n_keep, "keep_share": share,
+            "lowest_kept_ifd": None if not len(chosen) or np.isnan(chosen).all() else round(float(np.nanmin(chosen)), 4)}
 
 
 def score_summary(df: pd.DataFrame) -> dict[str, dict[str, float | int]]:
@@ -242,6 +259,8 @@ def run_quality(data: pa.Table | pd.DataFrame, cfg: QualityConfig, judge_llm: LL
     if cfg.judge.enabled:
         errors = decided["judge_error"].dropna()
         stats["judge_errors"] = {k: int(v) for k, v in errors.str.split(":").str[0].value_counts().items()}
+    if cfg.ifd.enabled:  # over-long outputs: scored on the head that fits (truncated) or not at all (dropped)
+        stats["ifd_truncation"] = {k: int(v) for k, v in decided["ifd_truncation"].dropna().value_counts().items()}
     if dedup_figures:
         stats["dedup"] = dedup_figures
     return decided, stats

@@ -26,13 +26,42 @@ class Example:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
-def make_example(prompt_ids: list[int], response_ids: list[int], max_length: int) -> Example:
-    """Prompt then response, at most `max_length` tokens: the response keeps all but one of them if it
-    must, and the prompt loses its oldest tokens after the first (the BOS) when they do not fit."""
-    response_ids = response_ids[: max_length - 1]
-    keep_prompt = max_length - len(response_ids)
-    if len(prompt_ids) > keep_prompt:
-        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep_prompt + 1:]
+TRUNCATION = ("response", "drop")
+# What happened to an example that did not fit, as counted in the reports (None: it fit).
+TRUNCATED = "truncated_response"        # the response lost its tail (and its end-of-sequence token)
+DROPPED_TOO_LONG = "dropped_too_long"   # truncation `drop`: the example is not used
+DROPPED_PROMPT = "dropped_prompt_too_long"  # the prompt alone leaves no room for a response token
+
+
+def fit_response(prompt_tokens: int, response_tokens: int, max_length: int, truncation: str = "response",
+                 room_tokens: int | None = None) -> tuple[int, str | None]:
+    """How many response tokens an example keeps, and why not all of them (None: all kept).
+
+    The prompt is never cut: an instruction with part of it missing teaches the model to answer a
+    question nobody asked. With `truncation` "response" an over-long example keeps the head of its
+    response, so it ends without the end-of-sequence token and does not teach the model to stop early;
+    with "drop" it is left out. `room_tokens` (default: the prompt's length) is the prompt length that
+    sets the room; IFD scores a response alone within the room it had after its instruction."""
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+    room = max_length - (prompt_tokens if room_tokens is None else room_tokens)
+    if response_tokens <= room:
+        return response_tokens, None
+    if room < 1:
+        return 0, DROPPED_PROMPT
+    if truncation == "drop":
+        return 0, DROPPED_TOO_LONG
+    return room, TRUNCATED
+
+
+def make_example(prompt_ids: list[int], response_ids: list[int], max_length: int, truncation: str = "response",
+                 room_tokens: int | None = None) -> Example | None:
+    """The whole prompt, then as much of the response as fits in `max_length` (see `fit_response`);
+    None when the example is dropped."""
+    keep, why = fit_response(len(prompt_ids), len(response_ids), max_length, truncation, room_tokens)
+    if why is not None and why != TRUNCATED:
+        return None
+    response_ids = response_ids[:keep]
     return Example(prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids)
 
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from tasks.llm.base import Completion, GenerationParams, Message, Mode, Prompt, truncate_at_stop
-from tasks.llm.losses import collate, make_example, token_losses
+from tasks.llm.losses import collate, fit_response, make_example, token_losses
 
 log = logging.getLogger(__name__)
 
@@ -180,24 +180,38 @@ class TransformersLLM:
             rows.append(torch.log_softmax(logits, dim=-1)[:, ids].cpu().numpy())
         return np.concatenate(rows) if rows else np.zeros((0, len(candidates)))
 
+    def _token_pairs(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        tok = self.tokenizer
+        return [(tok(p, add_special_tokens=True)["input_ids"], tok(r.strip(), add_special_tokens=False)["input_ids"])
+                for p, r in zip(prompts, responses)]
+
+    def truncations(self, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> list[str | None]:
+        """What `response_losses` does to each pair that does not fit in `max_length` (see fit_response)."""
+        return [fit_response(len(p), len(r), max_length)[1] for p, r in self._token_pairs(prompts, responses)]
+
     @torch.inference_mode()
     def response_losses(self, prompts: Sequence[str], responses: Sequence[str], max_length: int,
-                        desc: str = "response loss") -> np.ndarray:
+                        desc: str = "response loss", room_from: Sequence[str] | None = None) -> np.ndarray:
         """Mean loss per token of each response after its prompt (an empty prompt: after BOS alone).
 
-        Plain text in, no chat template: this scores how predictable a text is, not a conversation.
-        NaN for a response with no tokens.
+        Plain text in, no chat template: this scores how predictable a text is, not a conversation. The
+        prompt is kept whole and an over-long response is scored on its head (fit_response); with
+        `room_from`, the head that fits after those prompts instead, so that a response scored alone and
+        after its instruction is scored on the same tokens. NaN for a response with no tokens, or when
+        the prompt leaves no room.
         """
-        tok = self.tokenizer
-        examples = [make_example(tok(p, add_special_tokens=True)["input_ids"],
-                                 tok(r.strip(), add_special_tokens=False)["input_ids"], max_length)
-                    for p, r in zip(prompts, responses)]
+        pairs = self._token_pairs(prompts, responses)
+        rooms = ([None] * len(pairs) if room_from is None
+                 else [len(p) for p, _ in self._token_pairs(room_from, [""] * len(room_from))])
+        examples = [make_example(p, r, max_length, room_tokens=room) for (p, r), room in zip(pairs, rooms)]
         losses = np.full(len(examples), np.nan)
-        order = [i for i in sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
-                 if examples[i].trainable_tokens]
+        order = [i for i in sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids)
+                                   if examples[i] else 0, reverse=True)
+                 if examples[i] is not None and examples[i].trainable_tokens]
         for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", leave=False):
             rows = order[start:start + self.batch_size]
-            batch = {k: v.to(self.device) for k, v in collate([examples[i] for i in rows], tok.pad_token_id).items()}
+            batch = {k: v.to(self.device) for k, v in collate([examples[i] for i in rows],
+                                                               self.tokenizer.pad_token_id).items()}
             sums, counts = token_losses(self.model, batch)
             losses[rows] = (sums / counts).cpu().numpy()
         return losses

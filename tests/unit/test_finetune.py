@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.config import EvaluateConfig, FinetuneConfig
-from tasks.finetune import build_example, finetune
+from tasks.finetune import build_example, build_examples, finetune, mask_report
 from tasks.llm.losses import IGNORE, collate
 from tasks.prompts import alpaca_prompt
 
@@ -16,25 +16,49 @@ def tokenizer(gemma_tokenizer_dir):
 
 
 def test_loss_mask_covers_response_and_eos_only(tokenizer):
-    ex = build_example(tokenizer, "Name a color.", "", "Blue.", max_length=256)
+    ex, why = build_example(tokenizer, "Name a color.", "", "Blue.", max_length=256)
     prompt_ids = tokenizer(alpaca_prompt("Name a color."))["input_ids"]
     response_ids = tokenizer("Blue.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert ex.input_ids == prompt_ids + response_ids
+    assert why is None and ex.input_ids == prompt_ids + response_ids
     assert ex.labels == [IGNORE] * len(prompt_ids) + response_ids
     assert ex.input_ids[0] == tokenizer.bos_token_id and ex.trainable_tokens == len(response_ids)
 
 
-def test_over_long_example_keeps_bos_and_response(tokenizer):
-    long_input = "word " * 300
-    ex = build_example(tokenizer, "Summarize.", long_input, "Short summary.", max_length=64)
-    response_ids = tokenizer("Short summary.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert len(ex.input_ids) == 64 and ex.input_ids[0] == tokenizer.bos_token_id
-    assert ex.input_ids[-len(response_ids):] == response_ids and ex.trainable_tokens == len(response_ids)
+LONG_ANSWER = " ".join(f"step {i} is done." for i in range(60))  # ~300 tokens
+
+
+def test_over_long_example_keeps_the_whole_prompt_and_cuts_the_response(tokenizer):
+    prompt_ids = tokenizer(alpaca_prompt("Explain every step."))["input_ids"]
+    response_ids = tokenizer(LONG_ANSWER, add_special_tokens=False)["input_ids"]
+    ex, why = build_example(tokenizer, "Explain every step.", "", LONG_ANSWER, max_length=64)
+    assert why == "truncated_response" and len(ex.input_ids) == 64
+    assert ex.input_ids[:len(prompt_ids)] == prompt_ids  # the instruction is intact
+    assert ex.input_ids[len(prompt_ids):] == response_ids[:64 - len(prompt_ids)]
+    assert ex.input_ids[-1] != tokenizer.eos_token_id  # a cut answer does not teach stopping there
+    assert ex.trainable_tokens == 64 - len(prompt_ids)
+    dropped, why = build_example(tokenizer, "Explain every step.", "", LONG_ANSWER, 64, truncation="drop")
+    assert dropped is None and why == "dropped_too_long"
+    long_input = "word " * 300  # the prompt alone is longer than max_length: dropped whatever the setting
+    assert build_example(tokenizer, "Summarize.", long_input, "Short.", 64) == (None, "dropped_prompt_too_long")
+
+
+def test_build_examples_counts_what_truncation_did(tokenizer):
+    df = pd.DataFrame({"instruction": ["Say hi.", "Explain every step.", "Summarize.", "Add 1 and 1."],
+                       "input": ["", "", "word " * 300, ""], "output": ["Hi.", LONG_ANSWER, "Short.", "2"]})
+    examples, kept, reasons = build_examples(tokenizer, df, 64)
+    assert kept.tolist() == [0, 1, 3] and len(examples) == 3
+    assert reasons == {"truncated_response": 1, "dropped_prompt_too_long": 1}
+    examples, kept, reasons = build_examples(tokenizer, df, 64, truncation="drop")
+    assert kept.tolist() == [0, 3] and reasons == {"dropped_too_long": 1, "dropped_prompt_too_long": 1}
+    report = mask_report(examples, ["a", "d"], reasons, 64)
+    assert report["examples"] == 2 and report["truncation"] == {"dropped_prompt_too_long": 1, "dropped_too_long": 1}
+    with pytest.raises(ValueError, match="every training example was dropped"):
+        mask_report([], [], {"dropped_too_long": 4}, 64)
 
 
 def test_collate_pads_right_with_ignored_labels(tokenizer):
-    a = build_example(tokenizer, "Say hi.", "", "Hi.", 128)
-    b = build_example(tokenizer, "Say hello to the world politely.", "", "Hello, world.", 128)
+    a, _ = build_example(tokenizer, "Say hi.", "", "Hi.", 128)
+    b, _ = build_example(tokenizer, "Say hello to the world politely.", "", "Hello, world.", 128)
     batch = collate([a, b], tokenizer.pad_token_id)
     n = len(a.input_ids)
     assert batch["input_ids"].shape == (2, len(b.input_ids))
@@ -103,8 +127,8 @@ def test_response_only_logits_match_full_forward(tiny_model_dir, tokenizer):
     from tasks.llm.losses import token_losses
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    examples = [build_example(tokenizer, "Say hi.", "", "Hi there.", 64),
-                build_example(tokenizer, "Count to three.", "please", "One, two, three.", 64)]
+    examples = [build_example(tokenizer, "Say hi.", "", "Hi there.", 64)[0],
+                build_example(tokenizer, "Count to three.", "please", "One, two, three.", 64)[0]]
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         sums, counts = token_losses(model, batch)

@@ -39,6 +39,8 @@ def test_pack_first_fit_decreasing():
 def test_packed_batch_restarts_positions_and_masks_the_tail():
     a = make_example([2, 10, 11], [12, 1], 16)
     b = make_example([2, 20], [21, 1], 16)
+    assert make_example([2, 10, 11], [12, 13, 14, 1], 5).input_ids == [2, 10, 11, 12, 13]  # prompt whole, no EOS
+    assert make_example([2, 10, 11, 12, 13], [14, 1], 5) is None  # the prompt leaves no room
     batch = packed_batch([a, b], pad_id=0, width=12)
     assert batch["input_ids"].tolist() == [[2, 10, 11, 12, 1, 2, 20, 21, 1, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]]

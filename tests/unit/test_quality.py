@@ -213,8 +213,11 @@ class FakeScorer:
             rows.append(lp)
         return np.array(rows)
 
-    def response_losses(self, prompts, responses, max_length, desc=""):
-        self.calls.append(("losses", len(prompts)))
+    def truncations(self, prompts, responses, max_length):
+        return ["truncated_response" if len(r) > 30 else None for r in responses]
+
+    def response_losses(self, prompts, responses, max_length, desc="", room_from=None):
+        self.calls.append(("losses", len(prompts), room_from is not None))
         conditioned = bool(prompts[0])
         return np.array([1.0 if conditioned else 2.0 if r.strip() else np.nan for r in responses])
 
@@ -235,6 +238,11 @@ def test_deita_and_ifd_columns_and_checkpoints(tmp_path):
     assert out["score_deita_quality"].tolist() == pytest.approx([5.5] * 5)
     assert out["score_deita"].tolist() == pytest.approx([11.0] * 5)
     assert out["score_ifd"].tolist() == pytest.approx([0.5] * 5)
+    # The direct pass scores each output in the room its instruction left it; outputs over 30 characters
+    # are the fake's over-long ones (all five here).
+    assert [c for c in scorer.calls if c[0] == "losses"] == [("losses", 2, False), ("losses", 2, True)] * 2 + [
+        ("losses", 1, False), ("losses", 1, True)]
+    assert stats["ifd_truncation"] == {"truncated_response": 5} and out["ifd_truncation"].notna().all()
     assert out["score_judge"].tolist()[:2] == [8.0, 7.0] and out["score_judge"][3] == 9.0
     assert np.isnan(out["score_judge"][2]) and np.isnan(out["score_judge"][4])
     assert out["judge_error"][2].startswith("no_rating") and out["judge_error"][4].startswith("out_of_range")
@@ -252,6 +260,39 @@ def test_deita_and_ifd_columns_and_checkpoints(tmp_path):
     assert sum(len(prompts) for prompts, _ in again_llm.calls) == 1
     pd.testing.assert_frame_equal(again, out)
     assert again_stats["usage"] == stats["usage"] and again_stats["resumed_checkpoints"] == 2
+
+
+def test_cherry_selection_keeps_the_highest_ifd_share_of_what_is_left():
+    df = frame([(f"Explain step {i} of making bread at home.", "", f"Knead the dough for {i + 5} minutes, "
+                 "then let it rise until doubled.") for i in range(8)])
+    scored = score(df, QualityConfig())
+    scored["score_ifd"] = [0.40, 0.90, 1.20, 0.75, np.nan, 0.95, 0.10, 0.60]
+    cfg = QualityConfig.model_validate({"min_total": 0.0, "dedup": {"enabled": False},
+                                        "ifd": {"enabled": True, "max_ifd": 1.0, "keep_share": 0.5}})
+    out, figures = decide(scored, cfg)
+    # row 2 fails max_ifd first; of the 7 left, ceil(3.5) = 4 with the highest IFD stay, the unscored row last
+    assert list(out["drop_reason"]) == ["low_ifd", None, "high_ifd", None, "low_ifd", None, "low_ifd", None]
+    assert figures["ifd_selection"] == {"ranked": 7, "kept": 4, "keep_share": 0.5, "lowest_kept_ifd": 0.6}
+    off = cfg.model_copy(update={"ifd": cfg.ifd.model_copy(update={"keep_share": None})})
+    assert decide(scored, off)[0]["keep"].sum() == 7
+
+
+def test_ifd_scores_an_over_long_output_on_the_same_tokens_both_ways(tiny_model_dir):
+    from tasks.llm.transformers_backend import TransformersLLM
+    from tasks.model_scores import ifd_scores
+    from tasks.prompts import alpaca_prompt
+
+    llm = TransformersLLM(tiny_model_dir, device="cpu", dtype="float32", batch_size=4)
+    long_output = " ".join(f"word{i}" for i in range(200))
+    instruction = "List many words."
+    ifd, conditioned, direct, cut = ifd_scores([instruction, "Say hi."], ["", ""], [long_output, "Hi."], llm, 64)
+    assert cut == ["truncated_response", None]
+    prompt = llm.tokenizer(alpaca_prompt(instruction))["input_ids"]
+    head = llm.tokenizer.decode(llm.tokenizer(long_output, add_special_tokens=False)["input_ids"][:64 - len(prompt)])
+    # The direct loss is the loss of exactly the head that fit after the instruction, not of a longer one.
+    assert direct[0] == pytest.approx(llm.response_losses([""], [head], 512)[0], rel=1e-4)
+    assert conditioned[0] == pytest.approx(llm.response_losses([alpaca_prompt(instruction)], [head], 512)[0], rel=1e-4)
+    assert ifd[0] == pytest.approx(conditioned[0] / direct[0])
 
 
 def test_model_scores_need_their_models():
