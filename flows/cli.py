@@ -40,7 +40,11 @@ def _print_summary(summary: dict, seconds: float) -> None:
         table.add_row(s["stage"], str(s["rows_in"]), str(s["rows_out"]),
                       f"{s['seconds']:.1f}" if s["seconds"] is not None else "-", "yes" if s["reused"] else "no")
     console.print(table)
-    console.print(f"eval loss: {summary['eval_loss_before']:.4f} (base) -> {summary['eval_loss_after']:.4f} (tuned)")
+    console.print(f"eval loss (mix's eval split): {summary['eval_loss_before']:.4f} (base) -> "
+                  f"{summary['eval_loss_after']:.4f} (tuned)")
+    if summary.get("heldout_loss"):
+        console.print(f"held-out loss per reference token: {summary['heldout_loss']['base']:.4f} (base) -> "
+                      f"{summary['heldout_loss']['tuned']:.4f} (tuned)")
     console.print(f"tuned model: [bold]{summary['model_path']}[/bold]")
     console.print(f"finished in {seconds:.1f} s")
 

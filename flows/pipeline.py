@@ -60,7 +60,7 @@ def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str
             # 4. Training: instruction-tune the base model on the mix; eval loss before and after.
             tuned = run_stage("finetune", cfg, run, {"mix": mixed})
             # 5. Evaluation: base and tuned answers to held-out instructions, side by side.
-            evaluated = run_stage("evaluate", cfg, run, {"mix": mixed, "finetune": tuned})
+            evaluated = run_stage("evaluate", cfg, run, {"quality": scored, "mix": mixed, "finetune": tuned})
     except BaseException as exc:
         run.save(status="failed", extra={"error": f"{type(exc).__name__}: {exc}"})
         run.close()
@@ -69,6 +69,8 @@ def instruction_tuning(config: str = "configs/default.yaml", overrides: list[str
     metrics = Artifact(Path(evaluated)).stats()
     summary = {"run_id": run.run_id, "run_dir": str(run.path), "model_path": metrics["model_path"],
                "eval_loss_before": metrics["eval_loss_before"], "eval_loss_after": metrics["eval_loss_after"],
+               "heldout_loss": {k: v["loss"] for k, v in metrics["heldout"].items() if k in ("base", "tuned")}
+               if metrics.get("heldout") else None,
                "win_rate": metrics.get("win_rate"), "stages": [s.__dict__ for s in run.stages]}
     run.save(status="completed", extra={"model_path": summary["model_path"],
                                         "eval_loss_before": summary["eval_loss_before"],
@@ -88,6 +90,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"{'yes' if s['reused'] else 'no'} | {dropped} |")
     lines += ["", f"Tuned model: `{summary['model_path']}`", "",
               f"Eval loss: {summary['eval_loss_before']:.4f} (base) -> {summary['eval_loss_after']:.4f} (tuned)"]
+    if summary.get("heldout_loss"):
+        lines.append(f"Held-out loss per reference token: {summary['heldout_loss']['base']:.4f} (base) -> "
+                     f"{summary['heldout_loss']['tuned']:.4f} (tuned)")
     if summary.get("win_rate") is not None:
         lines.append(f"Judge win rate, tuned vs base: {summary['win_rate']:.2f}")
     lines.append("Base and tuned answers side by side: the `evaluate-report` artifact.")

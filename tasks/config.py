@@ -38,6 +38,7 @@ FIXED_FOR_CALLERS: dict[str, str] = {
     "quality.scorer_model": "a model directory on the worker: fixed by the profile",
     "finetune.base_model": "a model directory on the worker: fixed by the profile",
     "seeds.path": "a place on the worker's disk: fixed by the profile",
+    "evaluate.heldout_path": "a place on the worker's disk: fixed by the profile",
     "run.artifacts_dir": "a place on the worker's disk: fixed by the profile",
     "run.runs_dir": "a place on the worker's disk: fixed by the profile",
     "run.overridable": "what callers may change is the profile's to say",
@@ -382,8 +383,17 @@ class FinetuneConfig(Section):
 class EvaluateConfig(Section):
     max_examples: int | None = Field(None, ge=1, description="eval rows used for the loss (None: all)")
     batch_size: int = Field(8, ge=1)
-    # Side by side: the base and the tuned model answer the first `max_generations` held-out instructions.
-    max_generations: int = Field(16, ge=1)
+    # Side by side: the base and the tuned model answer `max_generations` rows of the mix's eval split and
+    # `heldout_generations` tasks of the held-out set, each a seeded draw spread across origins / categories.
+    max_generations: int = Field(16, ge=0)
+    # Tasks written for this project, none a seed or derived from one: loss per reference-answer token and
+    # answers for base and tuned models (tasks/evaluate.py). null: skip.
+    heldout_path: str | None = "data/heldout.jsonl"
+    heldout_generations: int = Field(16, ge=0)
+    # Train two more models with the same budget (seed rows only; rows drawn without the quality stage)
+    # and evaluate them on the held-out set beside the run's own: did the generated data and the quality
+    # selection help? Costs two more fine-tunes.
+    ablation: bool = False
     max_new_tokens: int = Field(128, ge=1)
     repetition_penalty: float = Field(1.3, ge=1.0, description="greedy base models loop without one")
     judge: bool = Field(False, description="rate both answers with the run's LLM; report the tuned win rate")
@@ -399,6 +409,12 @@ class Config(Section):
     mix: MixConfig = MixConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _ablation(self) -> "Config":
+        if self.evaluate.ablation and not self.evaluate.heldout_path:
+            raise ValueError("evaluate.ablation compares models on the held-out set: set evaluate.heldout_path")
+        return self
 
     @model_validator(mode="after")
     def _trainable(self) -> "Config":

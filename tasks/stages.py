@@ -7,6 +7,7 @@ Nothing here imports Prefect. `plan` names a stage's output artifact from the co
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,17 +121,62 @@ def _run_finetune(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
 def _run_evaluate(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     e = cfg.evaluate
     mixed = _frame(inputs["mix"])
-    held_out = mixed[mixed["split"] == "eval"].head(e.max_generations)
+    heldout = evaluate.load_heldout(e.heldout_path) if e.heldout_path else None
+    # Side by side: rows of the mix's eval split spread across origins, held-out tasks across categories.
+    rows = [evaluate.draw_across(mixed[mixed["split"] == "eval"], e.max_generations, "origin", cfg.run.seed)
+            .assign(set="eval split")]
+    if heldout is not None:
+        rows.append(evaluate.draw_across(heldout, e.heldout_generations, "category", cfg.run.seed).assign(set="held-out"))
+    shown = pd.concat(rows, ignore_index=True)
     trained = inputs["finetune"].stats()
     base = get_llm(_local_llm(cfg, cfg.finetune.base_model))
     tuned = get_llm(_local_llm(cfg, str(inputs["finetune"].path / "model")))
-    table, stats = evaluate.side_by_side(held_out, base, tuned, e.max_new_tokens, e.repetition_penalty,
+    table, stats = evaluate.side_by_side(shown, base, tuned, e.max_new_tokens, e.repetition_penalty,
                                          judge_llm=get_llm(cfg.llm) if e.judge else None)
     stats.update(eval_loss_before=trained["eval_loss_before"], eval_loss_after=trained["eval_loss_after"],
                  model_path=trained["model_path"])
+    if heldout is not None:
+        losses = {name: evaluate.reference_loss(llm, heldout, cfg.finetune.max_length, e.batch_size)
+                  for name, llm in (("base", base), ("tuned", tuned))}
+        stats["heldout"] = {"path": e.heldout_path, "tasks": len(heldout), **losses}
+    if e.ablation:
+        stats["ablation"] = _ablation(cfg, inputs, out, heldout, shown[shown["set"] == "held-out"], table, stats)
     title = f"Base vs tuned answers ({cfg.run.name}, {out.path.name})"
     atomic_write_text(out.path / "report.md", evaluate.markdown(table, stats, title))
-    return table, {"rows_in": len(held_out), **stats}
+    return table, {"rows_in": len(shown), **stats}
+
+
+def _ablation(cfg: Config, inputs: Inputs, out: Artifact, heldout: pd.DataFrame, shown: pd.DataFrame,
+              table: pd.DataFrame, stats: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune on each ablation arm's mix with the run's budget (its mix settings and its number of
+    optimizer steps), then measure each model on the held-out set as the run's own models were."""
+    from tasks.llm.models import resolve_model
+
+    e, trained = cfg.evaluate, inputs["finetune"].stats()
+    budget = cfg.finetune.model_copy(update={"max_steps": trained["steps"]})
+    held = table[table["set"] == "held-out"]
+    arms: dict[str, Any] = {
+        name: {"train_rows": rows, "steps": steps, "heldout_loss": stats["heldout"][name]["loss"],
+               "stops": evaluate.stop_shares(held[f"{name}_stop"])}
+        for name, rows, steps in (("base", None, None), ("tuned", trained["train_examples"], trained["steps"]))}
+    for name, rows in evaluate.ablation_inputs(_frame(inputs["quality"])).items():
+        arm_dir = out.path / "ablation" / name
+        mixed = mix.mix_rows(rows, cfg.mix)
+        _, arm_stats = finetune.finetune(pd.concat([mixed.train, mixed.eval], ignore_index=True), budget, e,
+                                         resolve_model(cfg.finetune.base_model or cfg.llm.model), arm_dir,
+                                         cfg.run.seed)
+        llm = get_llm(_local_llm(cfg, str(arm_dir / "model")))
+        _, kinds = evaluate.answers(llm, shown, e.max_new_tokens, e.repetition_penalty, f"answers ({name})")
+        arms[name] = {"train_rows": arm_stats["train_examples"], "steps": arm_stats["steps"],
+                      "train_real_tokens": arm_stats["train_real_tokens"],
+                      "sources": {s: v["rows"] for s, v in mixed.manifest["sources"].items()},
+                      "heldout_loss": evaluate.reference_loss(llm, heldout, cfg.finetune.max_length,
+                                                              e.batch_size)["loss"],
+                      "stops": evaluate.stop_shares(pd.Series(kinds))}
+        shutil.rmtree(arm_dir / "model")  # measured; a gigabyte of float32 weights the run does not need
+    return {"arms": arms, "steps": trained["steps"],
+            "generated_data_helped": arms["tuned"]["heldout_loss"] < arms["seeds_only"]["heldout_loss"],
+            "quality_selection_helped": arms["tuned"]["heldout_loss"] < arms["without_quality"]["heldout_loss"]}
 
 
 def _seeds_key(c: Config) -> dict[str, Any]:
@@ -157,8 +203,14 @@ def _finetune_key(c: Config) -> dict[str, Any]:
 
 
 def _evaluate_key(c: Config) -> dict[str, Any]:
-    return {"evaluate": c.section("evaluate"), "base": model_identity(_local_llm(c, c.finetune.base_model)),
-            "judge_llm": model_identity(c.llm) if c.evaluate.judge else None}
+    e = c.evaluate
+    return {"evaluate": c.section("evaluate"), "seed": c.run.seed,
+            "base": model_identity(_local_llm(c, c.finetune.base_model)),
+            "judge_llm": model_identity(c.llm) if e.judge else None,
+            "heldout": source_hash(e.heldout_path) if e.heldout_path else None,
+            "max_length": c.finetune.max_length,
+            # the ablation's models are trained here, as finetune trains the run's own
+            "ablation": {"mix": c.section("mix"), "finetune": c.finetune.identity()} if e.ablation else None}
 
 
 @dataclass(frozen=True)
@@ -188,7 +240,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("tasks.quality", "tasks.report", "tasks.llm.losses", *_GEN)),
     Stage("mix", ("quality",), _mix_key, _run_mix, ("tasks.mix", "tasks.exports")),
     Stage("finetune", ("mix",), _finetune_key, _run_finetune, ("tasks.finetune", "tasks.multigpu", "tasks.llm.models")),
-    Stage("evaluate", ("mix", "finetune"), _evaluate_key, _run_evaluate, ("tasks.evaluate", *_GEN)),
+    Stage("evaluate", ("quality", "mix", "finetune"), _evaluate_key, _run_evaluate,
+          ("tasks.evaluate", "tasks.finetune", "tasks.mix", *_GEN)),
 ]}
 
 

@@ -4,6 +4,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -79,9 +80,13 @@ def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir
     (quality_dir,) = (tmp_path / "artifacts" / stage_dirname("quality")).iterdir()
     assert {"report.html", "report.md"} <= {p.name for p in quality_dir.iterdir()}
     # Base and tuned answers side by side, and the run summary.
-    assert "| instruction | base model | tuned model | reference |" in artifacts["evaluate-report"]
-    assert artifacts["evaluate-report"].count("\n| ") >= 5  # header, rule and the 4 held-out rows
+    report = artifacts["evaluate-report"]
+    assert "| set | instruction | base model | tuned model | reference |" in report
+    assert report.count("\n| eval split |") == 4 and report.count("\n| held-out |") == 4
     assert "Eval loss:" in artifacts["run-summary"] and "evaluate-report" in artifacts["run-summary"]
+    assert "Held-out loss per reference token" in artifacts["run-summary"] and set(first["heldout_loss"]) == {
+        "base", "tuned"}
+
     (mix_dir,) = (tmp_path / "artifacts" / stage_dirname("mix")).iterdir()
     manifest = json.loads((mix_dir / "manifest.json").read_text())
     assert manifest["train"] == 16 and set(manifest["sources"]) == {row["source"] for row in artifacts["mix-sources"]}
@@ -93,10 +98,22 @@ def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir
     assert [s["reused"] for s in second["stages"]] == [True] * 7
     assert second["model_path"] == first["model_path"]
 
-    third, states = run_flow(base + ["mix.seed=2"])
+    third, states = run_flow(base + ["mix.seed=2", "evaluate.ablation=true"])
     assert [s["reused"] for s in third["stages"]] == [True] * 4 + [False] * 3
     assert states["mix"] == states["finetune"] == states["evaluate"] == "Completed"
     assert third["model_path"] != first["model_path"]
+    # The ablation: two more models with the run's budget, on the held-out set beside the run's own.
+    evaluate_dir = Path(next(s["path"] for s in third["stages"] if s["stage"] == "evaluate"))
+    ablation = json.loads((evaluate_dir / "stats.json").read_text())["ablation"]
+    arms = ablation["arms"]
+    assert list(arms) == ["base", "tuned", "seeds_only", "without_quality"]
+    assert all(arms[arm]["steps"] == ablation["steps"] for arm in ("tuned", "seeds_only", "without_quality"))
+    quality_rows = pd.read_parquet(Path(next(s["path"] for s in third["stages"] if s["stage"] == "quality"))
+                                   / "data.parquet")
+    seed_rows = quality_rows[(quality_rows["origin"] == "seed") & quality_rows["keep"]]
+    assert sum(arms["seeds_only"]["sources"].values()) == arms["seeds_only"]["train_rows"] <= len(seed_rows)
+    assert "## Ablation: same fine-tuning budget" in third["artifacts"]["evaluate-report"]
+    assert not (evaluate_dir / "ablation" / "seeds_only" / "model").exists()
 
 
 def test_deleted_artifact_is_rebuilt_not_returned(harness, tiny_model_dir, tmp_path):
