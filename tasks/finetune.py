@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from tasks import flops
 from tasks.artifacts import atomic_write_json
 from tasks.config import EvaluateConfig, FinetuneConfig, LoraConfig
 from tasks.llm.losses import (Example, collate, fit_response, make_example, pack, packed_batch, packed_loss, stack_rows,
@@ -255,7 +256,7 @@ def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id
         # Every process knows the whole step; it trains its own micro-batches and scales its loss so that
         # the averaged gradient is that of the mean over all response tokens of the step.
         n_tokens = sum(examples[i].trainable_tokens for rows in steps[step] for row in rows for i in row)
-        real_tokens = sum(len(examples[i].input_ids) for rows in steps[step] for row in rows for i in row)
+        lengths = [len(examples[i].input_ids) for rows in steps[step] for row in rows for i in row]
         mine = steps[step][rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
         step_sum = torch.zeros((), device=device)
         for k, rows in enumerate(mine):
@@ -274,7 +275,9 @@ def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         log.append({"step": step + 1, "loss": float(step_sum) / max(n_tokens, 1), "lr": scheduler.get_last_lr()[0],
-                    "tokens": n_tokens, "real_tokens": real_tokens, "seconds": time.perf_counter() - t0})
+                    "tokens": n_tokens, "real_tokens": sum(lengths),
+                    "attention_pairs": flops.attention_pairs(model.config, lengths),
+                    "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
         if checkpoints and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(steps):
             if rank == 0:
@@ -312,17 +315,25 @@ def attention_for(cfg: FinetuneConfig, device: torch.device) -> str:
 
 
 def training_figures(log: list[dict[str, float]], model, device: torch.device, world: int = 1) -> dict[str, Any]:
-    """Throughput of all processes together; MFU against `world` GPUs' peak; this process's peak memory."""
+    """Throughput of all processes together: real tokens/s (tokens of the examples, padding never counted)
+    is the headline. The FLOPs are those actually done (tasks/flops.py: 6 x the decoder's matmul weights
+    per token, the attention pairs within each example, the output layer at response positions only, and
+    its weight gradient only when it is trained); MFU is that against `world` GPUs' dense bf16 peak."""
     seconds = sum(entry["seconds"] for entry in log) or 1e-9
     real = sum(entry["real_tokens"] for entry in log)
-    figures: dict[str, Any] = {"train_tokens": sum(entry["tokens"] for entry in log), "train_real_tokens": real,
-                               "real_tokens_per_s": real / seconds, "train_seconds": seconds, "processes": world}
+    response = sum(entry["tokens"] for entry in log)
+    head_trained = model.get_output_embeddings().weight.requires_grad
+    done = flops.training_flops(model.config, real, response, sum(entry["attention_pairs"] for entry in log),
+                                head_trained)
+    figures: dict[str, Any] = {"train_tokens": response, "train_real_tokens": real,
+                               "real_tokens_per_s": real / seconds, "train_seconds": seconds, "processes": world,
+                               "train_flops": done, "model_flops_per_token": done / max(real, 1),
+                               "head_trained": head_trained}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-        n_params = sum(p.numel() for p in model.parameters())
+        peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
         figures.update(gpu=name, peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30,
-                       mfu=6 * n_params * real / seconds / (peak * world) if peak else None)
+                       mfu=flops.mfu(done, seconds, peak * world) if peak else None)
     else:
         import resource
 

@@ -67,10 +67,13 @@ def test_collate_pads_right_with_ignored_labels(tokenizer):
 
 
 def mixed_frame(n_train=8, n_eval=4):
+    """Train and eval rows of one skill (answer in a fixed sentence) with no instruction in common: eval
+    loss falls only if the model learned the skill, not the rows."""
+    words = ["seven", "twelve", "forty", "nine", "three", "eighty", "six", "ten", "fifteen", "two", "thirty", "one"]
     rows = []
     for i in range(n_train + n_eval):
-        rows.append({"id": f"r{i}", "instruction": f"Repeat the number {i % 3}.", "input": "",
-                     "output": f"The number is {i % 3}.", "split": "train" if i < n_train else "eval"})
+        rows.append({"id": f"r{i}", "instruction": f"Repeat the number {words[i]}.", "input": "",
+                     "output": f"The number is {words[i]}.", "split": "train" if i < n_train else "eval"})
     return pd.DataFrame(rows)
 
 
@@ -91,6 +94,13 @@ def test_finetune_tiny_model_lowers_eval_loss_and_saves(tiny_model_dir, tmp_path
     assert metrics["packing"] and metrics["attn_implementation"] == "sdpa"
     assert metrics["mask"]["examples"] == 8 and 0 < metrics["mask"]["trainable_share_min"] < 1
     assert metrics["real_tokens_per_s"] > 0 and metrics["peak_rss_gb"] > 0
+    # FLOPs done (tasks/flops.py): the trained, tied head counts its weight gradient at response positions.
+    assert metrics["head_trained"] and metrics["train_real_tokens"] == sum(e["real_tokens"] for e in metrics["train_log"])
+    assert metrics["train_flops"] == pytest.approx(metrics["model_flops_per_token"] * metrics["train_real_tokens"])
+    shape = model.config
+    per_token_floor = 6 * 2 * (64 * 32 * (2 * 2 + 2 * 1) + 3 * 64 * 128)  # 6 x the decoder's matmul weights
+    head = 6 * shape.hidden_size * shape.vocab_size * metrics["train_tokens"] / metrics["train_real_tokens"]
+    assert per_token_floor + head < metrics["model_flops_per_token"] < per_token_floor + head + 12 * 2 * 32 * 2 * 96
     assert (tmp_path / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (tmp_path / "model" / "README.md").read_text()
     assert "Base model:" in card and "eval_loss_after" in card
