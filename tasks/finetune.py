@@ -323,17 +323,19 @@ def training_figures(log: list[dict[str, float]], model, device: torch.device, w
     real = sum(entry["real_tokens"] for entry in log)
     response = sum(entry["tokens"] for entry in log)
     head_trained = model.get_output_embeddings().weight.requires_grad
-    done = flops.training_flops(model.config, real, response, sum(entry["attention_pairs"] for entry in log),
-                                head_trained)
+    # The count is that of full fine-tuning; under LoRA the frozen weights get no weight gradient and the
+    # adapters add their own, so no figure rather than a flattering one.
+    done = None if hasattr(model, "peft_config") else flops.training_flops(
+        model.config, real, response, sum(entry["attention_pairs"] for entry in log), head_trained)
     figures: dict[str, Any] = {"train_tokens": response, "train_real_tokens": real,
                                "real_tokens_per_s": real / seconds, "train_seconds": seconds, "processes": world,
-                               "train_flops": done, "model_flops_per_token": done / max(real, 1),
+                               "train_flops": done, "model_flops_per_token": done and done / max(real, 1),
                                "head_trained": head_trained}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
         figures.update(gpu=name, peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30,
-                       mfu=flops.mfu(done, seconds, peak * world) if peak else None)
+                       mfu=flops.mfu(done, seconds, peak * world) if peak and done else None)
     else:
         import resource
 
