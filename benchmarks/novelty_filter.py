@@ -17,14 +17,23 @@ a time, in order; all three methods get the same pool and the same candidates:
 
 The three must keep exactly the same candidates (`same_kept`). Prints one JSON object.
 
-Measured on 2 cores (x86-64 CPU, Python 3.11, rouge_score 0.1.2, rapidfuzz 3), pool of 120 seeds:
+Measured on 2 cores (AMD EPYC, Python 3.11, rouge_score 0.1.2, rapidfuzz 3.14), pool of 120 seeds, on a machine
+shared with other jobs (1-minute load average 6-8 before each run), so every figure is inflated, by an amount
+that varies: an earlier n=1000 run at a lighter load took 0.98 s, 88 s and 46 s. Seconds for the whole run:
 
-    n      kept   ours      alpaca     serial_rouge_score
-    1000   FILLED_IN_BELOW
+    n       kept   pairs in full scans   ours     alpaca   serial_rouge_score   same_kept
+    800     388    249K                  0.92     161      35                   true
+    1000    494    361K                  1.19     222      40                   true
+    2000    993    1.23M                 1.98     374      106                  true
+    5000    2470   6.80M                 6.78     -        -                    (ours only)
+    20000   9954   102M                  71.8     -        -                    (ours only)
 
-    python benchmarks/novelty_filter.py                      # n=1000, all three
+Alpaca's way is dominated by opening a process pool per candidate (~80-200 ms each here); the serial loop
+grows with the pairs compared (~100 us a pair), so at n=5000 it would take over ten minutes.
+
+    python benchmarks/novelty_filter.py                      # n=800, all three (~2-3 minutes)
     python benchmarks/novelty_filter.py --n 20000 --references none
-    python benchmarks/novelty_filter.py --n 5000 --references serial
+    python benchmarks/novelty_filter.py --n 2000 --references serial
     python benchmarks/novelty_filter.py --input texts.json --no-seeds --kept-out kept.json
 """
 
