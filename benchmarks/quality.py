@@ -319,7 +319,7 @@ def bench_models(rows: int, model: str, device: str, batch_size: int, max_length
     deita_ref_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ifd, conditioned, direct = ifd_scores(instructions, inputs, outputs, llm, max_length=max_length)[:3]
+    ifd, conditioned, direct, _ = ifd_scores(instructions, inputs, outputs, llm, max_length=max_length)
     ifd_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses = straightforward_ifd(llm.model, llm.tokenizer, instructions, inputs, outputs, max_length)

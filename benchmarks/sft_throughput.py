@@ -114,9 +114,7 @@ def examples(tokenizer, rows: list[tuple[str, str, str]], max_length: int) -> li
     """The rows built as the finetune stage builds them."""
     out = []
     for row in rows:
-        built = build_example(tokenizer, *row, max_length)
-        # (example, truncation reason) since finetune.truncation exists; the example alone before it
-        example = built[0] if isinstance(built, tuple) else built
+        example, _ = build_example(tokenizer, *row, max_length)
         if example is None:
             raise ValueError(f"seed row {row[0][:60]!r} does not fit in --max-length {max_length}")
         out.append(example)
