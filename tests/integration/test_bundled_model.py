@@ -72,9 +72,13 @@ def test_evol_instruct_on_real_model_all_operations(llm):
 
 
 def test_quality_scorers_on_real_model(llm):
-    """Judge, DEITA and IFD on the real model: every row gets a DEITA and IFD score, every judge answer a
-    rating or a stated reason, and IFD separates a matched answer from a mismatched one."""
+    """Judge, DEITA and IFD on the real model: DEITA's expectation over the real log-probabilities (the
+    complexity prompt sees the query only), IFD the ratio of its two losses and separating a matched answer
+    from a mismatched one, and a rating read from every judge answer of the few-shot prompt."""
+    import numpy as np
+
     from tasks.config import QualityConfig
+    from tasks.judge import parse_rating
     from tasks.quality import run_quality
 
     rows = pd.DataFrame({
@@ -86,9 +90,27 @@ def test_quality_scorers_on_real_model(llm):
     cfg = QualityConfig.model_validate({"min_total": 0.0, "judge": {"enabled": True}, "deita": {"enabled": True},
                                         "ifd": {"enabled": True, "max_ifd": None}})
     out, stats = run_quality(rows, cfg, judge_llm=llm, scorer=llm)
-    assert out["score_deita_complexity"].between(1, 6).all() and out["score_deita_quality"].between(1, 6).all()
-    assert out["score_ifd"].notna().all() and (out["score_ifd"] > 0).all()
+    # Rows a and c share their instruction: one complexity, two response qualities.
+    assert out.loc[0, "score_deita_complexity"] == out.loc[2, "score_deita_complexity"]
+    assert out.loc[0, "score_deita_quality"] != out.loc[2, "score_deita_quality"]
+    # Row a's expected scores by hand: sum i * p(i) / sum p(i) over the score tokens after DEITA's prompts.
+    query = "Translate into French: Thank you very much."
+    lp = llm.next_token_logprobs([
+        "You are a helpful assistant. Please identify the complexity score of the following user query. \n"
+        f"##Query: {query}\n##Complexity: ",
+        "You are a helpful assistant. Please identify the quality score of the Response corresponding to the "
+        f"Question. \n#Question#:\n{query}\n#Response#:\nMerci beaucoup. \n##Quality: "], list("123456"))
+    p = np.exp(lp)
+    by_hand = (p * np.arange(1, 7)).sum(axis=1) / p.sum(axis=1)
+    assert [out.loc[0, "score_deita_complexity"], out.loc[0, "score_deita_quality"]] == pytest.approx(by_hand,
+                                                                                                       rel=1e-4)
+    assert out["score_deita"].tolist() == pytest.approx(
+        (out["score_deita_complexity"] * out["score_deita_quality"]).tolist(), rel=1e-12)
+    assert out["score_ifd"].tolist() == pytest.approx(
+        (out["ifd_loss_conditioned"] / out["ifd_loss_direct"]).tolist(), rel=1e-12)
     # The instruction helps predict its own translation far more than an unrelated sentence.
     assert out.loc[0, "score_ifd"] < out.loc[2, "score_ifd"]
-    assert (out["score_judge"].notna() | out["judge_error"].notna()).all()
+    # The few-shot prompt gets a readable rating out of the real model for every row, and that is the score.
+    assert out["judge_error"].isna().all() and stats["judge_errors"] == {}
+    assert out["score_judge"].tolist() == [parse_rating(a)[0] for a in out["judge_answer"]]
     assert stats["usage"]["llm_calls"] == 4

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.cli import main
 from tasks.config import Config, ConfigError, apply_overrides, load_config
@@ -14,18 +15,52 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def set_values(node, path: str = ""):
+    """Every value a parsed YAML mapping sets, as (dotted key, value)."""
+    for key, value in node.items():
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(value, dict) and value:
+            yield from set_values(value, where)
+        else:
+            yield where, value
+
+
+def value_at(cfg: Config, dotted: str):
+    node = cfg.model_dump(mode="json")
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def read_back(path: Path) -> dict[str, tuple]:
+    """(set in the file, loaded) for every value the profile sets that the loaded config does not hold."""
+    cfg = load_config(path)
+    return {key: (value, value_at(cfg, key)) for key, value in set_values(yaml.safe_load(path.read_text()))
+            if value_at(cfg, key) != value}
+
+
 @pytest.mark.parametrize("profile", ["default.yaml", "tiny.yaml", "gpu.yaml"])
 def test_profiles_load(profile):
     cfg = load_config(ROOT / "configs" / profile)
-    assert isinstance(cfg, Config)
     assert cfg.llm.model == "bundled"
+    assert read_back(ROOT / "configs" / profile) == {}
 
 
 def test_every_profile_in_configs_loads():
     profiles = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
     assert {"default.yaml", "gpu.yaml", "openai.yaml", "tiny.yaml"} <= set(profiles)
     for name in profiles:
-        assert isinstance(load_config(ROOT / "configs" / name), Config)
+        assert read_back(ROOT / "configs" / name) == {}, name
+    # Values that differ from the built-in defaults, so the profile is what was read.
+    assert (Config().self_instruct.num_instructions, Config().evol_instruct.rounds) != (8, 1)
+    default = load_config(ROOT / "configs" / "default.yaml")
+    assert (default.self_instruct.num_instructions, default.evol_instruct.rounds) == (8, 1)
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert (tiny.run.name, tiny.run.seed, tiny.seeds.limit, tiny.mix.total) == ("tiny", 7, 40, 16)
+    gpu = load_config(ROOT / "configs" / "gpu.yaml")
+    assert (gpu.finetune.device, gpu.finetune.dtype, gpu.evol_instruct.rounds) == ("cuda", "bfloat16", 3)
+    openai = load_config(ROOT / "configs" / "openai.yaml")
+    assert (openai.llm.backend, openai.llm.mode, openai.mix.cap) == ("openai", "chat", 5000)
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
@@ -139,7 +174,11 @@ def test_a_caller_cannot_move_the_endpoint_its_key_or_a_path(profiles, override)
     named = "llm.base_url" if key == "llm" else key
     assert "a flow-run parameter may not override " in str(err.value) and f"`{named}` (" in str(err.value)
     assert "fixed by the profile" in str(err.value) or "what callers may change" in str(err.value)
-    assert load_config(path, [override])  # the command line (the machine's own user) may
+    # The command line (the machine's own user) may, and the value it gives is the one loaded.
+    mine = load_config(path, [override])
+    key, value = override.split("=", 1)
+    expected = dict(set_values({key: yaml.safe_load(value)}))
+    assert {k: value_at(mine, k) for k in expected} == expected
 
 
 def test_the_profile_says_what_callers_may_change(profiles):
@@ -147,7 +186,8 @@ def test_the_profile_says_what_callers_may_change(profiles):
 
     default = profiles("default-open.yaml")
     assert load_for_caller(default, ["mix.seed=3", "self_instruct.num_instructions=5"]).mix.seed == 3
-    assert load_for_caller(default, ["llm.base_url=http://127.0.0.1:8000/v1"])  # unchanged: nothing to refuse
+    same = load_for_caller(default, ["llm.base_url=http://127.0.0.1:8000/v1"])  # unchanged: nothing to refuse
+    assert same.llm.base_url == "http://127.0.0.1:8000/v1"
     with pytest.raises(ConfigError, match=r"`llm.max_cost_usd` \(not in the profile's run.overridable"):
         load_for_caller(default, ["llm.max_cost_usd=1000", "llm.prompt_price_per_1m=1",
                                   "llm.completion_price_per_1m=1"])

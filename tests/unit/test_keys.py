@@ -160,8 +160,9 @@ def test_an_unreachable_endpoint_is_named(tmp_path):
 # --- operational settings: out of the key, and shown not to change what is learned ---------------------
 
 @pytest.mark.parametrize("change", [
-    ["finetune.processes=2", "finetune.grad_accum=1"],  # two GPUs where there were ...
-    ["finetune.processes=1", "finetune.grad_accum=2"],  # ... one GPU accumulating twice
+    ["finetune.processes=2", "finetune.grad_accum=1"],  # two GPUs where there were one accumulating twice
+    ["finetune.processes=2", "finetune.grad_accum=1", "finetune.checkpoint_every=7", "finetune.compile=true",
+     "finetune.gradient_checkpointing=true", "finetune.logit_chunk=64"],  # every operational setting at once
     ["finetune.checkpoint_every=7", "finetune.grad_accum=2"], ["finetune.compile=true", "finetune.grad_accum=2"],
     ["finetune.gradient_checkpointing=true", "finetune.grad_accum=2"],
     ["finetune.logit_chunk=64", "finetune.grad_accum=2"],

@@ -169,8 +169,18 @@ def test_a_killed_holder_does_not_block_the_next_run_which_continues_its_parts(t
     cfg = load_config(TINY, [*overrides, "run.wait_for_artifacts=false"])
     done = stages.execute("self_instruct", cfg, {"seeds": seeds_artifact}, run_id="run-b")
     assert done.is_done(verify=True) and done.stats()["computed_by"]["run_id"] == "run-b"
-    asked = [p for p, _ in llm.calls]
-    assert len(asked) > 0 and done.stats()["checkpoints"] > left  # continued: the killed run's parts were kept
+    asked = [p for prompts, _ in llm.calls for p in prompts]
+
+    # Continued, not restarted: run-b sent only the tail of what one uninterrupted run sends, the requests
+    # whose answers the killed run's parts did not hold; the rows and the token totals are those of that run.
+    alone_llm = ScriptedLLM(respond)
+    monkeypatch.setattr(stages, "get_llm", lambda _: alone_llm)
+    alone = stages.execute("self_instruct", load_config(TINY, [f"run.artifacts_dir={tmp_path / 'alone'}",
+                                                               *SELF_INSTRUCT]), {"seeds": seeds_artifact})
+    everything = [p for prompts, _ in alone_llm.calls for p in prompts]
+    assert 0 < len(asked) < len(everything) and asked == everything[len(everything) - len(asked):]
+    assert done.read_table().equals(alone.read_table())
+    assert done.stats()["prompt_tokens"] == alone.stats()["prompt_tokens"]
 
 
 def test_two_runs_finetuning_the_same_artifact_train_once(tmp_path, tiny_model_dir):

@@ -38,10 +38,14 @@ def test_retry_after_forms():
 
 
 def test_backoff_is_full_jitter_and_capped():
-    rng = random.Random(0)
-    waits = [backoff_s(attempt, 0.5, 30.0, rng) for attempt in range(12) for _ in range(50)]
-    assert min(waits) >= 0.0 and max(waits) <= 30.0
-    assert max(backoff_s(0, 0.5, 30.0, rng) for _ in range(100)) <= 0.5
+    # One draw u of a generator seeded with 0 (0.8444...) scales the bound 0.5 * 2**attempt, capped at 30.
+    u = random.Random(0).random()
+    for attempt, bound in [(0, 0.5), (1, 1.0), (3, 4.0), (5, 16.0), (6, 30.0), (11, 30.0)]:
+        assert backoff_s(attempt, 0.5, 30.0, random.Random(0)) == pytest.approx(u * bound), attempt
+    # Full jitter: the waits spread over the whole of [0, bound], not bunched at the bound.
+    rng = random.Random(1)
+    waits = [backoff_s(11, 0.5, 30.0, rng) for _ in range(200)]
+    assert min(waits) < 1.0 and 29.0 < max(waits) <= 30.0
 
 
 class VirtualTime:

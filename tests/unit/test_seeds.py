@@ -21,7 +21,11 @@ def test_project_seeds():
     for needed in ("qa", "open_generation", "summarization", "translation", "rewriting", "classification",
                    "extraction", "reasoning", "math", "coding", "dialog"):
         assert cats[needed] >= 5, needed
-    assert all(r["instances"] and r["instances"][0]["output"] for r in rows)
+    # Every task and every instance as the file writes them, in file order.
+    raw = [json.loads(line) for line in (ROOT / "data" / "seed_tasks.jsonl").read_text().splitlines() if line.strip()]
+    assert [(r["id"], r["instruction"], r["instances"], r["category"]) for r in rows] == [
+        (x["id"], x["instruction"], x["instances"], x["category"]) for x in raw]
+    assert stats["instances"] == sum(len(x["instances"]) for x in raw) > len(rows)  # some tasks hold several
     assert stats["classification_tasks"] == sum(r["is_classification"] for r in rows) > 0
     assert all(r["is_classification"] for r in rows if r["category"] == "classification")
 

@@ -141,7 +141,10 @@ def test_generate_tasks_filters_and_completes():
     assert bool(first["is_classification"]) and (first["input"], first["output"]) == ("I loved it.", "positive")
     assert df.iloc[1]["output"] == f"An answer to {ITEMS[1]}" and df.iloc[1]["input"] == ""
     assert df["id"].is_unique and (df["origin"] == "self_instruct").all()
-    assert df["rouge_l_max"].between(0, 0.7).all()
+    # ROUGE-L F1 against the seeds and the instructions kept before: "of" is the only word ITEMS[4] (7 tokens)
+    # shares with ITEMS[0] (10): 2*1/(7+10); "the ... of" is what ITEMS[6] (10) shares with ITEMS[0]: 2*2/20.
+    assert df["rouge_l_max"].tolist() == pytest.approx([0.0, 0.0, 2 / 17, 0.0, 0.2], abs=1e-12)
+    assert df["most_similar"].tolist()[2::2] == [ITEMS[0], ITEMS[0]]
 
 
 def test_budget_stop_is_reported():
@@ -265,9 +268,21 @@ def test_checkpoint_every_n_accepted_instructions(tmp_path):
 
 def test_token_budget_stops_the_stage():
     cfg = SelfInstructConfig(num_instructions=50, requests_per_batch=1, max_requests=50, max_tokens=200)
-    df, stats = generate_tasks(seeds_table(), cfg, ScriptedLLM(scripted(ITEMS * 3)), seed=1)
-    assert stats["stop_reason"] == "max_tokens"
-    assert stats["prompt_tokens"] + stats["completion_tokens"] >= 200 > 0 and stats["kept"] < 50
+    llm = ScriptedLLM(scripted(ITEMS * 3))
+    df, stats = generate_tasks(seeds_table(), cfg, llm, seed=1)
+    # The first round (one request, its classification and instances) spends more than 200 tokens: the budget
+    # is checked before the next request, which never goes out. Of its three items ITEMS[2] copies a seed.
+    assert stats["stop_reason"] == "max_tokens" and stats["requests"] == 1 and stats["rounds"] == 1
+    assert list(df["instruction"]) == ITEMS[:2] and stats["dropped"] == {"too_similar": 1}
+    spent = stats["prompt_tokens"] + stats["completion_tokens"]
+    assert stats["prompt_tokens"] == sum(len(p.split()) for prompts, _ in llm.calls for p in prompts)
+    # The boundary: a budget of exactly what the first round spent stops there; one token more asks again.
+    at = generate_tasks(seeds_table(), cfg.model_copy(update={"max_tokens": spent}),
+                        ScriptedLLM(scripted(ITEMS * 3)), seed=1)[1]
+    above = generate_tasks(seeds_table(), cfg.model_copy(update={"max_tokens": spent + 1}),
+                           ScriptedLLM(scripted(ITEMS * 3)), seed=1)[1]
+    assert (at["requests"], at["stop_reason"]) == (1, "max_tokens")
+    assert (above["requests"], above["stop_reason"]) == (2, "max_tokens")
 
 
 def test_up_to_n_instances_per_task_with_filters():
