@@ -242,7 +242,8 @@ def test_deita_and_ifd_columns_and_checkpoints(tmp_path):
     # are the fake's over-long ones (all five here).
     assert [c for c in scorer.calls if c[0] == "losses"] == [("losses", 2, False), ("losses", 2, True)] * 2 + [
         ("losses", 1, False), ("losses", 1, True)]
-    assert stats["ifd_truncation"] == {"truncated_response": 5} and out["ifd_truncation"].notna().all()
+    assert stats["ifd_truncation"] == {"truncated_response": 5}
+    assert out["ifd_truncation"].tolist() == ["truncated_response"] * 5
     assert out["score_judge"].tolist()[:2] == [8.0, 7.0] and out["score_judge"][3] == 9.0
     assert np.isnan(out["score_judge"][2]) and np.isnan(out["score_judge"][4])
     assert out["judge_error"][2].startswith("no_rating") and out["judge_error"][4].startswith("out_of_range")
