@@ -111,7 +111,8 @@ def test_flow_runs_caches_and_reruns_only_changed_stages(harness, tiny_model_dir
     quality_rows = pd.read_parquet(Path(next(s["path"] for s in third["stages"] if s["stage"] == "quality"))
                                    / "data.parquet")
     seed_rows = quality_rows[(quality_rows["origin"] == "seed") & quality_rows["keep"]]
-    assert sum(arms["seeds_only"]["sources"].values()) == arms["seeds_only"]["train_rows"] <= len(seed_rows)
+    # the arm's mix draws seed rows only; finetune may then drop an over-long one (finetune.truncation)
+    assert arms["seeds_only"]["train_rows"] <= sum(arms["seeds_only"]["sources"].values()) <= len(seed_rows)
     assert "## Ablation: same fine-tuning budget" in third["artifacts"]["evaluate-report"]
     assert not (evaluate_dir / "ablation" / "seeds_only" / "model").exists()
 
