@@ -69,7 +69,9 @@ def test_collate_pads_right_with_ignored_labels(tokenizer):
 def mixed_frame(n_train=8, n_eval=4):
     """Train and eval rows of one skill (answer in a fixed sentence) with no instruction in common: eval
     loss falls only if the model learned the skill, not the rows."""
-    words = ["seven", "twelve", "forty", "nine", "three", "eighty", "six", "ten", "fifteen", "two", "thirty", "one"]
+    words = ["seven", "twelve", "forty", "nine", "three", "eighty", "six", "ten", "fifteen", "two", "thirty", "one",
+             "fifty", "eleven", "sixty", "four", "ninety", "twenty", "eight", "seventy"]
+    assert n_train + n_eval <= len(words), f"mixed_frame has {len(words)} distinct rows"
     rows = []
     for i in range(n_train + n_eval):
         rows.append({"id": f"r{i}", "instruction": f"Repeat the number {words[i]}.", "input": "",

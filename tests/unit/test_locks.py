@@ -37,6 +37,8 @@ GENERATE = """
         with open({calls!r}, "a") as fh:
             fh.write(f"{{os.getpid()}}\\n")
         time.sleep({delay})
+        while {gate!r} and not os.path.exists({gate!r}):  # held until the test opens the gate
+            time.sleep(0.05)
         return respond(prompt, params)
 
     llm = ScriptedLLM(slow)
@@ -87,10 +89,10 @@ def seeds_artifact(tmp_path):
     return str(stages.execute("seeds", cfg, {}).path)
 
 
-def _generate(tmp_path, seeds, run_id, delay=0.05, extra=()):
+def _generate(tmp_path, seeds, run_id, delay=0.05, extra=(), gate=""):
     overrides = [f"run.artifacts_dir={tmp_path / 'artifacts'}", *SELF_INSTRUCT, *extra]
-    code = GENERATE.format(calls=str(tmp_path / "calls.log"), delay=delay, config=str(TINY), overrides=overrides,
-                           seeds=seeds, run_id=run_id)
+    code = GENERATE.format(calls=str(tmp_path / "calls.log"), delay=delay, gate=gate, config=str(TINY),
+                           overrides=overrides, seeds=seeds, run_id=run_id)
     return _script(tmp_path, f"generate-{run_id}", code), overrides
 
 
@@ -136,7 +138,9 @@ def _planned(tmp_path, seeds, overrides):
 
 
 def test_with_waiting_off_the_second_run_stops_naming_the_artifact_and_its_holder(tmp_path, seeds_artifact):
-    script_a, overrides = _generate(tmp_path, seeds_artifact, "run-a", delay=0.3)
+    # run-a holds the artifact until the test opens its gate, however slowly run-b starts.
+    gate = tmp_path / "gate"
+    script_a, overrides = _generate(tmp_path, seeds_artifact, "run-a", gate=str(gate))
     script_b, _ = _generate(tmp_path, seeds_artifact, "run-b", extra=["run.wait_for_artifacts=false"])
     artifact = _planned(tmp_path, seeds_artifact, overrides)
     a = _start(script_a)
@@ -144,11 +148,15 @@ def test_with_waiting_off_the_second_run_stops_naming_the_artifact_and_its_holde
         holder = _wait_for_holder(artifact.path / ".lock")
         assert holder["run_id"] == "run-a" and holder["pid"] == a.pid
         rc_b, out_b, err_b = _finish(_start(script_b))
-        assert rc_b != 0 and out_b is None
+        assert rc_b != 0 and out_b is None, (out_b, err_b[-2000:])
         last = err_b.strip().splitlines()[-1]
         assert f"self_instruct artifact {artifact.path} is busy: run run-a (pid {a.pid}" in last
         assert set((tmp_path / "calls.log").read_text().split()) == {str(a.pid)}  # b sent nothing
+        gate.touch()
+        rc_a, out_a, err_a = _finish(a)
+        assert rc_a == 0 and out_a["path"] == str(artifact.path), err_a[-2000:]  # the holder finished its work
     finally:
+        gate.touch()
         a.kill()
         a.wait()
 
