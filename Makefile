@@ -42,7 +42,7 @@ system-deps:
 	fi
 
 test: $(SERVE) system-deps
-	$(BIN)/python -m pytest -m "not gpu" tests
+	$(BIN)/python -m pytest -m "not gpu" --durations=30 tests
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu tests
