@@ -22,7 +22,6 @@ counts a win when the tuned answer's rating is higher, half a win for a tie, ove
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.judge import judge
+from tasks.jsonl import json_lines
 from tasks.llm.base import LLM, Completion, GenerationParams, Usage, truncate_at_stop
 from tasks.prompts import ALPACA_STOPS, alpaca_prompt
 
@@ -51,25 +51,20 @@ def load_heldout(path: str | Path) -> pd.DataFrame:
         raise HeldoutError(f"evaluate.heldout_path: {path} does not exist (set it to a JSON-lines file of "
                            f"instruction/input/output tasks, or to null to skip the held-out set)")
     rows, first_line = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HeldoutError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    for where, obj in json_lines(path, HeldoutError, "the held-out set"):
         if not isinstance(obj, dict):
-            raise HeldoutError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            raise HeldoutError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         for field in ("instruction", "output"):
             if not isinstance(obj.get(field), str) or not obj[field].strip():
-                raise HeldoutError(f"{path}:{n}: `{field}` must be a non-empty string")
+                raise HeldoutError(f"{where}: `{field}` must be a non-empty string")
         for field in ("input", "category", "id"):
             if obj.get(field) is not None and not isinstance(obj[field], str):
-                raise HeldoutError(f"{path}:{n}: `{field}` must be a string")
-        row_id = obj.get("id") or f"{path.stem}:{n}"
+                raise HeldoutError(f"{where}: `{field}` must be a string")
+        lineno = where.rsplit(":", 1)[1]
+        row_id = obj.get("id") or f"{path.stem}:{lineno}"
         if row_id in first_line:
-            raise HeldoutError(f"{path}:{n}: id `{row_id}` already used on line {first_line[row_id]}")
-        first_line[row_id] = n
+            raise HeldoutError(f"{where}: id `{row_id}` already used on line {first_line[row_id]}")
+        first_line[row_id] = lineno
         rows.append({"id": row_id, "category": obj.get("category") or "uncategorized",
                      "instruction": obj["instruction"], "input": obj.get("input") or "", "output": obj["output"]})
     if not rows:

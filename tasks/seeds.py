@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.config import SeedsConfig
+from tasks.jsonl import json_lines, parse_line, text_lines
 
 INSTANCE_TYPE = pa.list_(pa.struct([("input", pa.string()), ("output", pa.string())]))
 SCHEMA = pa.schema([
@@ -61,15 +62,7 @@ def _parse_task(obj: Any, where: str) -> dict[str, Any]:
 
 
 def read_self_instruct_jsonl(path: Path) -> pa.Table:
-    tasks = []
-    for lineno, text in _decode_lines(path):
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SeedFormatError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        tasks.append((where, _parse_task(obj, where)))
-    return _finish(path, tasks)
+    return _finish(path, [(where, _parse_task(obj, where)) for where, obj in _json_lines(path)])
 
 
 def _alpaca_task(obj: Any, where: str, index: int) -> dict[str, Any]:
@@ -88,19 +81,11 @@ def _alpaca_task(obj: Any, where: str, index: int) -> dict[str, Any]:
 
 
 def _decode_lines(path: Path) -> list[tuple[int, str]]:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SeedFormatError(f"{path}: cannot read seed file ({exc.strerror})") from None
-    lines = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SeedFormatError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start} of the line)") from None
-        if text.strip():
-            lines.append((lineno, text))
-    return lines
+    return text_lines(path, SeedFormatError, "seed file")
+
+
+def _json_lines(path: Path):
+    return json_lines(path, SeedFormatError, "seed file")
 
 
 def _finish(path: Path, tasks: list[tuple[str, dict[str, Any]]]) -> pa.Table:
@@ -117,15 +102,7 @@ def _finish(path: Path, tasks: list[tuple[str, dict[str, Any]]]) -> pa.Table:
 
 def read_alpaca(path: Path) -> pa.Table:
     if path.suffix == ".jsonl":
-        tasks = []
-        for n, (lineno, text) in enumerate(_decode_lines(path)):
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise SeedFormatError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            tasks.append((where, _alpaca_task(obj, where, n)))
-        return _finish(path, tasks)
+        return _finish(path, [(where, _alpaca_task(obj, where, n)) for n, (where, obj) in enumerate(_json_lines(path))])
     text = "\n".join(t for _, t in _decode_lines(path))
     try:
         records = json.loads(text) if text.strip() else []
@@ -188,10 +165,7 @@ def detect_format(path: Path) -> str:
         first = next(iter(_decode_lines(path)), None)
         if first is None:
             raise SeedFormatError(f"{path}: no seed tasks in the file")
-        try:
-            obj = json.loads(first[1])
-        except json.JSONDecodeError as exc:
-            raise SeedFormatError(f"{path}:{first[0]}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        obj = parse_line(path, *first, SeedFormatError)
         return "self_instruct" if isinstance(obj, dict) and "instances" in obj else "alpaca"
     raise SeedFormatError(f"{path}: cannot detect the seed format from the name; set `seeds.format`")
 

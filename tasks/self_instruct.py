@@ -17,7 +17,6 @@ then the generated ones (origin `self_instruct`) with their novelty columns.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter

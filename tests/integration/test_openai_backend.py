@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tasks.config import LLMConfig, SeedsConfig, SelfInstructConfig, load_config
+from tasks.config import load_config
 from tasks.llm.base import GenerationParams, chat_prompt
 from tasks.llm.openai_backend import LLMRequestError, OpenAILLM
 from tests.conftest import ROOT

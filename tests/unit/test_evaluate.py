@@ -84,7 +84,7 @@ def test_load_heldout_reads_the_project_set_and_names_bad_lines(tmp_path):
     with pytest.raises(HeldoutError, match="held.jsonl:2: id `a` already used on line 1"):
         load_heldout(bad)
     bad.write_text('{"instruction": "x", "output": "y"\n')
-    with pytest.raises(HeldoutError, match="held.jsonl:1: not valid JSON"):
+    with pytest.raises(HeldoutError, match="held.jsonl:1: malformed JSON"):
         load_heldout(bad)
     with pytest.raises(HeldoutError, match="evaluate.heldout_path: .*missing.jsonl does not exist"):
         load_heldout(tmp_path / "missing.jsonl")
