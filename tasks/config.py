@@ -24,6 +24,14 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Keys that change how the work is done, not what comes out: left out of artifact keys, so that a run
+    # resumed with other settings of these continues the same artifact.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ()
+
+    def identity(self) -> dict[str, Any]:
+        """The part of this section that decides the output (artifact keys cover it)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.OPERATIONAL}
+
 
 # Keys that a flow-run parameter (`prefect deployment run -p overrides=...`) never changes, whatever the
 # profile allows: where the endpoint is and which key is sent there (they travel together, fixed by the
@@ -122,9 +130,6 @@ class LLMConfig(Section):
             raise ValueError("max_cost_usd needs prompt_price_per_1m and completion_price_per_1m (USD per 1M tokens)")
         return self
 
-    def identity(self) -> dict[str, Any]:
-        """What decides the generated text: the part of this section that artifact keys cover."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.OPERATIONAL}
 
 
 class SeedsConfig(Section):
@@ -140,7 +145,7 @@ class SelfInstructConfig(Section):
     prompt_seed_tasks: int = Field(6, ge=0, description="in-context instructions drawn from the seeds")
     prompt_generated_tasks: int = Field(2, ge=0, description="in-context instructions from earlier output")
     new_per_request: int = Field(8, ge=1, description="chat mode: new instructions asked for per request")
-    requests_per_batch: int = Field(8, ge=1, description="prompts sent to the backend in one call")
+    requests_per_batch: int = Field(8, ge=1, description="instruction requests open at once (at most)")
     max_new_tokens: int = Field(160, ge=8)
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.5, gt=0.0, le=1.0)
@@ -152,7 +157,12 @@ class SelfInstructConfig(Section):
     instances_per_task: int = Field(3, ge=1, description="instances asked for per new task (up to)")
     instance_max_new_tokens: int = Field(256, ge=8)
     instance_temperature: float = Field(0.0, ge=0.0)
-    checkpoint_every: int = Field(8, ge=1, description="accepted instructions per checkpoint part")
+    checkpoint_every: int = Field(8, ge=1, description="finished items per checkpoint part (at most)")
+    checkpoint_seconds: float = Field(60.0, gt=0, description="and a part at least this often while items finish")
+
+    # Streaming makes the pool an instruction is checked against depend on how many requests are open, as
+    # the batch size did in the paper's loop; like the backend's concurrency, these do not enter the key.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("requests_per_batch", "checkpoint_every", "checkpoint_seconds")
 
     @model_validator(mode="after")
     def _words(self) -> "SelfInstructConfig":
@@ -170,7 +180,7 @@ EVOL_OPERATIONS: tuple[str, ...] = EvolOperation.__args__
 
 class EvolInstructConfig(Section):
     rounds: int = Field(1, ge=0, description="evolution rounds (WizardLM used 4)")
-    max_per_round: int | None = Field(16, ge=1, description="instructions evolved per round (None: all)")
+    max_per_round: int | None = Field(16, ge=1, description="input rows evolved, each once a round (None: all)")
     # Drawing weights; 0 switches an operation off. Five in-depth operations and one in-breadth (`breadth`).
     operations: dict[EvolOperation, float] = {op: 1.0 for op in EVOL_OPERATIONS}
     # Replace an operation's prompt. A template must contain `{instruction}`; in `completions` mode it is
@@ -183,13 +193,16 @@ class EvolInstructConfig(Section):
     equality_min_accuracy: float = Field(0.8, ge=0.5, le=1.0)
     equality_rouge_threshold: float = Field(0.8, gt=0.0, le=1.0)
     retry_failed: bool = Field(True, description="a failed evolution's parent is tried again next round")
-    checkpoint_every: int = Field(16, ge=1, description="evolution attempts per checkpoint part")
+    checkpoint_every: int = Field(16, ge=1, description="finished evolution chains per checkpoint part (at most)")
+    checkpoint_seconds: float = Field(60.0, gt=0, description="and a part at least this often while chains finish")
     max_new_tokens: int = Field(96, ge=8)
     response_max_new_tokens: int = Field(160, ge=8)
     response_repetition_penalty: float = Field(1.0, ge=1.0, description="transformers backend; 1 is off")
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_instruction_words: int = Field(200, ge=1)
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "checkpoint_seconds")
 
     @model_validator(mode="after")
     def _weights(self) -> "EvolInstructConfig":

@@ -21,6 +21,7 @@ Output: the input rows unchanged, then the kept evolutions (origin `evol`) with 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tasks.artifacts import PartWriter, decode_counts, encode_counts, part_metadata
+from tasks.artifacts import PartWriter
 from tasks.calibration import best_threshold
 from tasks.config import EVOL_OPERATIONS, EvolInstructConfig
-from tasks.llm.base import LLM, GenerationParams, Prompt, Usage, UsageTally, chat_prompt
+from tasks.engine import Engine, Finished, Model
+from tasks.llm.base import LLM, GenerationParams, Prompt, chat_prompt
 from tasks.prompts import ALPACA_STOPS, alpaca_prompt
 from tasks.text import rouge_l_f1, word_count
 
@@ -234,11 +236,11 @@ class Attempt:
 
 
 class Evolver:
-    """Runs one chunk of attempts against the model: rewrite, eliminate, judge equality, respond."""
+    """One attempt against the model: rewrite, eliminate, judge equality, respond (an item's phases)."""
 
-    def __init__(self, cfg: EvolInstructConfig, llm: LLM, usage: Usage, calibration_texts: list[str]):
-        self.cfg, self.llm, self.usage = cfg, llm, usage
-        self.chat = getattr(llm, "mode", "completions") == "chat"
+    def __init__(self, cfg: EvolInstructConfig, model: Model, calibration_texts: list[str]):
+        self.cfg, self.model = cfg, model
+        self.chat = model.mode == "chat"
         self.templates = {**DEFAULT_TEMPLATES, **cfg.templates}
         self.labels = template_labels(self.templates)
         self.calibration_texts = calibration_texts
@@ -246,34 +248,34 @@ class Evolver:
         self._judge_accuracy = 0.0
         self._calibrated = False
 
-    def equality_threshold(self) -> float | None:
-        """Log-odds cut for " Yes" (equal), fitted once on pairs whose answer is known (see calibration.py):
-        a task and itself, lightly reworded; the demonstrations' rewrites; two different tasks."""
-        if not self._calibrated:
-            self._calibrated = True
-            if not self.chat and hasattr(self.llm, "next_token_logprobs"):
-                texts = self.calibration_texts[:8]
-                equal = [(t, t) for t in texts] + [(t, "Please " + t[0].lower() + t[1:]) for t in texts if t]
-                unequal = [pair for _, _, demos in _DEMOS.values() for pair in demos]
-                unequal += [(a, b) for a, b in zip(texts, texts[1:] + texts[:1]) if a != b]
-                margins = self._margins(equal + unequal)
-                fitted = best_threshold(margins, np.array([True] * len(equal) + [False] * len(unequal)))
-                if fitted is not None:
-                    self._threshold, self._judge_accuracy = fitted
-        return self._threshold
+    async def calibrate(self) -> None:
+        """Fit the log-odds cut for " Yes" (equal) once, on pairs whose answer is known (see calibration.py):
+        a task and itself, lightly reworded; the demonstrations' rewrites; two different tasks. Only with
+        log-probabilities (in-process models); an endpoint's judge generates its answer."""
+        if self._calibrated:
+            return
+        self._calibrated = True
+        if self.chat or not self.model.has_logprobs or not self.cfg.equality_check:
+            return
+        texts = self.calibration_texts[:8]
+        equal = [(t, t) for t in texts] + [(t, "Please " + t[0].lower() + t[1:]) for t in texts if t]
+        unequal = [pair for _, _, demos in _DEMOS.values() for pair in demos]
+        unequal += [(a, b) for a, b in zip(texts, texts[1:] + texts[:1]) if a != b]
+        margins = np.array(await asyncio.gather(*(self._margin(a, b) for a, b in equal + unequal)))
+        fitted = best_threshold(margins, np.array([True] * len(equal) + [False] * len(unequal)))
+        if fitted is not None:
+            self._threshold, self._judge_accuracy = fitted
 
     @property
     def judge_informative(self) -> bool:
         return self._judge_accuracy >= self.cfg.equality_min_accuracy
 
     @property
-    def equality_method(self) -> str | None:
-        """How rule 1 decided, once it has been used: None before."""
+    def equality_method(self) -> str:
+        """How rule 1 decides."""
         cfg = self.cfg
         if not cfg.equality_check:
             return "off"
-        if not self._calibrated:
-            return None
         if self._threshold is None:
             return "generated yes/no"
         accuracy = f"balanced accuracy {self._judge_accuracy:.2f} on known pairs"
@@ -282,126 +284,104 @@ class Evolver:
         return (f"ROUGE-L F1 > {cfg.equality_rouge_threshold} (the model's judgement scored {accuracy}, below "
                 f"equality_min_accuracy {cfg.equality_min_accuracy})")
 
-    def _margins(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        lp = self.llm.next_token_logprobs([equality_prompt(a, b) for a, b in pairs], [" Yes", " No"])
-        return lp[:, 0] - lp[:, 1]
+    async def _margin(self, first: str, second: str) -> float:
+        lp = await self.model.logprobs(equality_prompt(first, second), (" Yes", " No"))
+        return float(lp[0] - lp[1])
 
-    def judge_equal(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
-        threshold = self.equality_threshold()
-        if threshold is not None and self.judge_informative:
-            return [bool(m > threshold) for m in self._margins(pairs)]
-        if threshold is not None:  # the model cannot tell; measure the change instead
-            return [rouge_l_f1(a, b) > self.cfg.equality_rouge_threshold for a, b in pairs]
-        judged = self.llm.generate([equality_prompt(a, b, self.chat) for a, b in pairs],
-                                   GenerationParams(max_new_tokens=4, temperature=0.0), desc="equality")
-        self.usage.add("equality", judged)
-        found = [re.match(r"\W*(yes|no)\b", c.text, flags=re.IGNORECASE) for c in judged]
-        return [None if m is None else m.group(1).lower() == "yes" for m in found]
+    async def judge_equal(self, first: str, second: str) -> bool | None:
+        if self._threshold is not None and self.judge_informative:
+            return await self._margin(first, second) > self._threshold
+        if self._threshold is not None:  # the model cannot tell; measure the change instead
+            return rouge_l_f1(first, second) > self.cfg.equality_rouge_threshold
+        judged = await self.model.generate(equality_prompt(first, second, self.chat),
+                                           GenerationParams(max_new_tokens=4, temperature=0.0), "equality")
+        found = re.match(r"\W*(yes|no)\b", judged.text, flags=re.IGNORECASE)
+        return None if found is None else found.group(1).lower() == "yes"
 
-    def run(self, attempts: list[Attempt], seed: int) -> None:
+    async def attempt(self, a: Attempt, seed: int) -> None:
+        """Fill in `a`: its rewrite, its response, or the first rule it failed (`drop_reason`)."""
         cfg = self.cfg
-        prompts = [evol_prompt(self.templates[a.operation], a.parent_text, chat=self.chat) for a in attempts]
-        rewrites = self.llm.generate(prompts, GenerationParams(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            stop=() if self.chat else ("\n",), seed=seed), desc="evolve")
-        self.usage.add("evolve", rewrites)
-        for a, completion in zip(attempts, rewrites):
-            a.instruction = completion.text.strip()
-            a.drop_reason = ("truncated" if completion.finish_reason == "length" else
-                             evolution_drop_reason(a.parent_text, a.instruction, cfg.max_instruction_words,
-                                                   self.labels))
-
-        alive = [a for a in attempts if a.drop_reason is None]
-        if cfg.equality_check and alive:  # rule 1: no information gain (not asked of `breadth`: a new task)
-            judged = [a for a in alive if a.operation != "breadth"]
-            verdicts = self.judge_equal([(a.parent_text, a.instruction) for a in judged])
-            for a, equal in zip(judged, verdicts):
-                a.drop_reason = ("equality_unparsed" if equal is None else "no_information_gain" if equal else None)
-            alive = [a for a in alive if a.drop_reason is None]
-
-        answers = self.llm.generate([response_prompt(a.instruction, self.chat) for a in alive], GenerationParams(
-            max_new_tokens=cfg.response_max_new_tokens, temperature=0.0, stop=() if self.chat else ALPACA_STOPS,
-            repetition_penalty=cfg.response_repetition_penalty),
-            desc="evol responses")
-        self.usage.add("respond", answers)
-        for a, answer in zip(alive, answers):
-            a.output = answer.text.strip()
-            a.drop_reason = ("response_truncated" if answer.finish_reason == "length" else
-                             response_drop_reason(answer.text))
+        rewrite = await self.model.generate(
+            evol_prompt(self.templates[a.operation], a.parent_text, chat=self.chat),
+            GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                             stop=() if self.chat else ("\n",), seed=seed), "evolve")
+        a.instruction = rewrite.text.strip()
+        a.drop_reason = ("truncated" if rewrite.finish_reason == "length" else
+                         evolution_drop_reason(a.parent_text, a.instruction, cfg.max_instruction_words, self.labels))
+        if a.drop_reason:
+            return
+        if cfg.equality_check and a.operation != "breadth":  # rule 1 (`breadth` writes a new task on purpose)
+            equal = await self.judge_equal(a.parent_text, a.instruction)
+            a.drop_reason = "equality_unparsed" if equal is None else "no_information_gain" if equal else None
+            if a.drop_reason:
+                return
+        answer = await self.model.generate(
+            response_prompt(a.instruction, self.chat),
+            GenerationParams(max_new_tokens=cfg.response_max_new_tokens, temperature=0.0,
+                             stop=() if self.chat else ALPACA_STOPS,
+                             repetition_penalty=cfg.response_repetition_penalty), "respond")
+        a.output = answer.text.strip()
+        a.drop_reason = "response_truncated" if answer.finish_reason == "length" else response_drop_reason(answer.text)
 
 
-def _draw_operations(pool: list[tuple[dict[str, Any], str | None]], cfg: EvolInstructConfig,
-                     rng: np.random.Generator) -> list[str]:
-    """One operation per pool entry, by the configured weights; a retried parent avoids the one that failed."""
+def draw_operation(cfg: EvolInstructConfig, failed_op: str | None, rng: np.random.Generator) -> str:
+    """An operation by the configured weights; a retried parent avoids the one that failed."""
     ops = [op for op in EVOL_OPERATIONS if cfg.operations.get(op, 0) > 0]
     weights = np.array([cfg.operations[op] for op in ops], dtype=float)
-    drawn = []
-    for _, failed_op in pool:
-        w = weights.copy()
-        if failed_op in ops and len(ops) > 1:
-            w[ops.index(failed_op)] = 0.0
-        drawn.append(ops[int(rng.choice(len(ops), p=w / w.sum()))])
-    return drawn
+    if failed_op in ops and len(ops) > 1:
+        weights[ops.index(failed_op)] = 0.0
+    return ops[int(rng.choice(len(ops), p=weights / weights.sum()))]
+
+
+async def _chain(evolver: Evolver, root: dict[str, Any], index: int, cfg: EvolInstructConfig,
+                 seed: int) -> Finished:
+    """One input row through `cfg.rounds` rounds: each round evolves the last kept evolution, or, after a
+    failure, retries its parent with another operation (`retry_failed`) or stops. Its draws depend only
+    on (seed, row, round), so the result does not depend on what else is in flight."""
+    parent, failed_op, rows = root, None, []
+    for iteration in range(1, cfg.rounds + 1):
+        rng = np.random.default_rng([seed, index, iteration])
+        attempt = Attempt(parent, draw_operation(cfg, failed_op, rng), iteration)
+        await evolver.attempt(attempt, seed=int(rng.integers(2**31)))
+        row = attempt.row()
+        rows.append(row)
+        if attempt.drop_reason is None:
+            parent, failed_op = {**row, "input": "", "is_classification": False, "origin": "evol"}, None
+        elif cfg.retry_failed:
+            failed_op = attempt.operation
+        else:
+            break
+    return Finished(key=root["id"], rows=rows)
 
 
 def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
-           parts: PartWriter | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    usage = Usage()
-    tally = UsageTally(usage)
-    done: dict[tuple[int, int], pa.Table] = {}
-    tokens: Counter = Counter()
-    equality_method = "off" if not cfg.equality_check else "not needed"
-    for part in parts.read_all() if parts else []:
-        meta = part_metadata(part)
-        done[(int(meta["iteration"]), int(meta["start"]))] = part
-        tokens.update(decode_counts(meta.get("tokens", "")))
-        equality_method = meta.get("equality", equality_method)
+           parts: PartWriter | None = None, batch_size: int = 16) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Evolve the rows (or `max_per_round` of them, drawn with `seed`) through `cfg.rounds` rounds, each
+    row a chain of its own, streamed through the work engine."""
     records = rows.to_dict("records")
-    evolver = Evolver(cfg, llm, usage, [r["instruction"] for r in records])
+    chosen = list(range(len(records)))
+    if cfg.max_per_round is not None and len(chosen) > cfg.max_per_round:
+        chosen = sorted(np.random.default_rng([seed, 0]).choice(len(records), cfg.max_per_round, replace=False))
+    parallel = getattr(llm, "max_concurrency", batch_size)
+    engine = Engine(llm, parts, ATTEMPT_SCHEMA, max_open=2 * parallel, checkpoint_every=cfg.checkpoint_every,
+                    checkpoint_s=cfg.checkpoint_seconds, batch_size=batch_size, desc="evol_instruct",
+                    total=len(chosen) if cfg.rounds else 0)
+    evolver = Evolver(cfg, engine.model, [r["instruction"] for r in records])
 
-    inputs = [{**r, "root_id": r["id"], "round": 0} for r in records]
-    pool: list[tuple[dict[str, Any], str | None]] = [(r, None) for r in inputs]  # (parent, operation that failed)
-    attempts_all: list[dict[str, Any]] = []
-    retried = 0
-    for iteration in range(1, cfg.rounds + 1):
-        rng = np.random.default_rng([seed, iteration])
-        if not pool:
-            break
-        if cfg.max_per_round is not None and len(pool) > cfg.max_per_round:
-            pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.max_per_round, replace=False))]
-        operations = _draw_operations(pool, cfg, rng)
-        retried += sum(failed_op is not None for _, failed_op in pool)
-        chunk_seed = int(rng.integers(2**31))
-        results: list[dict[str, Any]] = []
-        for start in range(0, len(pool), cfg.checkpoint_every):
-            if (iteration, start) in done:  # replay a finished chunk
-                results += done[(iteration, start)].to_pylist()
-                continue
-            attempts = [Attempt(parent, op, iteration) for (parent, _), op in
-                        zip(pool[start:start + cfg.checkpoint_every], operations[start:start + cfg.checkpoint_every])]
-            evolver.run(attempts, chunk_seed + start)
-            table = pa.Table.from_pylist([a.row() for a in attempts], schema=ATTEMPT_SCHEMA)
-            delta = tally.take()
-            tokens.update(delta)
-            equality_method = evolver.equality_method or equality_method
-            if parts:
-                parts.write(table.replace_schema_metadata({
-                    "iteration": str(iteration), "start": str(start), "tokens": encode_counts(delta),
-                    "equality": equality_method}))
-            done[(iteration, start)] = table
-            results += table.to_pylist()
-        attempts_all += results
+    async def stage(engine: Engine) -> None:
+        if cfg.rounds == 0 or not chosen:
+            return
+        await evolver.calibrate()
+        engine.part_meta["equality"] = evolver.equality_method
+        for index in chosen:
+            root = {**records[index], "root_id": records[index]["id"], "round": 0}
+            await engine.spawn(root["id"], lambda root=root, index=index: _chain(evolver, root, index, cfg, seed))
 
-        by_id = {parent["id"]: parent for parent, _ in pool}
-        next_pool = []
-        for r in results:
-            if r["drop_reason"] is None:
-                next_pool.append(({**r, "input": "", "is_classification": False, "origin": "evol"}, None))
-            elif cfg.retry_failed:
-                next_pool.append((by_id[r["parent_id"]], r["evol_operation"]))
-        pool = next_pool
-
-    kept = [r for r in attempts_all if r["drop_reason"] is None]
+    engine.run(stage)
+    position = {records[i]["id"]: n for n, i in enumerate(chosen)}
+    attempts = sorted(engine.restored.rows + [row for item in engine.finished_items for row in item.rows],
+                      key=lambda r: (r["evol_iteration"], position[r["root_id"]]))
+    kept = [r for r in attempts if r["drop_reason"] is None]
     evolved = pd.DataFrame([{**{k: r[k] for k in ("id", "task_id", "instruction", "output", "category",
                                                     *EVOL_COLUMNS)},
                              "input": "", "is_classification": False, "origin": "evol"} for r in kept])
@@ -410,14 +390,17 @@ def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
     out = pd.concat([rows, evolved], ignore_index=True) if len(evolved) else rows.reindex(columns=columns)
     if len(out):
         out["round"] = out["round"].astype("Int64")
-    stats = {"attempted": len(attempts_all), "kept": len(kept),
-             "dropped": dict(Counter(r["drop_reason"] for r in attempts_all if r["drop_reason"])),
-             "operations": _pass_rates(attempts_all, "evol_operation",
+    failed = {(r["root_id"], r["evol_iteration"]) for r in attempts if r["drop_reason"]}
+    retried = sum((r["root_id"], r["evol_iteration"] - 1) in failed for r in attempts)
+    stats = {"attempted": len(attempts), "kept": len(kept),
+             "dropped": dict(Counter(r["drop_reason"] for r in attempts if r["drop_reason"])),
+             "operations": _pass_rates(attempts, "evol_operation",
                                        [op for op in EVOL_OPERATIONS if cfg.operations.get(op, 0) > 0]),
-             "rounds": _pass_rates(attempts_all, "evol_iteration", [str(i) for i in range(1, cfg.rounds + 1)]),
-             "retried": retried, "equality_method": equality_method, "checkpoints": len(done),
-             "llm_calls": tokens["llm_calls"], "prompt_tokens": tokens["prompt_tokens"],
-             "completion_tokens": tokens["completion_tokens"], "usage_this_attempt": usage.as_dict()}
+             "rounds": _pass_rates(attempts, "evol_iteration", [str(i) for i in range(1, cfg.rounds + 1)]),
+             "retried": retried,
+             "equality_method": engine.part_meta.get("equality") or engine.restored.meta.get("equality")
+             or ("off" if not cfg.equality_check else "not needed"),
+             **engine.summary()}
     return out, stats
 
 

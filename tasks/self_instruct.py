@@ -17,7 +17,6 @@ then the generated ones (origin `self_instruct`) with their novelty columns.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,9 +26,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tasks.artifacts import PartWriter, decode_counts, encode_counts, part_metadata
+from tasks.artifacts import PartWriter
 from tasks.config import SelfInstructConfig
-from tasks.llm.base import LLM, GenerationParams, Prompt, Usage, UsageTally, chat_prompt
+from tasks.engine import Engine, Finished, Model
+from tasks.llm.base import LLM, Completion, GenerationParams, Prompt, chat_prompt
 from tasks.calibration import best_threshold
 from tasks.text import RougeIndex, parse_numbered_list, word_count
 
@@ -207,203 +207,248 @@ def filter_instances(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]
     return kept, dropped
 
 
-# --- checkpoints ----------------------------------------------------------------------------------------------
+# --- the stream -----------------------------------------------------------------------------------------------
+# Two kinds of item go through the work engine (tasks/engine.py). An instruction request (`req-<n>`) asks
+# for a numbered list and checks each new instruction against the pool as it arrives: the pool and the
+# in-context examples are what was kept at that moment, not at the start of a round. The Self-Instruct
+# paper's loop is strictly sequential (a batch of requests, then filtering, then the next batch); here
+# requests stay in flight while answers are filtered, so with `requests_per_batch` requests open at once
+# an instruction is checked against everything accepted before its answer arrived, as in the paper with
+# a batch of that size. Each accepted instruction becomes a task item (`si-<n>-<k>`: classify, then
+# instances, then the instance filters), started as soon as its request is done.
+#
+# Checkpoints: a part holds the finished items' records: `candidate` rows (the instructions a request
+# accepted, with their task ids) and `example` rows (a finished task's instances). A restarted stage
+# rebuilds the pool from the candidates, starts the tasks whose candidates have no finished task, and
+# goes on asking: nothing is generated twice, nothing is lost.
 
 GENERATED_COLUMNS = EXAMPLE_COLUMNS + ["rouge_l_max", "most_similar", "bootstrap_round"]
-GENERATED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("task_id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
-    ("output", pa.string()), ("category", pa.string()), ("is_classification", pa.bool_()),
+PART_SCHEMA = pa.schema([
+    ("record", pa.string()), ("id", pa.string()), ("task_id", pa.string()), ("instruction", pa.string()),
+    ("input", pa.string()), ("output", pa.string()), ("category", pa.string()), ("is_classification", pa.bool_()),
     ("origin", pa.string()), ("rouge_l_max", pa.float64()), ("most_similar", pa.string()),
     ("bootstrap_round", pa.int64())])
-CANDIDATE_SCHEMA = pa.schema([("instruction", pa.string()), ("rouge_l_max", pa.float64()),
-                              ("most_similar", pa.string())])
 
 
 @dataclass
 class Candidate:
+    task_id: str
     instruction: str
     rouge_l_max: float
     most_similar: str
+    request: int
 
 
 @dataclass
-class Progress:
-    """What a restarted stage needs to continue, rebuilt from the checkpoint parts."""
+class Stream:
+    """The stage's state between items (one event loop: no locks)."""
 
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    kept_tasks: int = 0
-    pool_added: list[str] = field(default_factory=list)
-    tokens: Counter = field(default_factory=Counter)  # llm_calls, prompt_tokens, completion_tokens, retries
-    requests: int = 0
-    rounds: int = 0
-    generated: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    pending: list[Candidate] = field(default_factory=list)  # the last round's candidates not yet completed
-    pending_from: int = 0  # index of pending[0] within its round
-    completed: int = 0  # candidates judged and given instances so far (kept or not)
-    checkpoints: int = 0
-
-    def apply(self, part: pa.Table) -> None:
-        """Take in one checkpoint part: a round's candidates, or a finished chunk of them."""
-        meta = part_metadata(part)
-        self.tokens.update(decode_counts(meta.get("tokens", "")))
-        self.dropped.update(decode_counts(meta.get("dropped", "")))
-        self.checkpoints += 1
-        if meta["kind"] == "candidates":
-            self.requests += int(meta["requests"])
-            self.generated += int(meta["generated"])
-            self.rounds += 1
-            self.pending, self.pending_from = [Candidate(**row) for row in part.to_pylist()], 0
-            self.pool_added.extend(c.instruction for c in self.pending)
-        else:
-            done = int(meta["end"]) - int(meta["start"])
-            self.pending, self.pending_from = self.pending[done:], int(meta["end"])
-            self.rows.extend(part.to_pylist())
-            self.kept_tasks += int(meta["tasks_kept"])
-            self.completed += done
+    pool: RougeIndex
+    kept_instructions: list[str]  # of finished tasks with instances: in-context examples
+    pending: list[Candidate] = field(default_factory=list)  # accepted, task not started
+    kept: int = 0
+    tasks_done: int = 0
+    requests: int = 0  # instruction requests started (finished ones restored, plus this attempt's)
+    requests_done: int = 0
+    open_requests: int = 0
+    open_tasks: int = 0
 
 
-def _restore(parts: list[pa.Table]) -> Progress:
-    progress = Progress()
-    for part in parts:
-        progress.apply(part)
-    return progress
+def _restore(restored_rows: list[dict[str, Any]], done: set[str], seed_instructions: list[str]) -> Stream:
+    candidates = [r for r in restored_rows if r["record"] == "candidate"]
+    examples = [r for r in restored_rows if r["record"] == "example"]
+    stream = Stream(pool=RougeIndex(seed_instructions + [c["instruction"] for c in candidates]),
+                    kept_instructions=[r["instruction"] for r in examples if r["id"].endswith("#0")])
+    stream.kept = len(stream.kept_instructions)
+    stream.tasks_done = sum(1 for c in candidates if c["task_id"] in done)
+    stream.requests = stream.requests_done = sum(1 for key in done if key.startswith("req-"))
+    stream.pending = [Candidate(c["task_id"], c["instruction"], c["rouge_l_max"], c["most_similar"],
+                                c["bootstrap_round"]) for c in candidates if c["task_id"] not in done]
+    return stream
 
-
-# --- the loop -----------------------------------------------------------------------------------------------
 
 def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int,
-                   parts: PartWriter | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+                   parts: PartWriter | None = None, batch_size: int = 16) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Bootstrap `cfg.num_instructions` new tasks with instances, or stop when a budget is spent."""
     chat = getattr(llm, "mode", "completions") == "chat"
     seed_rows = seeds.to_pylist()
     seed_instructions = [t["instruction"] for t in seed_rows]
     seed_index = RougeIndex(seed_instructions)  # nearest seed gives a generated task its category
-    progress = _restore(parts.read_all()) if parts else Progress()
-    pool = RougeIndex(seed_instructions + progress.pool_added)
-    usage = Usage()
-    tally = UsageTally(usage)
     cls_shots = _classification_shots(seed_rows)
+    parallel = getattr(llm, "max_concurrency", batch_size)
+    engine = Engine(llm, parts, PART_SCHEMA, max_open=2 * parallel + cfg.requests_per_batch,
+                    checkpoint_every=cfg.checkpoint_every, checkpoint_s=cfg.checkpoint_seconds,
+                    batch_size=batch_size, desc="self_instruct", total=None)
+    stream = _restore(engine.restored.rows, engine.restored.keys, seed_instructions)
     cls_threshold: float | None = None
-    if progress.kept_tasks < cfg.num_instructions and not chat:
+    if stream.kept < cfg.num_instructions and not chat:
         cls_threshold = classification_threshold(llm, cls_shots, seed_rows)
+    model = engine.model
+    by_kind = {kind: [t for t in seed_rows if t["is_classification"] == kind] for kind in (True, False)}
+    instruction_params = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              stop=() if chat else ("\n\n",))
 
     def tokens_spent() -> bool:
-        spent = progress.tokens["prompt_tokens"] + progress.tokens["completion_tokens"]
-        return cfg.max_tokens is not None and spent >= cfg.max_tokens
+        return cfg.max_tokens is not None and engine.tokens_spent() >= cfg.max_tokens
 
-    def checkpoint(table: pa.Table, meta: dict[str, str]) -> None:
-        """Write a part and take it in, exactly as a restarted stage would read it back."""
-        part = table.replace_schema_metadata({**meta, "tokens": encode_counts(tally.take())})
-        if parts:
-            parts.write(part)
-        progress.apply(part)
-
-    while True:
-        if progress.pending and progress.kept_tasks >= cfg.num_instructions:
-            progress.dropped["over_target"] += len(progress.pending)  # not needed: the target is reached
-            progress.pending = []
-        if progress.pending:  # finish the current round, one checkpoint per chunk
-            if tokens_spent():
-                stop_reason = "max_tokens"
-                break
-            round_no = progress.rounds - 1
-            start = progress.pending_from
-            chunk = progress.pending[:_chunk_size(cfg, progress)]
-            rng = np.random.default_rng([seed, round_no, start])  # a resumed chunk draws what it would have
+    async def ask(n: int) -> Finished:
+        """Instruction request n: a numbered list, each new instruction filtered against the pool now."""
+        try:
+            rng = np.random.default_rng([seed, 1, n])
+            context = _in_context(seed_instructions, stream.kept_instructions, cfg, rng)
+            completion = await model.generate(instruction_prompt(context, chat, cfg.new_per_request),
+                                              GenerationParams(**instruction_params, seed=int(rng.integers(2**31))),
+                                              "instructions")
             dropped: Counter = Counter()
-            rows, n_tasks = _complete_tasks(chunk, start, round_no, seed_rows, seed_index, cls_shots, cls_threshold,
-                                            cfg, llm, chat, rng, usage, dropped)
-            if (extra := progress.kept_tasks + n_tasks - cfg.num_instructions) > 0:  # never beyond the target
-                keep_ids = list(dict.fromkeys(r["task_id"] for r in rows))[:n_tasks - extra]
-                rows = [r for r in rows if r["task_id"] in keep_ids]
-                n_tasks -= extra
-                dropped["over_target"] += extra
-            checkpoint(pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA),
-                       {"kind": "tasks", "round": str(round_no), "start": str(start),
-                        "end": str(start + len(chunk)), "tasks_kept": str(n_tasks),
-                        "dropped": encode_counts(dropped)})
-            continue
-        if progress.kept_tasks >= cfg.num_instructions:
-            stop_reason = "target_reached"
-            break
-        if progress.requests >= cfg.max_requests:
-            stop_reason = "max_requests"
-            break
-        if tokens_spent():
-            stop_reason = "max_tokens"
-            break
-
-        rng = np.random.default_rng([seed, progress.rounds])  # a resumed round draws what it would have
-        n_requests = _requests_for_round(cfg, progress)
-        generated_so_far = [r["instruction"] for r in progress.rows if r["id"].endswith("#0")]
-        contexts = [_in_context(seed_instructions, generated_so_far, cfg, rng) for _ in range(n_requests)]
-        completions = llm.generate(
-            [instruction_prompt(context, chat, cfg.new_per_request) for context in contexts],
-            GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                             stop=() if chat else ("\n\n",), seed=int(rng.integers(2**31))),
-            desc=f"self_instruct round {progress.rounds}")
-        usage.add("instructions", completions)
-
-        dropped = Counter()
-        candidates: list[Candidate] = []
-        n_generated = 0
-        # Not every candidate ends up with an instance, so keep twice what is missing; the rest is counted
-        # as `over_target` once the target is reached.
-        room = 2 * (cfg.num_instructions - progress.kept_tasks)
-        for context, completion in zip(contexts, completions):
             items, ended = parse_numbered_list(completion.text, len(context) + 1, opened=not chat)
             if completion.finish_reason == "length" and not ended and items:
                 items = items[:-1]
                 dropped["truncated"] += 1
-                n_generated += 1
+            dropped["generated"] += len(items) + dropped["truncated"]
+            rows = []
             for item in items:
-                n_generated += 1
                 reason = instruction_drop_reason(item, cfg)
                 if reason is None:
-                    score, nearest = pool.most_similar(item)
+                    score, nearest = stream.pool.most_similar(item)
                     if score > cfg.rouge_threshold:
                         reason = "too_similar"
-                    elif len(candidates) >= room:
-                        reason = "over_target"
                     else:
-                        candidates.append(Candidate(item, score, pool.texts[nearest] if nearest >= 0 else ""))
-                        pool.add(item)
+                        cand = Candidate(f"si-{n:05d}-{len(rows):02d}", item, score,
+                                         stream.pool.texts[nearest] if nearest >= 0 else "", n)
+                        stream.pool.add(item)
+                        stream.pending.append(cand)
+                        rows.append({"record": "candidate", "id": cand.task_id, "task_id": cand.task_id,
+                                     "instruction": item, "rouge_l_max": score, "most_similar": cand.most_similar,
+                                     "bootstrap_round": n, "origin": "self_instruct"})
                 if reason:
                     dropped[reason] += 1
-        checkpoint(pa.Table.from_pylist([c.__dict__ for c in candidates], schema=CANDIDATE_SCHEMA),
-                   {"kind": "candidates", "round": str(progress.rounds), "requests": str(n_requests),
-                    "generated": str(n_generated), "dropped": encode_counts(dropped)})
+            stream.requests_done += 1
+            return Finished(f"req-{n:05d}", rows, dropped)
+        finally:
+            stream.open_requests -= 1
 
-    generated = pd.DataFrame(progress.rows, columns=GENERATED_COLUMNS)
-    stats = {"stop_reason": stop_reason, "requests": progress.requests, "rounds": progress.rounds,
-             "checkpoints": progress.checkpoints, "generated": progress.generated, "kept": progress.kept_tasks,
-             "kept_instances": len(generated), "prompt_style": "chat" if chat else "completion",
+    async def complete(cand: Candidate) -> Finished:
+        """A task: classification, up to N instances, the instance filters."""
+        try:
+            number = [int(x) for x in cand.task_id.split("-")[1:]]
+            rng = np.random.default_rng([seed, 2, *number])  # a resumed task draws what it would have
+            dropped: Counter = Counter()
+            kind = await classify(model, cand.instruction, cls_shots, cls_threshold, chat)
+            if kind is None:
+                dropped["classification_unparsed"] += 1
+                return Finished(cand.task_id, [], dropped)
+            shot_pool = by_kind[kind] or seed_rows
+            shots = [shot_pool[i] for i in rng.choice(len(shot_pool), min(3, len(shot_pool)), replace=False)]
+            completion = await model.generate(
+                instance_prompt(cand.instruction, shots, output_first=kind, n=cfg.instances_per_task, chat=chat),
+                GenerationParams(max_new_tokens=cfg.instance_max_new_tokens, temperature=cfg.instance_temperature,
+                                 top_p=cfg.top_p, stop=() if chat else instance_stops(cfg.instances_per_task),
+                                 seed=int(rng.integers(2**31))), "instances")
+            pairs = _instances(completion, kind, chat, cfg, dropped)
+            if not pairs:
+                dropped["task_without_instances"] += 1
+                return Finished(cand.task_id, [], dropped)
+            if stream.kept >= cfg.num_instructions:  # finished after the target was reached
+                dropped["over_target"] += 1
+                return Finished(cand.task_id, [], dropped)
+            stream.kept += 1
+            stream.kept_instructions.append(cand.instruction)
+            _, seed_pos = seed_index.most_similar(cand.instruction)
+            rows = [{"record": "example", "id": f"{cand.task_id}#{k}", "task_id": cand.task_id,
+                     "instruction": cand.instruction, "input": inp, "output": out,
+                     "category": seed_rows[seed_pos]["category"], "is_classification": kind,
+                     "origin": "self_instruct", "rouge_l_max": cand.rouge_l_max, "most_similar": cand.most_similar,
+                     "bootstrap_round": cand.request} for k, (inp, out) in enumerate(pairs)]
+            return Finished(cand.task_id, rows, dropped)
+        finally:
+            stream.open_tasks -= 1
+            stream.tasks_done += 1
+
+    def task_yield() -> float:
+        return stream.kept / stream.tasks_done if stream.tasks_done else 1.0
+
+    def tasks_wanted() -> bool:
+        """Whether another accepted instruction should be completed: the open tasks, at the share of tasks
+        that has made it so far, fall short of what is missing."""
+        return stream.kept + task_yield() * stream.open_tasks < cfg.num_instructions
+
+    def wanted_requests() -> bool:
+        """Whether another instruction request is worth sending: what is kept, plus what the open tasks,
+        the waiting candidates and the open requests should still give at the yields seen so far, falls
+        short of the target."""
+        request_yield = (stream.tasks_done + stream.open_tasks + len(stream.pending)) / stream.requests_done \
+            if stream.requests_done else cfg.new_per_request
+        expected = stream.kept + task_yield() * (stream.open_tasks + len(stream.pending)
+                                               + request_yield * stream.open_requests)
+        return expected < cfg.num_instructions
+
+    stop = {"reason": None}
+
+    async def run(engine: Engine) -> None:
+        n = 0
+        while True:
+            engine.check()
+            if stream.kept >= cfg.num_instructions:
+                stop["reason"] = "target_reached"
+                break
+            if stream.pending and tasks_wanted():  # finish what was accepted before asking for more
+                cand = stream.pending.pop(0)
+                stream.open_tasks += 1
+                if not await engine.spawn(cand.task_id, lambda cand=cand: complete(cand)):
+                    stream.open_tasks -= 1
+                continue
+            blocked = ("max_requests" if stream.requests >= cfg.max_requests else
+                       "max_tokens" if tokens_spent() else None)
+            if blocked is None and stream.open_requests < cfg.requests_per_batch and wanted_requests():
+                while engine.is_done(f"req-{n:05d}"):
+                    n += 1
+                stream.requests += 1
+                stream.open_requests += 1
+                if not await engine.spawn(f"req-{n:05d}", lambda n=n: ask(n)):
+                    stream.open_requests -= 1
+                n += 1
+                continue
+            if not engine.open_items:
+                stop["reason"] = blocked or "exhausted"
+                break
+            await engine.next_change()
+        engine.cancel_open()
+
+    engine.run(run)
+    records = engine.restored.rows + [row for item in engine.finished_items for row in item.rows]
+    candidates = [r for r in records if r["record"] == "candidate"]
+    examples = sorted((r for r in records if r["record"] == "example"), key=lambda r: r["id"])
+    generated = pd.DataFrame(examples, columns=GENERATED_COLUMNS)
+    dropped = Counter(engine.counts)
+    n_generated = dropped.pop("generated", 0)
+    if (unfinished := len(candidates) - stream.tasks_done) > 0:
+        dropped["over_target" if stop["reason"] == "target_reached" else "unfinished"] += unfinished
+    stats = {"stop_reason": stop["reason"], "requests": stream.requests, "generated": n_generated,
+             "candidates": len(candidates), "kept": stream.kept, "kept_instances": len(generated),
+             "prompt_style": "chat" if chat else "completion",
              "classification_method": "generated yes/no" if cls_threshold is None else
              f"log-odds > {cls_threshold:.3f} (fitted on seeds)",
-             "dropped": dict(progress.dropped), "llm_calls": progress.tokens["llm_calls"],
-             "prompt_tokens": progress.tokens["prompt_tokens"],
-             "completion_tokens": progress.tokens["completion_tokens"], "retries": progress.tokens["retries"],
-             "usage_this_attempt": usage.as_dict()}
+             "dropped": dict(+dropped), **engine.summary()}
     return generated, stats
 
 
-def _requests_for_round(cfg: SelfInstructConfig, progress: Progress) -> int:
-    """A full batch, or fewer near the target: enough for what is missing at the yield seen so far (x1.5)."""
-    budget = min(cfg.requests_per_batch, cfg.max_requests - progress.requests)
-    if not progress.kept_tasks or not progress.requests:
-        return budget
-    per_request = progress.kept_tasks / progress.requests
-    wanted = math.ceil(1.5 * (cfg.num_instructions - progress.kept_tasks) / per_request)
-    return max(1, min(budget, wanted))
-
-
-def _chunk_size(cfg: SelfInstructConfig, progress: Progress) -> int:
-    """Candidates to complete next: `checkpoint_every`, or fewer when the target is near (1.5x what is
-    missing at the share of candidates that has made it so far), so that few are completed for nothing."""
-    missing = cfg.num_instructions - progress.kept_tasks
-    share = progress.kept_tasks / progress.completed if progress.kept_tasks else 1.0
-    return max(1, min(cfg.checkpoint_every, math.ceil(1.5 * missing / share)))
+def _instances(completion: Completion, kind: bool, chat: bool, cfg: SelfInstructConfig,
+               dropped: Counter) -> list[tuple[str, str]]:
+    """A task's instances from the model's answer, after the paper's filters (drops counted per reason)."""
+    pairs, unreadable = parse_instances(completion.text, output_first=kind, chat=chat)
+    drops: Counter = Counter()
+    if unreadable:
+        drops["unparsable"] += unreadable
+    if completion.finish_reason == "length" and pairs:
+        pairs = pairs[:-1]  # the last example may be cut off
+        drops["truncated"] += 1
+    if len(pairs) > cfg.instances_per_task:
+        drops["over_limit"] += len(pairs) - cfg.instances_per_task
+        pairs = pairs[:cfg.instances_per_task]
+    pairs, filtered = filter_instances(pairs)
+    drops.update(filtered)
+    dropped.update({f"instance_{reason}": n for reason, n in drops.items()})
+    return pairs
 
 
 def _in_context(seed_instructions: list[str], generated: list[str], cfg: SelfInstructConfig,
@@ -462,74 +507,16 @@ def classification_threshold(llm: LLM, shots: list[tuple[str, bool]], seed_rows:
     return None if fitted is None else fitted[0]
 
 
-def judge_classification(texts: list[str], shots: list[tuple[str, bool]], llm: LLM, usage: Usage,
-                         threshold: float | None = None, chat: bool = False) -> list[bool | None]:
-    """Few-shot yes/no: is each task a classification task with a finite set of labels?
+async def classify(model: Model, text: str, shots: list[tuple[str, bool]], threshold: float | None = None,
+                   chat: bool = False) -> bool | None:
+    """Few-shot yes/no: is the task a classification task with a finite set of labels?
 
     With a fitted `threshold` (see `classification_threshold`), the answer is whether the log-odds of
     " Yes" over " No" exceed it. Otherwise the backend generates the answer greedily.
     """
     if threshold is not None:
-        return [bool(m > threshold) for m in _yes_no_margins(llm, texts, shots)]
-    judged = llm.generate([classification_prompt(t, shots, chat) for t in texts],
-                          GenerationParams(max_new_tokens=4, temperature=0.0), desc="classify")
-    usage.add("classification", judged)
-    return [parse_yes_no(c.text) for c in judged]
-
-
-def _complete_tasks(chunk: list[Candidate], start: int, round_no: int, seed_rows: list[dict[str, Any]],
-                    seed_index: RougeIndex, cls_shots: list[tuple[str, bool]], cls_threshold: float | None,
-                    cfg: SelfInstructConfig, llm: LLM, chat: bool, rng: np.random.Generator, usage: Usage,
-                    dropped: Counter) -> tuple[list[dict[str, Any]], int]:
-    """Judge classification, generate up to N instances per task, filter; the example rows and tasks kept.
-
-    Task ids are `si-<round>-<index in round>`, so a resumed chunk names its tasks as the first try would.
-    """
-    texts = [c.instruction for c in chunk]
-    verdicts = judge_classification(texts, cls_shots, llm, usage, cls_threshold, chat)
-    if unparsed := sum(v is None for v in verdicts):
-        dropped["classification_unparsed"] += unparsed
-    judged = [(pos, c, v) for pos, (c, v) in enumerate(zip(chunk, verdicts)) if v is not None]
-    if not judged:
-        return [], 0
-
-    by_kind = {kind: [t for t in seed_rows if t["is_classification"] == kind] for kind in (True, False)}
-    prompts = []
-    for _, cand, kind in judged:
-        shot_pool = by_kind[kind] or seed_rows
-        shots = [shot_pool[i] for i in rng.choice(len(shot_pool), min(3, len(shot_pool)), replace=False)]
-        prompts.append(instance_prompt(cand.instruction, shots, output_first=kind, n=cfg.instances_per_task,
-                                       chat=chat))
-    completions = llm.generate(prompts, GenerationParams(
-        max_new_tokens=cfg.instance_max_new_tokens, temperature=cfg.instance_temperature, top_p=cfg.top_p,
-        stop=() if chat else instance_stops(cfg.instances_per_task), seed=int(rng.integers(2**31))),
-        desc="instances")
-    usage.add("instances", completions)
-
-    rows, n_tasks = [], 0
-    instance_drops: Counter = Counter()  # per instance; task-level drops go to `dropped` as they are
-    for (pos, cand, kind), completion in zip(judged, completions):
-        pairs, unreadable = parse_instances(completion.text, output_first=kind, chat=chat)
-        if unreadable:
-            instance_drops["unparsable"] += unreadable
-        if completion.finish_reason == "length" and pairs:
-            pairs = pairs[:-1]  # the last example may be cut off
-            instance_drops["truncated"] += 1
-        if len(pairs) > cfg.instances_per_task:
-            instance_drops["over_limit"] += len(pairs) - cfg.instances_per_task
-            pairs = pairs[:cfg.instances_per_task]
-        pairs, filtered = filter_instances(pairs)
-        instance_drops.update(filtered)
-        if not pairs:
-            dropped["task_without_instances"] += 1
-            continue
-        _, seed_pos = seed_index.most_similar(cand.instruction)
-        task_id = f"si-{round_no:04d}-{start + pos:03d}"
-        n_tasks += 1
-        for k, (inp, out) in enumerate(pairs):
-            rows.append({"id": f"{task_id}#{k}", "task_id": task_id, "instruction": cand.instruction, "input": inp,
-                         "output": out, "category": seed_rows[seed_pos]["category"], "is_classification": kind,
-                         "origin": "self_instruct", "rouge_l_max": cand.rouge_l_max,
-                         "most_similar": cand.most_similar, "bootstrap_round": round_no})
-    dropped.update({f"instance_{reason}": n for reason, n in instance_drops.items()})
-    return rows, n_tasks
+        lp = await model.logprobs(classification_prompt(text, shots), (" Yes", " No"))
+        return bool(lp[0] - lp[1] > threshold)
+    judged = await model.generate(classification_prompt(text, shots, chat),
+                                  GenerationParams(max_new_tokens=4, temperature=0.0), "classification")
+    return parse_yes_no(judged.text)

@@ -46,7 +46,7 @@ def _run_seeds(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
 def _run_self_instruct(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     seed_table = inputs["seeds"].read_table()
     generated, stats = self_instruct.generate_tasks(seed_table, cfg.self_instruct, get_llm(cfg.llm), cfg.run.seed,
-                                                    PartWriter(out.parts_dir))
+                                                    PartWriter(out.parts_dir), batch_size=cfg.llm.batch_size)
     examples = self_instruct.seed_examples(seed_table)
     rows = pd.concat([examples, generated], ignore_index=True) if len(generated) else examples
     return rows, {"rows_in": seed_table.num_rows, "seed_examples": len(examples), **stats}
@@ -55,7 +55,7 @@ def _run_self_instruct(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutpu
 def _run_evol(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     rows = _frame(inputs["self_instruct"])
     evolved, stats = evol_instruct.evolve(rows, cfg.evol_instruct, get_llm(cfg.llm), cfg.run.seed,
-                                          PartWriter(out.parts_dir))
+                                          PartWriter(out.parts_dir), batch_size=cfg.llm.batch_size)
     return evolved, {"rows_in": len(rows), **stats}
 
 
@@ -185,11 +185,11 @@ def _seeds_key(c: Config) -> dict[str, Any]:
 
 
 def _self_instruct_key(c: Config) -> dict[str, Any]:
-    return {"seed": c.run.seed, "llm": model_identity(c.llm), "self_instruct": c.section("self_instruct")}
+    return {"seed": c.run.seed, "llm": model_identity(c.llm), "self_instruct": c.self_instruct.identity()}
 
 
 def _evol_key(c: Config) -> dict[str, Any]:
-    return {"seed": c.run.seed, "llm": model_identity(c.llm), "evol_instruct": c.section("evol_instruct")}
+    return {"seed": c.run.seed, "llm": model_identity(c.llm), "evol_instruct": c.evol_instruct.identity()}
 
 
 def _mix_key(c: Config) -> dict[str, Any]:

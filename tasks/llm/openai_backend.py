@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
+import dataclasses
 import email.utils
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import httpx
 import openai
 from tqdm.auto import tqdm
 
@@ -165,6 +167,9 @@ def estimate_tokens(prompt: Prompt, max_new_tokens: int) -> int:
 
 
 class OpenAILLM:
+    """One endpoint, one event loop and one HTTP client for the life of the process (connections are
+    reused); `agenerate` for the work engine's items, `generate` for a batch from synchronous code."""
+
     def __init__(self, model: str, base_url: str | None = None, mode: Mode = "completions",
                  api_key: str | None = None, max_concurrency: int = 8, timeout_s: float = 120.0,
                  max_retries: int = 6, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
@@ -179,57 +184,104 @@ class OpenAILLM:
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
-        # The limiter and the spend outlive each generate() call: the limits hold across calls and stages.
+        # The limiter and the spend outlive each call: the limits hold across calls and stages.
         self.limiter = limiter or RateLimiter(None, None)
         self.spend = spend or Spend()
+        self.in_flight = 0
+        self._rng = random.Random(0)  # backoff jitter
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._owner_pid = 0
+        self._lock = threading.Lock()
+        self._client: openai.AsyncOpenAI | None = None
+        self._gate: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAILLM({self.name!r}, mode={self.mode!r})"
 
+    # -- the process's loop and client --
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._owner_pid != os.getpid():  # none yet, or inherited through fork
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name=f"llm-loop {self.name}", daemon=True).start()
+                self._loop, self._owner_pid, self._client, self._gate = loop, os.getpid(), None, None
+            return self._loop
+
+    def run_coroutine(self, coro: Awaitable[Any]) -> Any:
+        """Run `coro` on this backend's loop and wait for it, from synchronous code in another thread."""
+        loop = self._ensure_loop()
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        if self._client is None:  # made on the loop, used only there
+            self._client = openai.AsyncOpenAI(api_key=self._api_key or "not-needed", base_url=self.base_url,
+                                              timeout=self.timeout_s, max_retries=0,
+                                              http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(
+                                                  max_connections=self.max_concurrency,
+                                                  max_keepalive_connections=self.max_concurrency)))
+            self._gate = asyncio.Semaphore(self.max_concurrency)
+        return self._client, self._gate
+
+    def close(self) -> None:
+        if self._loop is not None and self._owner_pid == os.getpid():
+            if self._client is not None:
+                self.run_coroutine(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop, self._client, self._gate = None, None, None
+
+    # -- requests --
+
+    async def agenerate(self, prompt: Prompt, params: GenerationParams) -> Completion:
+        """One request, sent when one of the `max_concurrency` places is free; `params.seed` as given."""
+        client, gate = self._session()
+        async with gate:
+            self.in_flight += 1
+            try:
+                return await self._with_retries(client, prompt, params, self.limiter)
+            finally:
+                self.in_flight -= 1
+
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
                  desc: str = "generate") -> list[Completion]:
+        """All `prompts` at once (at most `max_concurrency` in flight), in prompt order. Prompt i is sent
+        with seed `params.seed + i`: one stream per prompt, the same on a re-run."""
         if not prompts:
             return []
-        # A fresh event loop in a worker thread: works whether or not the caller already runs a loop
-        # (Prefect may), and the HTTP connection pool lives and dies with it.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, self._generate_all(list(prompts), params, desc)).result()
+        return self.run_coroutine(self._generate_all(list(prompts), params, desc))
 
     async def _generate_all(self, prompts: list[Prompt], params: GenerationParams,
                             desc: str) -> list[Completion]:
-        client = openai.AsyncOpenAI(api_key=self._api_key or "not-needed", base_url=self.base_url,
-                                    timeout=self.timeout_s, max_retries=0)
-        gate = asyncio.Semaphore(self.max_concurrency)
-        limiter = self.limiter
-        rng = random.Random(params.seed)
-        try:
-            with tqdm(total=len(prompts), desc=desc, unit="request", leave=False) as bar:
-                async def one(index: int, prompt: Prompt) -> Completion:
-                    async with gate:
-                        completion = await self._with_retries(client, index, prompt, params, rng, limiter)
-                    bar.update(1)
-                    return completion
+        with tqdm(total=len(prompts), desc=desc, unit="request", leave=False) as bar:
+            async def one(index: int, prompt: Prompt) -> Completion:
+                seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)
+                completion = await self.agenerate(prompt, seeded)
+                bar.update(1)
+                return completion
 
-                tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
-                try:
-                    return list(await asyncio.gather(*tasks))
-                except BaseException:
-                    for t in tasks:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    raise
-        finally:
-            await client.close()
+            tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
 
-    async def _with_retries(self, client: openai.AsyncOpenAI, index: int, prompt: Prompt,
-                            params: GenerationParams, rng: random.Random, limiter: RateLimiter) -> Completion:
+    async def _with_retries(self, client: openai.AsyncOpenAI, prompt: Prompt, params: GenerationParams,
+                            limiter: RateLimiter) -> Completion:
         attempt = 0
         while True:
             self.spend.check()  # a spent budget sends nothing more
             estimate = estimate_tokens(prompt, params.max_new_tokens)
             grant = await limiter.acquire(estimate)  # retries count too
             try:
-                completion = await self._request(client, index, prompt, params)
+                completion = await self._request(client, prompt, params)
             except openai.OpenAIError as exc:
                 if not is_retryable(exc):
                     raise LLMRequestError(f"{self.name}: request failed, not retryable: {describe(exc)}") from None
@@ -237,7 +289,7 @@ class OpenAILLM:
                     raise LLMRequestError(f"{self.name}: request still failing after {attempt} retries: "
                                           f"{describe(exc)}") from None
                 wait = max(retry_after_s(exc) or 0.0,
-                           backoff_s(attempt, self.backoff_base_s, self.backoff_max_s, rng))
+                           backoff_s(attempt, self.backoff_base_s, self.backoff_max_s, self._rng))
                 log.warning("%s: %s; retry %d/%d in %.1fs", self.name, describe(exc), attempt + 1,
                             self.max_retries, wait)
                 attempt += 1
@@ -251,14 +303,13 @@ class OpenAILLM:
             return Completion(completion.text, completion.finish_reason, completion.prompt_tokens,
                               completion.completion_tokens, retries=attempt)
 
-    async def _request(self, client: openai.AsyncOpenAI, index: int, prompt: Prompt,
-                       params: GenerationParams) -> Completion:
+    async def _request(self, client: openai.AsyncOpenAI, prompt: Prompt, params: GenerationParams) -> Completion:
         kwargs: dict[str, Any] = {"model": self.model, "max_tokens": params.max_new_tokens,
                                   "temperature": params.temperature, "top_p": params.top_p}
         if params.stop:
             kwargs["stop"] = list(params.stop[:MAX_SERVER_STOPS])
         if params.seed is not None:
-            kwargs["seed"] = params.seed + index  # one stream per prompt, the same on a re-run
+            kwargs["seed"] = params.seed
         if self.mode == "chat":
             messages = chat_prompt(prompt) if isinstance(prompt, str) else prompt
             response = await client.chat.completions.create(messages=messages, **kwargs)

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.artifacts import PartWriter
+from tasks.artifacts import PartWriter, decode_counts, part_metadata
 from tasks.config import EVOL_OPERATIONS, EvolInstructConfig
 from tasks.evol_instruct import (
     DEFAULT_TEMPLATES, equality_prompt, evol_prompt, evolution_drop_reason, evolve, is_scaffold_leak,
@@ -152,15 +152,15 @@ def test_failed_evolution_returns_parent_with_another_operation():
 
 
 def test_retry_draws_a_different_operation():
-    from tasks.evol_instruct import _draw_operations
+    from tasks.evol_instruct import draw_operation
 
     cfg = EvolInstructConfig()
-    pool = [({"id": str(i)}, "deepen") for i in range(300)]
-    drawn = _draw_operations(pool, cfg, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    drawn = [draw_operation(cfg, "deepen", rng) for _ in range(300)]
     assert "deepen" not in drawn and set(drawn) == set(EVOL_OPERATIONS) - {"deepen"}
     only = EvolInstructConfig(operations={"deepen": 1.0, "breadth": 0.0})
-    assert set(_draw_operations([({}, None)] * 50, only, np.random.default_rng(0))) == {"deepen"}
-    assert set(_draw_operations([({}, "deepen")] * 5, only, np.random.default_rng(0))) == {"deepen"}  # no other
+    assert {draw_operation(only, None, rng) for _ in range(50)} == {"deepen"}
+    assert {draw_operation(only, "deepen", rng) for _ in range(5)} == {"deepen"}  # no other to take
 
 
 def test_equality_rule_drops_no_information_gain_but_not_breadth():
@@ -254,16 +254,17 @@ def test_operations_are_seeded_and_weighted():
     assert sa["operations"]["deepen"]["attempts"] > sa["operations"]["breadth"]["attempts"] > 0
 
 
-def test_resume_from_parts_within_and_across_rounds(tmp_path):
+def test_resume_from_parts_continues_the_unfinished_chains(tmp_path):
     cfg = EvolInstructConfig(rounds=3, max_per_round=None, checkpoint_every=2)
     inp = rows(5)
     respond = rewriter(fail_on=["topic 3"], equal_on=["topic 4 with"])
     parts = PartWriter(tmp_path / "full")
     full, full_stats = evolve(inp, cfg, ScriptedLLM(respond), seed=1, parts=parts)
     written = parts.read_all()
-    # 5 attempts a round (a failed row's parent is retried), parts of 2, 2 and 1, for 3 rounds.
-    assert full_stats["checkpoints"] == len(written) == 9
-    for k in (1, 3, len(written) - 1):  # killed within round 1, across rounds, before the last part
+    # 5 chains of 3 attempts (a failed row's parent is retried), in parts of 2, 2 and 1 finished chains.
+    assert full_stats["checkpoints"] == len(written) == 3
+    assert [t.num_rows for t in written] == [6, 6, 3] and full_stats["attempted"] == 15
+    for k in (1, 2):  # killed after the first part, before the last
         crashed = PartWriter(tmp_path / f"crash{k}")
         for table in written[:k]:
             crashed.write(table)
@@ -271,6 +272,10 @@ def test_resume_from_parts_within_and_across_rounds(tmp_path):
         resumed, stats = evolve(inp, cfg, llm, seed=1, parts=crashed)
         assert resumed.to_dict("records") == full.to_dict("records"), k
         assert resumed["id"].is_unique and stats["checkpoints"] == full_stats["checkpoints"]
-        assert stats["prompt_tokens"] == full_stats["prompt_tokens"] and stats["operations"] == full_stats["operations"]
-        evolve_calls = sum(1 for prompts, _ in llm.calls if prompts and prompts[0].startswith("Each task"))
-        assert evolve_calls == len(written) - k
+        assert stats["operations"] == full_stats["operations"] and stats["dropped"] == full_stats["dropped"]
+        # Tokens count what was spent: the crashed attempt's parts (their tokens include work on chains still
+        # in flight, which the resumed attempt redoes) plus this attempt's.
+        before = sum(decode_counts(part_metadata(t)["tokens"])["prompt_tokens"] for t in written[:k])
+        assert stats["prompt_tokens"] == before + stats["usage_this_attempt"]["prompt_tokens"] > full_stats["prompt_tokens"]
+        rewrites = sum(len(prompts) for prompts, _ in llm.calls if prompts and prompts[0].startswith("Each task"))
+        assert rewrites == sum(t.num_rows for t in written[k:])  # only the unfinished chains' attempts

@@ -1,5 +1,6 @@
-"""Kill -9 the evol_instruct stage in a subprocess within round 1, at a round boundary and in the last round;
-the re-run must give the same rows as an uninterrupted run: no duplicate, nothing lost."""
+"""Kill -9 the evol_instruct stage in a subprocess after the first, a middle and the last but one finished
+chain; the re-run must give the same rows as an uninterrupted run: no duplicate, nothing lost. (A chain's
+draws depend only on the seed, its row and its round, so a re-run redoes the lost chains exactly.)"""
 
 import pytest
 
@@ -10,7 +11,7 @@ from tests.conftest import ScriptedLLM
 from tests.killing import kill_after_parts
 from tests.unit.test_evol_instruct import rewriter, rows
 
-CFG = EvolInstructConfig(rounds=3, max_per_round=None, checkpoint_every=2)
+CFG = EvolInstructConfig(rounds=3, max_per_round=None, checkpoint_every=1)
 RESPOND = rewriter(fail_on=["topic 3"], equal_on=["topic 4 with"])
 
 SCRIPT = """
@@ -25,23 +26,24 @@ SCRIPT = """
         time.sleep(0.02)
         return RESPOND(prompt, params)
 
-    evolve(rows(5), CFG, ScriptedLLM(slow), 1, PartWriter(pathlib.Path({parts!r})))
+    # Two chains open at a time (batch_size 1), so they finish one after another.
+    evolve(rows(6), CFG, ScriptedLLM(slow), 1, PartWriter(pathlib.Path({parts!r})), batch_size=1)
 """
 
 
-@pytest.mark.parametrize("n_parts", [1, 3, 6])
+@pytest.mark.parametrize("n_parts", [1, 3, 5])
 def test_kill_9_then_resume_matches_uninterrupted(tmp_path, n_parts):
-    expected, full_stats = evolve(rows(5), CFG, ScriptedLLM(RESPOND), 1)
-    assert full_stats["checkpoints"] == 9 and full_stats["retried"] > 0  # 5 attempts a round, chunks of 2
+    expected, full_stats = evolve(rows(6), CFG, ScriptedLLM(RESPOND), 1)
+    assert full_stats["checkpoints"] == 6 and full_stats["retried"] > 0  # one part per finished chain
 
     parts_dir = tmp_path / "parts"
     written = kill_after_parts(SCRIPT.format(parts=str(parts_dir)), parts_dir, n_parts, tmp_path)
     assert n_parts <= written < full_stats["checkpoints"]
 
-    resumed, stats = evolve(rows(5), CFG, ScriptedLLM(RESPOND), 1, PartWriter(parts_dir))
+    resumed, stats = evolve(rows(6), CFG, ScriptedLLM(RESPOND), 1, PartWriter(parts_dir))
     assert resumed["id"].is_unique
     assert resumed.to_dict("records") == expected.to_dict("records")
-    assert {k: stats[k] for k in ("attempted", "kept", "dropped", "operations", "rounds", "retried", "checkpoints",
-                                  "prompt_tokens", "completion_tokens")} == \
-           {k: full_stats[k] for k in ("attempted", "kept", "dropped", "operations", "rounds", "retried",
-                                       "checkpoints", "prompt_tokens", "completion_tokens")}
+    same = ("attempted", "kept", "dropped", "operations", "rounds", "retried", "checkpoints")
+    assert {k: stats[k] for k in same} == {k: full_stats[k] for k in same}
+    # Tokens count what was spent: at least the uninterrupted run's (a chain in flight at the kill is redone).
+    assert stats["prompt_tokens"] >= full_stats["prompt_tokens"]

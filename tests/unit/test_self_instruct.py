@@ -1,9 +1,10 @@
+import json
 import re
 
 import pyarrow as pa
 import pytest
 
-from tasks.artifacts import PartWriter
+from tasks.artifacts import PartWriter, decode_counts, part_metadata
 from tasks.config import SelfInstructConfig
 from tasks.self_instruct import (
     classification_prompt, filter_instances, generate_tasks, instance_drop_reason, instance_prompt,
@@ -166,19 +167,22 @@ def test_truncated_last_item_is_dropped():
 
 
 def test_resume_from_parts_gives_same_rows(tmp_path):
-    cfg = SelfInstructConfig(num_instructions=5, requests_per_batch=1, max_requests=10)
+    cfg = SelfInstructConfig(num_instructions=5, requests_per_batch=1, max_requests=10, checkpoint_every=1)
     full, full_stats = generate_tasks(seeds_table(), cfg, ScriptedLLM(scripted(ITEMS)), seed=1)
 
     parts = PartWriter(tmp_path / "parts")
-    stop_after_two = SelfInstructConfig(num_instructions=5, requests_per_batch=1, max_requests=2)
-    generate_tasks(seeds_table(), stop_after_two, ScriptedLLM(scripted(ITEMS)), seed=1, parts=parts)
-    assert len(parts.existing()) == 4  # per round: its candidates, then their finished tasks
+    stop_after_two = cfg.model_copy(update={"max_requests": 2})
+    _, first = generate_tasks(seeds_table(), stop_after_two, ScriptedLLM(scripted(ITEMS)), seed=1, parts=parts)
+    assert first["stop_reason"] == "max_requests" and first["kept"] == 4
+    assert len(parts.existing()) == 6  # two requests and four tasks, one finished item a part
     llm = ScriptedLLM(scripted(ITEMS[6:]))  # the first two requests' items were consumed before the "crash"
     resumed, stats = generate_tasks(seeds_table(), cfg, llm, seed=1, parts=parts)
     assert resumed.to_dict("records") == full.to_dict("records")
     assert stats["requests"] == 3 and len(llm.calls) == 3  # one request, classification, instances
-    assert stats["prompt_tokens"] == full_stats["prompt_tokens"] > 0  # counted across the restart
-    assert stats["completion_tokens"] == full_stats["completion_tokens"] > 0
+    # Counted across the restart (the third request's in-context examples are what was kept when it went
+    # out, so its prompt need not be word for word the uninterrupted run's).
+    for kind in ("prompt_tokens", "completion_tokens"):
+        assert stats[kind] == first[kind] + stats["usage_this_attempt"][kind] > first[kind] > 0
 
 
 def test_seed_examples_one_row_per_instance():
@@ -187,21 +191,36 @@ def test_seed_examples_one_row_per_instance():
     assert list(df["id"]) == ["s0#0", "s1#0", "s2#0"] and set(df["origin"]) == {"seed"}
 
 
-def test_last_round_asks_only_for_what_is_missing():
-    from tasks.self_instruct import Progress, _requests_for_round
+def test_requests_go_out_only_for_what_is_missing():
+    """Each request yields three new instructions, all kept. The first request is expected to yield
+    `new_per_request` (8): one is enough to open for 6. It yields 3, so one more goes out, which covers
+    the rest: two requests in all, none of their instructions left over."""
+    queue = [ITEMS[1], ITEMS[4], ITEMS[5], ITEMS[6], "Describe how glaciers carve valleys over centuries.",
+             "Suggest a weekly food budget for a student who lives alone.",
+             "Write a limerick about a forgetful robot.", "Translate good morning into Spanish and German.",
+             "Summarize the plot of Romeo and Juliet in two sentences."]
 
-    cfg = SelfInstructConfig(num_instructions=20, requests_per_batch=8, max_requests=30)
-    assert _requests_for_round(cfg, Progress()) == 8
-    assert _requests_for_round(cfg, Progress(kept_tasks=16, requests=8)) == 3  # 2 per request, 4 missing: 1.5*4/2
-    assert _requests_for_round(cfg, Progress(kept_tasks=2, requests=8)) == 8
-    assert _requests_for_round(cfg, Progress(kept_tasks=2, requests=28)) == 2  # budget left
+    def respond(prompt, params):
+        if prompt.startswith("Come up with a series"):
+            first = int(prompt.rsplit("\n", 1)[1].rstrip("."))
+            items = [queue.pop(0) for _ in range(3)]
+            return "\n".join([f" {items[0]}"] + [f"{first + k}. {t}" for k, t in enumerate(items[1:], 1)])
+        return scripted([])(prompt, params)
+
+    cfg = SelfInstructConfig(num_instructions=6, requests_per_batch=8, max_requests=30)
+    df, stats = generate_tasks(seeds_table(), cfg, ScriptedLLM(respond), seed=1)
+    assert stats["requests"] == 2 and stats["kept"] == 6 and stats["candidates"] == 6
+    assert stats["dropped"] == {} and df["task_id"].nunique() == 6
 
 
 def test_classification_threshold_fitted_on_seeds():
     import numpy as np
 
+    import asyncio
+
+    from tasks.engine import Model
     from tasks.llm.base import Usage
-    from tasks.self_instruct import classification_threshold, judge_classification
+    from tasks.self_instruct import classification_threshold, classify
 
     class LogprobLLM(ScriptedLLM):
         # Leans to " Yes" for every task (log-odds > 0), a bit more for classification tasks.
@@ -215,8 +234,12 @@ def test_classification_threshold_fitted_on_seeds():
     llm = LogprobLLM(lambda p, params: "unused")
     threshold = classification_threshold(llm, [("shot", True)], seeds)
     assert threshold == 1.5  # halfway between the two groups' log-odds, 1 and 2
-    verdicts = judge_classification(["Which label fits this review?", "Write a poem."], [("shot", True)], llm,
-                                    Usage(), threshold)
+    model = Model(llm, Usage())
+
+    async def both():
+        return await asyncio.gather(*(classify(model, t, [("shot", True)], threshold)
+                                      for t in ["Which label fits this review?", "Write a poem."]))
+    verdicts = asyncio.run(both())
     assert verdicts == [True, False] and llm.calls == []
     assert classification_threshold(ScriptedLLM(lambda p, q: ""), [], seeds) is None  # no log-probs
     assert classification_threshold(llm, [], seeds[3:]) is None  # one label only
@@ -236,9 +259,10 @@ def test_unparsable_classification_answer_drops_the_task():
     assert stats["generated"] == stats["kept"] + sum(stats["dropped"].values())
 
 
-def test_checkpoint_every_n_accepted_instructions(tmp_path):
-    """One round yields 5 candidates; with checkpoint_every=2 they are finished in parts of 2, 2 and 1, and a
-    stage stopped after the first of those continues with the other three."""
+def test_checkpoint_every_n_finished_items(tmp_path):
+    """One request yields 5 candidates; with checkpoint_every=2 the finished items (the request, then its
+    five tasks) go into parts of 2, 2 and 2, and a stage stopped after the first part continues with the
+    other four tasks, asking for nothing new."""
     items = ITEMS[0:2] + ITEMS[4:7]
 
     def respond(prompt, params):
@@ -250,38 +274,42 @@ def test_checkpoint_every_n_accepted_instructions(tmp_path):
     cfg = SelfInstructConfig(num_instructions=5, requests_per_batch=1, max_requests=1, checkpoint_every=2)
     parts = PartWriter(tmp_path / "parts")
     full, full_stats = generate_tasks(seeds_table(), cfg, ScriptedLLM(respond), seed=1, parts=parts)
-    kinds = [t.schema.metadata[b"kind"] for t in parts.read_all()]
-    assert kinds == [b"candidates", b"tasks", b"tasks", b"tasks"] and full_stats["checkpoints"] == 4
-    assert [t.num_rows for t in parts.read_all()] == [5, 2, 2, 1] and len(full) == 5
+    closed = [json.loads(part_metadata(t)["items"]) for t in parts.read_all()]
+    tasks = [f"si-00000-{k:02d}" for k in range(5)]
+    assert closed == [["req-00000", tasks[0]], tasks[1:3], tasks[3:5]] and full_stats["checkpoints"] == 3
+    assert [t.column("record").to_pylist().count("candidate") for t in parts.read_all()] == [5, 0, 0]
+    assert len(full) == 5
 
     crashed = PartWriter(tmp_path / "crashed")
-    for table in parts.read_all()[:2]:  # as if killed right after the first chunk
-        crashed.write(table)
+    crashed.write(parts.read_all()[0])  # as if killed right after the first part
     llm = ScriptedLLM(respond)
     resumed, stats = generate_tasks(seeds_table(), cfg, llm, seed=1, parts=crashed)
     assert resumed.to_dict("records") == full.to_dict("records")
     sent = [p for prompts, _ in llm.calls for p in prompts]
-    assert not any(p.startswith("Come up with a series") for p in sent)  # no new round
-    assert sum(p.startswith(("Come up with examples", "Given a classification")) for p in sent) == 3
-    assert stats["prompt_tokens"] == full_stats["prompt_tokens"] and stats["kept"] == 5
+    assert not any(p.startswith("Come up with a series") for p in sent)  # nothing new asked for
+    assert sum(p.startswith(("Come up with examples", "Given a classification")) for p in sent) == 4
+    # Tokens count what was spent: the first part's (which include work on tasks still open then, redone
+    # after the "crash") plus this attempt's.
+    before = decode_counts(part_metadata(parts.read_all()[0])["tokens"])["prompt_tokens"]
+    assert stats["prompt_tokens"] == before + stats["usage_this_attempt"]["prompt_tokens"] and stats["kept"] == 5
 
 
 def test_token_budget_stops_the_stage():
-    cfg = SelfInstructConfig(num_instructions=50, requests_per_batch=1, max_requests=50, max_tokens=200)
+    cfg = SelfInstructConfig(num_instructions=50, requests_per_batch=1, max_requests=50)
+    # What the first request alone spends (its answer is in before the budget is looked at again).
+    _, one = generate_tasks(seeds_table(), cfg.model_copy(update={"max_requests": 1}),
+                            ScriptedLLM(scripted(ITEMS * 3)), seed=1)
+    first = one["usage_this_attempt"]["by_purpose"]["instructions"]
+    spent = first["prompt_tokens"] + first["completion_tokens"]
+    # A budget of exactly that: no second request; the first one's tasks still finish (in flight).
     llm = ScriptedLLM(scripted(ITEMS * 3))
-    df, stats = generate_tasks(seeds_table(), cfg, llm, seed=1)
-    # The first round (one request, its classification and instances) spends more than 200 tokens: the budget
-    # is checked before the next request, which never goes out. Of its three items ITEMS[2] copies a seed.
-    assert stats["stop_reason"] == "max_tokens" and stats["requests"] == 1 and stats["rounds"] == 1
-    assert list(df["instruction"]) == ITEMS[:2] and stats["dropped"] == {"too_similar": 1}
-    spent = stats["prompt_tokens"] + stats["completion_tokens"]
-    assert stats["prompt_tokens"] == sum(len(p.split()) for prompts, _ in llm.calls for p in prompts)
-    # The boundary: a budget of exactly what the first round spent stops there; one token more asks again.
-    at = generate_tasks(seeds_table(), cfg.model_copy(update={"max_tokens": spent}),
-                        ScriptedLLM(scripted(ITEMS * 3)), seed=1)[1]
+    df, at = generate_tasks(seeds_table(), cfg.model_copy(update={"max_tokens": spent}), llm, seed=1)
+    assert (at["requests"], at["stop_reason"]) == (1, "max_tokens")
+    assert list(df["instruction"]) == ITEMS[:2] and at["dropped"] == {"too_similar": 1}  # ITEMS[2] copies a seed
+    assert at["prompt_tokens"] == sum(len(p.split()) for prompts, _ in llm.calls for p in prompts)
+    # One token more: the budget is not spent when the first answer is in, so a second request goes out.
     above = generate_tasks(seeds_table(), cfg.model_copy(update={"max_tokens": spent + 1}),
                            ScriptedLLM(scripted(ITEMS * 3)), seed=1)[1]
-    assert (at["requests"], at["stop_reason"]) == (1, "max_tokens")
     assert (above["requests"], above["stop_reason"]) == (2, "max_tokens")
 
 
@@ -299,7 +327,7 @@ def test_up_to_n_instances_per_task_with_filters():
     df, stats = generate_tasks(seeds_table(), cfg, ScriptedLLM(respond), seed=1)
     assert list(zip(df["input"], df["output"])) == [("Great film.", "positive"), ("Dull.", "negative"),
                                                     ("", "The moon pulls the sea."), ("", "Gravity.")]
-    assert list(df["id"]) == ["si-0000-000#0", "si-0000-000#1", "si-0000-001#0", "si-0000-001#1"]
+    assert list(df["id"]) == ["si-00000-00#0", "si-00000-00#1", "si-00000-01#0", "si-00000-01#1"]
     assert stats["kept"] == 2 and stats["kept_instances"] == 4
     assert stats["dropped"] == {"instance_duplicate": 1, "instance_input_equals_output": 1}
 
@@ -337,8 +365,8 @@ def instruction_level(dropped):
 
 
 def test_extra_candidates_are_over_target_once_the_target_is_reached():
-    """Twice the missing count is kept as candidates (some fail later); what is left when the target is
-    reached is counted, not completed."""
+    """Candidates are completed only while the open tasks, at the share that made it so far, fall short of
+    the target; what is left when the target is reached is counted, not completed."""
     def respond(prompt, params):
         if prompt.startswith("Come up with a series"):
             first = int(prompt.rsplit("\n", 1)[1].rstrip("."))
@@ -350,8 +378,8 @@ def test_extra_candidates_are_over_target_once_the_target_is_reached():
     cfg = SelfInstructConfig(num_instructions=2, requests_per_batch=1, max_requests=1)
     df, stats = generate_tasks(seeds_table(), cfg, llm, seed=1)
     assert list(df["instruction"]) == ITEMS[:2] and stats["kept"] == 2
-    # 1 beyond 2 x 2 candidates; a chunk of 3 (1.5 x 2 missing) all made it, 1 trimmed; 1 never completed
-    assert stats["dropped"] == {"over_target": 3}
+    # 5 candidates: 2 completed (both made it), 3 never started
+    assert stats["dropped"] == {"over_target": 3} and stats["candidates"] == 5
     assert stats["generated"] == stats["kept"] + instruction_level(stats["dropped"])
     sent = [p for prompts, _ in llm.calls for p in prompts]
-    assert sum(p.startswith(("Given a classification", "Come up with examples")) for p in sent) == 3
+    assert sum(p.startswith(("Given a classification", "Come up with examples")) for p in sent) == 2
