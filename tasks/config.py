@@ -40,6 +40,7 @@ class Section(BaseModel):
 FIXED_FOR_CALLERS: dict[str, str] = {
     "llm.backend": "the endpoint and its key travel together, fixed by the profile",
     "llm.base_url": "the endpoint and its key travel together, fixed by the profile",
+    "llm.base_urls": "the endpoints and their key travel together, fixed by the profile",
     "llm.api_key_env": "the endpoint and its key travel together, fixed by the profile",
     "llm.api_key_secret": "the endpoint and its key travel together, fixed by the profile",
     "llm.model": "a model directory on the worker, or the endpoint's model: fixed by the profile",
@@ -96,8 +97,14 @@ class LLMConfig(Section):
     batch_size: int = Field(16, ge=1, description="transformers: prompts per forward pass")
     max_prompt_tokens: int = Field(1024, ge=16)
     base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8080/v1 (None: OpenAI)")
+    # Several servers of the same model (a vLLM fleet): requests go to the one with the fewest outstanding
+    # requests; `max_concurrency` holds per endpoint. Set this or `base_url`, not both.
+    base_urls: list[str] = Field(default_factory=list, description="openai: endpoints serving the same model")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the key")
-    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
+    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once, per endpoint")
+    adaptive_concurrency: bool = Field(True, description="openai: halve in-flight requests on 429/503, regrow")
+    endpoint_cooldown_s: float = Field(30.0, gt=0, description="openai: an endpoint failing in a row rests this")
+    endpoint_failures_to_cool: int = Field(5, ge=1, description="openai: failures in a row that set one aside")
     request_timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout")
     max_retries: int = Field(6, ge=0, description="openai: retries per request on 429, 5xx, timeouts")
     requests_per_minute: int | None = Field(None, ge=1, description="openai: client-side limit (None: none)")
@@ -116,6 +123,8 @@ class LLMConfig(Section):
     # Settings that change how requests are sent, not what comes back: left out of artifact keys, so that
     # a run resumed with a lower concurrency or a longer timeout keeps its checkpoints.
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("api_key_env", "api_key_secret", "max_concurrency", "request_timeout_s",
+                                              "base_urls", "adaptive_concurrency", "endpoint_cooldown_s",
+                                              "endpoint_failures_to_cool",
                                               "max_retries", "requests_per_minute", "tokens_per_minute",
                                               "max_tokens", "max_cost_usd", "prompt_price_per_1m",
                                               "completion_price_per_1m")
@@ -124,8 +133,11 @@ class LLMConfig(Section):
     def _backend(self) -> "LLMConfig":
         if self.backend == "openai" and self.model == "bundled":
             raise ValueError("with backend `openai`, `llm.model` must name the model the endpoint serves")
-        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError("base_url must start with http:// or https://")
+        for url in [self.base_url, *self.base_urls]:
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url and base_urls must start with http:// or https:// (got {url!r})")
+        if self.base_url is not None and self.base_urls:
+            raise ValueError("set base_url (one endpoint) or base_urls (several), not both")
         if self.max_cost_usd is not None and (self.prompt_price_per_1m is None or self.completion_price_per_1m is None):
             raise ValueError("max_cost_usd needs prompt_price_per_1m and completion_price_per_1m (USD per 1M tokens)")
         return self

@@ -43,7 +43,7 @@ class Profile:
     slots: int = 64
     ttft_s: float = 0.2
     tokens_per_s: float = 60.0
-    max_queue: int | None = None  # with a queue this long, a new request is answered 429
+    max_queue: int | None = None  # every slot busy and this many waiting: a new request is answered 429
     retry_after_s: int = 1
     yes_share: float = 0.2  # classification and equality questions answered Yes
     response_words: tuple[int, int] = (60, 180)
@@ -233,7 +233,7 @@ class Server:
         meter, profile = self.meter, self.profile
         now = time.monotonic()
         meter.first_arrival = meter.first_arrival or now
-        if profile.max_queue is not None and meter.waiting >= profile.max_queue:
+        if profile.max_queue is not None and self._slots.locked() and meter.waiting >= profile.max_queue:
             meter.rejected += 1
             return _http("429 Too Many Requests", {"error": {"message": "queue full", "type": "rate_limit"}},
                          f"retry-after: {profile.retry_after_s}\r\n")

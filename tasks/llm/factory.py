@@ -26,7 +26,9 @@ def _cached(cfg: LLMConfig) -> LLM:
         limiter, spend = _endpoint_state(cfg)
         return OpenAILLM(cfg.model, base_url=cfg.base_url, mode=cfg.mode,
                          api_key=api_key(cfg.api_key_env, cfg.api_key_secret), max_concurrency=cfg.max_concurrency,
-                         timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries, limiter=limiter, spend=spend)
+                         timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries, limiter=limiter, spend=spend,
+                         base_urls=cfg.base_urls, adaptive_concurrency=cfg.adaptive_concurrency,
+                         cooldown_s=cfg.endpoint_cooldown_s, failures_to_cool=cfg.endpoint_failures_to_cool)
     from tasks.llm.models import resolve_model
     from tasks.llm.transformers_backend import TransformersLLM
 
@@ -49,8 +51,15 @@ def model_identity(cfg: LLMConfig) -> dict:
         from tasks.llm.openai_backend import api_key, served_model
 
         identity.pop("base_url", None)
-        identity["model"] = served_model(cfg.base_url, api_key(cfg.api_key_env, cfg.api_key_secret), cfg.model,
-                                         timeout_s=min(cfg.request_timeout_s, 30.0))
+        key = api_key(cfg.api_key_env, cfg.api_key_secret)
+        served = {url: served_model(url, key, cfg.model, timeout_s=min(cfg.request_timeout_s, 30.0))
+                  for url in cfg.base_urls or [cfg.base_url]}
+        first_url, first = next(iter(served.items()))
+        for url, other in served.items():  # a fleet must serve one model, or the rows would mix two
+            if other != first:
+                raise ValueError(f"llm.base_urls: {url} serves {other['served']}, but {first_url} serves "
+                                 f"{first['served']}; every endpoint must serve the same model")
+        identity["model"] = first
     else:
         from tasks.llm.models import fingerprint
 

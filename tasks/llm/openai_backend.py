@@ -1,14 +1,24 @@
-"""OpenAI-compatible endpoints (OpenAI, vLLM, llama.cpp server, Ollama): completions or chat.
+"""OpenAI-compatible endpoints (OpenAI, vLLM, SGLang, llama.cpp server, Ollama): completions or chat.
 
-One `generate` call sends all its prompts at once, at most `max_concurrency` in flight, each with its own
-timeout, and no faster than the client-side limits allow (`requests_per_minute`, `tokens_per_minute`, over a
-sliding minute; a request counts its prompt estimate plus `max_new_tokens` until the server reports usage). A request that fails with 429, 5xx, a timeout or a dropped connection is retried with
-exponential backoff and full jitter, waiting at least what the server's Retry-After asks; after
-`max_retries` retries the call raises `LLMRequestError`, and the stage stops at its last checkpoint.
+A backend holds one event loop (in a thread of its own) and one HTTP client per endpoint for the life of
+the process, so connections are reused across requests, calls and stages. The work engine sends its items'
+requests one by one with `agenerate`; `generate` sends a batch from synchronous code.
+
+Several endpoints serving the same model (`llm.base_urls`) share the load: each request goes to the endpoint
+with the fewest outstanding requests, at most `max_concurrency` in flight there. That limit adapts: 429 or
+503 halves it, successes grow it back (see `Endpoint`). An endpoint that fails several times in a row is
+set aside for a cool-down while the others carry on.
+
+No request goes out faster than the client-side limits allow (`requests_per_minute`, `tokens_per_minute`,
+over a sliding minute; a request counts its prompt estimate plus `max_new_tokens` until the server reports
+usage). A request that fails with 429, 5xx, a timeout or a dropped connection is retried with exponential
+backoff and full jitter, waiting at least what the server's Retry-After asks; after `max_retries` retries
+it raises `LLMRequestError` naming the state of every endpoint, and the stage stops at its last checkpoint.
 Other errors (a bad request, a wrong key, an unknown model) are not retried.
 
 The API key comes from a Prefect Secret block or the environment variable the config names, is handed to
-the client and nowhere else: it is not logged, not part of the backend's name and not in any error message this module writes.
+the client and nowhere else: it is not logged, not part of the backend's name and not in any error message
+this module writes.
 """
 
 from __future__ import annotations
@@ -166,6 +176,129 @@ def estimate_tokens(prompt: Prompt, max_new_tokens: int) -> int:
     return len(text) // 4 + 1 + max_new_tokens
 
 
+class Endpoint:
+    """One server of the fleet: its client, the requests outstanding there, and its concurrency limit.
+
+    The limit adapts (AIMD, as TCP does): an answer that says the server is overloaded (429, 503) halves
+    it, once per round trip (only a request sent after the last halving halves it again: the others were
+    sent under the old limit); each success adds 1/limit, so it grows back by one per limit's worth of
+    successes, up to `max_concurrency`. Failures in a row (5xx, timeouts, dropped connections) set the
+    endpoint aside for `cooldown_s`, while the others carry on."""
+
+    def __init__(self, url: str | None, max_concurrency: int, adaptive: bool, cooldown_s: float,
+                 failures_to_cool: int, clock: Callable[[], float] = time.monotonic):
+        self.url = url
+        self.max_concurrency = max_concurrency
+        self.limit = float(max_concurrency)
+        self.adaptive = adaptive
+        self.cooldown_s, self.failures_to_cool = cooldown_s, failures_to_cool
+        self.clock = clock
+        self.outstanding = 0
+        self.failures_in_a_row = 0
+        self.cooling_until = 0.0
+        self.last_decrease = -1e9
+        self.decreases = self.cooldowns = 0
+        self.client: openai.AsyncOpenAI | None = None
+
+    @property
+    def label(self) -> str:
+        return self.url or "https://api.openai.com/v1"
+
+    @property
+    def cap(self) -> int:
+        return max(1, int(self.limit))
+
+    def available(self, now: float) -> bool:
+        return self.cooling_until <= now and self.outstanding < self.cap
+
+    def succeeded(self) -> None:
+        self.failures_in_a_row = 0
+        if self.adaptive:
+            self.limit = min(float(self.max_concurrency), self.limit + 1.0 / self.limit)
+
+    def overloaded(self, sent_at: float) -> None:
+        now = self.clock()
+        if self.adaptive and sent_at >= self.last_decrease:
+            self.limit = max(1.0, self.limit / 2)
+            self.last_decrease = now
+            self.decreases += 1
+            log.warning("%s is overloaded: %d requests in flight there at most, for now", self.label, self.cap)
+
+    def failed(self) -> None:
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= self.failures_to_cool and self.cooling_until <= self.clock():
+            self.cooling_until = self.clock() + self.cooldown_s
+            self.cooldowns += 1
+            log.warning("%s failed %d times in a row: set aside for %.0f s", self.label, self.failures_in_a_row,
+                        self.cooldown_s)
+
+    def state(self, now: float) -> str:
+        if self.cooling_until > now:
+            return f"{self.label} set aside after {self.failures_in_a_row} failures in a row"
+        return f"{self.label} ({self.outstanding} in flight, limit {self.cap})"
+
+
+class EndpointPool:
+    """Routes each request to the available endpoint with the fewest outstanding requests; a request that
+    finds none waits (first come, first served) for a place or for the end of a cool-down."""
+
+    def __init__(self, endpoints: list[Endpoint]):
+        self.endpoints = endpoints
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(e.outstanding for e in self.endpoints)
+
+    def _pick(self) -> Endpoint | None:
+        now = self.endpoints[0].clock()
+        ready = [e for e in self.endpoints if e.available(now)]
+        return min(ready, key=lambda e: (e.outstanding / e.cap, e.outstanding)) if ready else None
+
+    async def acquire(self) -> Endpoint:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._waiters or self._waiters[0].done():
+                endpoint = self._pick()
+                if endpoint is not None:
+                    endpoint.outstanding += 1
+                    return endpoint
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            now = self.endpoints[0].clock()
+            cooling = [e.cooling_until - now for e in self.endpoints if e.cooling_until > now]
+            timeout = min(cooling) if cooling and len(cooling) == len(self.endpoints) else None
+            try:
+                await asyncio.wait([waiter], timeout=timeout)
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+            endpoint = self._pick()
+            if endpoint is not None:
+                endpoint.outstanding += 1
+                self._wake()  # room may be left for the next one too
+                return endpoint
+
+    def release(self, endpoint: Endpoint) -> None:
+        endpoint.outstanding -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def describe(self) -> str:
+        now = self.endpoints[0].clock()
+        return "; ".join(e.state(now) for e in self.endpoints)
+
+
 class OpenAILLM:
     """One endpoint, one event loop and one HTTP client for the life of the process (connections are
     reused); `agenerate` for the work engine's items, `generate` for a batch from synchronous code."""
@@ -173,11 +306,17 @@ class OpenAILLM:
     def __init__(self, model: str, base_url: str | None = None, mode: Mode = "completions",
                  api_key: str | None = None, max_concurrency: int = 8, timeout_s: float = 120.0,
                  max_retries: int = 6, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-                 limiter: RateLimiter | None = None, spend: Spend | None = None):
+                 limiter: RateLimiter | None = None, spend: Spend | None = None,
+                 base_urls: Sequence[str] = (), adaptive_concurrency: bool = True, cooldown_s: float = 30.0,
+                 failures_to_cool: int = 5):
         self.model = model
         self.base_url = base_url
+        self.base_urls = list(base_urls) or [base_url]
         self.mode = mode
-        self.name = f"openai:{model}@{base_url or 'api.openai.com'}"
+        where = (base_url or "api.openai.com") if len(self.base_urls) == 1 else f"{len(self.base_urls)} endpoints"
+        self.name = f"openai:{model}@{where}"
+        self.pool = EndpointPool([Endpoint(url, max_concurrency, adaptive_concurrency, cooldown_s, failures_to_cool)
+                                  for url in self.base_urls])
         self._api_key = api_key
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
@@ -187,13 +326,10 @@ class OpenAILLM:
         # The limiter and the spend outlive each call: the limits hold across calls and stages.
         self.limiter = limiter or RateLimiter(None, None)
         self.spend = spend or Spend()
-        self.in_flight = 0
         self._rng = random.Random(0)  # backoff jitter
         self._loop: asyncio.AbstractEventLoop | None = None
         self._owner_pid = 0
         self._lock = threading.Lock()
-        self._client: openai.AsyncOpenAI | None = None
-        self._gate: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAILLM({self.name!r}, mode={self.mode!r})"
@@ -205,7 +341,9 @@ class OpenAILLM:
             if self._loop is None or self._owner_pid != os.getpid():  # none yet, or inherited through fork
                 loop = asyncio.new_event_loop()
                 threading.Thread(target=loop.run_forever, name=f"llm-loop {self.name}", daemon=True).start()
-                self._loop, self._owner_pid, self._client, self._gate = loop, os.getpid(), None, None
+                self._loop, self._owner_pid = loop, os.getpid()
+                for endpoint in self.pool.endpoints:
+                    endpoint.client, endpoint.outstanding = None, 0
             return self._loop
 
     def run_coroutine(self, coro: Awaitable[Any]) -> Any:
@@ -218,34 +356,34 @@ class OpenAILLM:
             future.cancel()
             raise
 
-    def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
-        if self._client is None:  # made on the loop, used only there
-            self._client = openai.AsyncOpenAI(api_key=self._api_key or "not-needed", base_url=self.base_url,
-                                              timeout=self.timeout_s, max_retries=0,
-                                              http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(
-                                                  max_connections=self.max_concurrency,
-                                                  max_keepalive_connections=self.max_concurrency)))
-            self._gate = asyncio.Semaphore(self.max_concurrency)
-        return self._client, self._gate
+    def _client(self, endpoint: Endpoint) -> openai.AsyncOpenAI:
+        if endpoint.client is None:  # made on the loop, used only there; connections kept for the next request
+            pool = httpx.Limits(max_connections=endpoint.max_concurrency,
+                                max_keepalive_connections=endpoint.max_concurrency)
+            endpoint.client = openai.AsyncOpenAI(api_key=self._api_key or "not-needed", base_url=endpoint.url,
+                                                 timeout=self.timeout_s, max_retries=0,
+                                                 http_client=openai.DefaultAsyncHttpxClient(limits=pool))
+        return endpoint.client
+
+    @property
+    def in_flight(self) -> int:
+        return self.pool.in_flight
 
     def close(self) -> None:
         if self._loop is not None and self._owner_pid == os.getpid():
-            if self._client is not None:
-                self.run_coroutine(self._client.close())
+            for endpoint in self.pool.endpoints:
+                if endpoint.client is not None:
+                    self.run_coroutine(endpoint.client.close())
+                    endpoint.client = None
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._loop, self._client, self._gate = None, None, None
+            self._loop = None
 
     # -- requests --
 
     async def agenerate(self, prompt: Prompt, params: GenerationParams) -> Completion:
-        """One request, sent when one of the `max_concurrency` places is free; `params.seed` as given."""
-        client, gate = self._session()
-        async with gate:
-            self.in_flight += 1
-            try:
-                return await self._with_retries(client, prompt, params, self.limiter)
-            finally:
-                self.in_flight -= 1
+        """One request, to the endpoint with the fewest outstanding requests once one has room (at most
+        `max_concurrency` there, fewer while it is overloaded); retried there or elsewhere on failure."""
+        return await self._with_retries(prompt, params, self.limiter)
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
                  desc: str = "generate") -> list[Completion]:
@@ -273,28 +411,39 @@ class OpenAILLM:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
 
-    async def _with_retries(self, client: openai.AsyncOpenAI, prompt: Prompt, params: GenerationParams,
-                            limiter: RateLimiter) -> Completion:
+    async def _with_retries(self, prompt: Prompt, params: GenerationParams, limiter: RateLimiter) -> Completion:
         attempt = 0
         while True:
             self.spend.check()  # a spent budget sends nothing more
             estimate = estimate_tokens(prompt, params.max_new_tokens)
-            grant = await limiter.acquire(estimate)  # retries count too
+            endpoint = await self.pool.acquire()
+            sent_at = endpoint.clock()
             try:
-                completion = await self._request(client, prompt, params)
+                grant = await limiter.acquire(estimate)  # retries count too
+                completion = await self._request(self._client(endpoint), prompt, params)
             except openai.OpenAIError as exc:
+                self.pool.release(endpoint)
+                if _status(exc) in (429, 503):
+                    endpoint.overloaded(sent_at)
+                elif is_retryable(exc):
+                    endpoint.failed()
                 if not is_retryable(exc):
                     raise LLMRequestError(f"{self.name}: request failed, not retryable: {describe(exc)}") from None
                 if attempt >= self.max_retries:
                     raise LLMRequestError(f"{self.name}: request still failing after {attempt} retries: "
-                                          f"{describe(exc)}") from None
+                                          f"{describe(exc)}; endpoints: {self.pool.describe()}") from None
                 wait = max(retry_after_s(exc) or 0.0,
                            backoff_s(attempt, self.backoff_base_s, self.backoff_max_s, self._rng))
-                log.warning("%s: %s; retry %d/%d in %.1fs", self.name, describe(exc), attempt + 1,
+                log.warning("%s: %s; retry %d/%d in %.1fs", endpoint.label, describe(exc), attempt + 1,
                             self.max_retries, wait)
                 attempt += 1
                 await asyncio.sleep(wait)
                 continue
+            except BaseException:
+                self.pool.release(endpoint)
+                raise
+            endpoint.succeeded()
+            self.pool.release(endpoint)
             prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
             if prompt_tokens + completion_tokens == 0:  # a server that reports no usage: count the estimate
                 prompt_tokens, completion_tokens = estimate - params.max_new_tokens, params.max_new_tokens

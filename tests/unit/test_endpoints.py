@@ -1,0 +1,133 @@
+"""The openai backend and the work engine against the simulated endpoint (tests/simulated_endpoint.py): the
+simulated server itself, streaming stages that give the same rows at any concurrency, routing over two
+endpoints with one failing, adaptive concurrency on 429, and a fleet that fails everything."""
+
+import json
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from tasks.config import EvolInstructConfig, SelfInstructConfig
+from tasks.evol_instruct import evolve
+from tasks.llm.base import GenerationParams
+from tasks.llm.openai_backend import LLMRequestError, OpenAILLM
+from tasks.self_instruct import generate_tasks
+from tests.faults import FaultProxy
+from tests.simulated_endpoint import Profile, SimulatedEndpoint, answer, kind_of
+from tests.unit.test_self_instruct import seeds_table
+
+FAST = dict(ttft_s=0.01, tokens_per_s=5000.0)
+
+
+def backend(url, **kwargs) -> OpenAILLM:
+    kwargs.setdefault("max_concurrency", 16)
+    return OpenAILLM("simulated", base_url=url if isinstance(url, str) else None,
+                     base_urls=url if isinstance(url, list) else (), backoff_base_s=0.01, backoff_max_s=0.05,
+                     **kwargs)
+
+
+def test_the_simulated_endpoint_answers_each_stage_prompt_in_kind_and_deterministically():
+    from tasks.evol_instruct import DEFAULT_TEMPLATES, equality_prompt, evol_prompt
+    from tasks.judge import judge_prompt
+    from tasks.prompts import alpaca_prompt
+    from tasks.self_instruct import classification_prompt, instance_prompt, instruction_prompt
+
+    shots = [{"instruction": "Name a color.", "instances": [{"input": "", "output": "Red."}]}]
+    prompts = {"instructions": instruction_prompt(["Name a color.", "Add two numbers."]),
+               "classification": classification_prompt("Is this spam?", [("Name a color.", False)]),
+               "instances_label_first": instance_prompt("Is this spam?", shots, output_first=True),
+               "instances_input_first": instance_prompt("Add 2 and 3.", shots, output_first=False),
+               "rewrite": evol_prompt(DEFAULT_TEMPLATES["deepen"], "Why is the sky blue?"),
+               "equality": equality_prompt("Why is the sky blue?", "Why is the sky blue at noon?"),
+               "judge": judge_prompt("Add 2 and 3.", "", "5", "completions"),
+               "response": alpaca_prompt("Why is the sky blue?")}
+    profile = Profile()
+    for kind, prompt in prompts.items():
+        assert kind_of(prompt) == kind
+        body = {"prompt": prompt, "seed": 3, "max_tokens": 400}
+        assert answer(body, profile) == answer(dict(body), profile)  # same request, same answer
+        assert answer({**body, "seed": 4}, profile)[0] != answer(body, profile)[0] or kind in (
+            "classification", "equality")
+    text, finish, _, tokens, _ = answer({"prompt": prompts["response"], "max_tokens": 5}, profile)
+    assert finish == "length" and tokens == 5 and len(text.split()) == 5  # cut at the budget
+
+
+def test_the_simulated_endpoint_holds_requests_for_the_modelled_time_and_counts_its_slots():
+    with SimulatedEndpoint(slots=2, ttft_s=0.2, tokens_per_s=100.0) as ep:
+        llm = backend(ep.base_url, max_concurrency=4)
+        t0 = time.perf_counter()
+        out = llm.generate(["Below is an instruction. Why is the sky blue?\n\n### Response:\n"] * 4,
+                           GenerationParams(max_new_tokens=10, seed=0))
+        wall = time.perf_counter() - t0
+        stats = json.loads(urllib.request.urlopen(ep.base_url.replace("/v1", "/stats")).read())
+        llm.close()
+    assert all(c.completion_tokens == 10 and c.finish_reason == "length" for c in out)
+    # Each request holds a slot for 0.2 s + 10 tokens / 100 per s = 0.3 s; two slots, four requests: two waves.
+    assert stats["requests"] == 4 and stats["completion_tokens"] == 40 and stats["max_waiting"] == 2
+    assert 4 * 0.3 <= stats["busy_slot_s"] < 4 * 0.3 + 0.2 and wall >= 0.6
+    assert 0.8 < stats["utilisation"] <= 1.0 and stats["ideal_s"] == pytest.approx(stats["busy_slot_s"] / 2, abs=1e-3)
+
+
+def test_streaming_stages_give_the_same_evolutions_at_any_concurrency_and_self_instruct_completes():
+    with SimulatedEndpoint(slots=64, **FAST) as ep:
+        llm = backend(ep.base_url, max_concurrency=32)
+        cfg = SelfInstructConfig(num_instructions=12, max_requests=20, requests_per_batch=4, instances_per_task=2)
+        generated, si_stats = generate_tasks(seeds_table(), cfg, llm, seed=5)
+        assert si_stats["kept"] == 12 == generated["task_id"].nunique() and si_stats["requests"] <= 20
+        assert si_stats["llm_calls"] == ep.stats()["requests"]  # every request the server served is counted
+        llm.close()
+        rows = {}
+        for concurrency in (1, 32):
+            llm = backend(ep.base_url, max_concurrency=concurrency)
+            evol_cfg = EvolInstructConfig(rounds=2, max_per_round=None, checkpoint_every=4)
+            rows[concurrency], stats = evolve(generated, evol_cfg, llm, seed=5)
+            assert stats["attempted"] == 2 * len(generated) and stats["kept"] > 0
+            llm.close()
+        # An evolution chain's draws and requests depend on its row alone: the same rows however many are open.
+        pd.testing.assert_frame_equal(rows[1], rows[32])
+
+
+def test_requests_go_to_the_least_loaded_endpoint_and_a_failing_one_is_set_aside():
+    with SimulatedEndpoint(slots=8, **FAST) as good, SimulatedEndpoint(slots=8, **FAST) as broken_upstream, \
+            FaultProxy(broken_upstream.port) as broken:
+        broken.fail_all.set()  # every request to this one: 500
+        llm = backend([good.base_url, broken.base_url], max_concurrency=8, failures_to_cool=3, cooldown_s=60)
+        out = llm.generate(["Below is an instruction.\n\n### Response:\n"] * 40, GenerationParams(max_new_tokens=8))
+        served_good = good.stats()["requests"]
+        sent_broken = broken.counts["error_500"]
+        cooling = [e.cooldowns for e in llm.pool.endpoints]
+        llm.close()
+    assert len(out) == 40 and served_good == 40  # every request answered, by the healthy one
+    assert 3 <= sent_broken <= 8 and cooling == [0, 1]  # set aside after 3 failures in a row (8 were in flight)
+
+
+def test_adaptive_concurrency_halves_on_429_and_grows_back():
+    # Four slots and no queue: a fifth request in flight is refused with 429.
+    with SimulatedEndpoint(slots=4, max_queue=0, ttft_s=0.05, tokens_per_s=400.0) as ep:
+        llm = backend(ep.base_url, max_concurrency=16, max_retries=20)
+        out = llm.generate(["Below is an instruction.\n\n### Response:\n"] * 120, GenerationParams(max_new_tokens=8))
+        stats = ep.stats()
+        endpoint = llm.pool.endpoints[0]
+        llm.close()
+    assert len(out) == 120 and stats["requests"] == 120
+    assert stats["rejected"] > 0 and endpoint.decreases >= 2  # 16 -> 8 -> 4 (one halving per round trip)
+    assert stats["rejected"] < 60  # it backed off: far fewer refusals than requests
+    assert endpoint.limit > 4  # and grew back by 1/limit per success since
+
+
+def test_a_fleet_that_fails_everything_stops_with_one_line_naming_each_endpoint():
+    with SimulatedEndpoint(**FAST) as a, SimulatedEndpoint(**FAST) as b, FaultProxy(a.port) as pa, \
+            FaultProxy(b.port) as pb:
+        pa.fail_all.set()
+        pb.fail_all.set()
+        llm = backend([pa.base_url, pb.base_url], max_retries=3, failures_to_cool=2, cooldown_s=0.05)
+        t0 = time.perf_counter()
+        with pytest.raises(LLMRequestError) as err:
+            llm.generate(["Below is an instruction.\n\n### Response:\n"] * 6, GenerationParams(max_new_tokens=8))
+        took = time.perf_counter() - t0
+        llm.close()
+    message = str(err.value)
+    assert "still failing after 3 retries" in message and "\n" not in message and took < 30
+    assert pa.base_url in message and pb.base_url in message
