@@ -160,6 +160,12 @@ class Model:
     def in_flight(self) -> int:
         return self.llm.in_flight if self.remote else self.batcher.in_flight
 
+    @property
+    def capacity(self) -> int | None:
+        """Requests the endpoints may have in flight at most (remote backends)."""
+        pool = getattr(self.llm, "pool", None)
+        return sum(e.max_concurrency for e in pool.endpoints) if pool is not None else None
+
     async def generate(self, prompt: Prompt, params: GenerationParams, purpose: str) -> Completion:
         if self.remote:
             completion = await self.llm.agenerate(prompt, params)
@@ -181,7 +187,7 @@ class Engine:
 
     def __init__(self, llm: LLM, parts: PartWriter | None, schema: pa.Schema, *, max_open: int,
                  checkpoint_every: int = 256, checkpoint_s: float = 60.0, batch_size: int = 16,
-                 desc: str = "items", total: int | None = None):
+                 desc: str = "items", total: int | None = None, count: Callable[[], int] | None = None):
         self.usage = Usage()
         self.model = Model(llm, self.usage, batch_size)
         self.parts = parts
@@ -190,6 +196,7 @@ class Engine:
         self.checkpoint_every = max(1, checkpoint_every)
         self.checkpoint_s = checkpoint_s
         self.desc, self.total = desc, total
+        self.count = count  # what the progress bar counts (default: finished items)
         self.restored = self._restore()
         self.counts: Counter = Counter(self.restored.counts)
         self.tokens: Counter = Counter(self.restored.tokens)
@@ -251,7 +258,7 @@ class Engine:
         self.counts.update(item.counts)
         self.finished += 1
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(1) if self.count is None else self._bar.update(self.count() - self._bar.n)
         if len(self._buffer) >= self.checkpoint_every:
             self.flush()
 
@@ -332,21 +339,27 @@ class Engine:
     # -- running --
 
     async def _ticker(self) -> None:
+        samples = in_flight_sum = 0
         while True:
             await asyncio.sleep(min(1.0, self.checkpoint_s))
             if time.monotonic() - self._last_flush >= self.checkpoint_s:
                 self.flush()
+            samples, in_flight_sum = samples + 1, in_flight_sum + self.model.in_flight
             if self._bar is not None:
                 elapsed = max(time.monotonic() - self._started, 1e-9)
-                self._bar.set_postfix(in_flight=self.model.in_flight, req_s=f"{self.model.requests / elapsed:.1f}",
-                                      tok_s=f"{self.usage.completion_tokens / elapsed:.0f}", refresh=False)
+                shown = {"in_flight": self.model.in_flight, "req_s": f"{self.model.requests / elapsed:.1f}",
+                         "tok_s": f"{self.usage.completion_tokens / elapsed:.0f}"}
+                if self.model.capacity:  # the time-average share of the allowed places in use
+                    shown["slots_used"] = f"{in_flight_sum / samples / self.model.capacity:.0%}"
+                self._bar.set_postfix(shown, refresh=False)
 
     async def _main(self, stage: Callable[[Engine], Awaitable[Any]]) -> Any:
         self._room = asyncio.Semaphore(self.max_open)
         self._changed = asyncio.Event()
         ticker = asyncio.get_running_loop().create_task(self._ticker())
         try:
-            with tqdm(total=self.total, initial=self.finished, desc=self.desc, unit="item", leave=False) as bar:
+            initial = self.finished if self.count is None else self.count()
+            with tqdm(total=self.total, initial=initial, desc=self.desc, unit="item", leave=False) as bar:
                 self._bar = bar
                 try:
                     result = await stage(self)

@@ -84,12 +84,15 @@ class StageProgress:
             self._update(100.0, f"{self.stage}: done")
 
     @staticmethod
-    def outermost_bar() -> tuple[str, int, int] | None:
-        """(description, done, total) of the outermost live bar, read under tqdm's own lock."""
+    def outermost_bar() -> tuple[str, int, int, str] | None:
+        """(description, done, total, postfix) of the outermost live bar, read under tqdm's own lock. The
+        work engine's postfix says how the endpoint is used (in flight, requests/s, tokens/s)."""
         with tqdm.get_lock():
             bars = [b for b in tqdm._instances if b.total and not b.disable]  # type: ignore[attr-defined]
             bar = min(bars, key=lambda b: abs(b.pos), default=None)
-            return (bar.desc, bar.n, bar.total) if bar is not None else None
+            if bar is None:
+                return None
+            return (bar.desc, bar.n, bar.total, getattr(bar, "postfix", None) or "")
 
     def _update(self, percent: float, description: str) -> None:
         if self.id is None:
@@ -109,8 +112,9 @@ class StageProgress:
                 continue
             if now is not None and now != last:
                 last = now
-                desc, done, total = now
-                self._update(min(100.0, 100.0 * done / total), f"{self.stage}: {desc} {done}/{total}")
+                desc, done, total, postfix = now
+                self._update(min(100.0, 100.0 * done / total),
+                             f"{self.stage}: {desc} {done}/{total}" + (f" ({postfix})" if postfix else ""))
 
 
 def _stage_task(stage: str, retries: int):

@@ -278,7 +278,8 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
     parallel = getattr(llm, "max_concurrency", batch_size)
     engine = Engine(llm, parts, PART_SCHEMA, max_open=2 * parallel + cfg.requests_per_batch,
                     checkpoint_every=cfg.checkpoint_every, checkpoint_s=cfg.checkpoint_seconds,
-                    batch_size=batch_size, desc="self_instruct", total=None)
+                    batch_size=batch_size, desc="self_instruct tasks kept", total=cfg.num_instructions,
+                    count=lambda: stream.kept)
     stream = _restore(engine.restored.rows, engine.restored.keys, seed_instructions)
     cls_threshold: float | None = None
     if stream.kept < cfg.num_instructions and not chat:

@@ -65,6 +65,19 @@ class Meter:
     waiting: int = 0
     max_waiting: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    served: list[tuple[float, float, float, str]] = field(default_factory=list)  # arrival, start, end, kind
+
+    def phases(self, slots: int) -> dict[str, dict[str, float]]:
+        """Per kind of prompt: the window from its first arrival to its last answer, and how busy the slots
+        were over that window with every kind of request (busy slot-seconds inside it / (slots x window))."""
+        out = {}
+        for kind in sorted({k for *_, k in self.served}):
+            mine = [(a, e) for a, _, e, k in self.served if k == kind]
+            lo, hi = min(a for a, _ in mine), max(e for _, e in mine)
+            busy = sum(max(0.0, min(e, hi) - max(s, lo)) for _, s, e, _ in self.served)
+            out[kind] = {"window_s": round(hi - lo, 3), "requests": len(mine),
+                         "utilisation": round(busy / (slots * (hi - lo)), 4) if hi > lo else 0.0}
+        return out
 
     def report(self, slots: int) -> dict[str, Any]:
         span = (self.last_answer - self.first_arrival) if self.first_arrival and self.last_answer else 0.0
@@ -218,6 +231,8 @@ class Server:
                 {"id": self.profile.model, "object": "model", "owned_by": "simulated", "max_model_len": 8192}]})
         if method == "GET" and path == "/stats":
             return _http("200 OK", self.meter.report(self.profile.slots))
+        if method == "GET" and path == "/stats/phases":
+            return _http("200 OK", self.meter.phases(self.profile.slots))
         if method == "POST" and path == "/stats/reset":
             self.meter = Meter()
             return _http("200 OK", {"reset": True})
@@ -258,6 +273,7 @@ class Server:
         meter.prompt_tokens += prompt_tokens
         meter.completion_tokens += completion_tokens
         meter.by_kind[kind] = meter.by_kind.get(kind, 0) + 1
+        meter.served.append((now, start, end, kind))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
         created = int(time.time())

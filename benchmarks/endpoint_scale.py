@@ -1,0 +1,136 @@
+"""Benchmark: how busy the generating stages keep an endpoint (slot utilisation), at scale.
+
+Starts the simulated vLLM-like endpoint (tests/simulated_endpoint.py) as a process of its own on loopback,
+`--slots` requests served at once, each held for `--ttft-s` + completion tokens / `--tokens-per-s`, and
+runs seeds -> self_instruct -> evol_instruct (`--rounds` rounds, every row evolved) through the pipeline's
+own stage functions and openai backend (`configs/openai.yaml`, chat mode, `max_concurrency` = slots).
+Between stages the server's meter is reset, so each stage's figures are its own:
+
+- `seconds`: wall time of the stage; `ideal_s`: busy slot-seconds / slots, the time a client that kept
+  every slot busy from the first request to the last would take; `measured_over_ideal` = seconds / ideal_s.
+- `utilisation`: busy slot-seconds / (slots x the server's span from first arrival to last answer).
+- `requests`, `completion_tokens` as the server counted them; `client_cpu_s` (this process's user + system
+  CPU over the stage) and its share of the wall time; `peak_rss_mb` of this process at the end of the stage.
+- `phases`: per kind of request (instruction lists, classification, instances, rewrites, equality,
+  responses), the window from its first arrival to its last answer and the slots' utilisation over that
+  window by every request (the instance phase of self_instruct is `instances_*`).
+
+The reference is the work itself: busy slot-seconds are what the endpoint must spend whatever the client
+does, so `ideal_s` is the best any client can do; distilabel's EvolInstruct on the same endpoint is the peer
+to set beside it (`--distilabel`, not yet run here: see the README).
+
+    python benchmarks/endpoint_scale.py --tasks 20000            # the issue's scale (about 25 minutes)
+    python benchmarks/endpoint_scale.py --tasks 2000 --slots 256 # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _get(url: str, method: str = "GET") -> dict:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _measure(name: str, server: str, work) -> tuple[object, dict]:
+    _get(f"{server}/stats/reset", "POST")
+    cpu0, t0 = _cpu_s(), time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - t0
+    cpu = _cpu_s() - cpu0
+    meter = _get(f"{server}/stats")
+    phases = _get(f"{server}/stats/phases")
+    return result, {"stage": name, "seconds": round(seconds, 2), "ideal_s": meter["ideal_s"],
+                    "measured_over_ideal": round(seconds / meter["ideal_s"], 3) if meter["ideal_s"] else None,
+                    "utilisation": meter["utilisation"], "mean_in_service": meter["mean_in_service"],
+                    "requests": meter["requests"], "rejected": meter["rejected"],
+                    "completion_tokens": meter["completion_tokens"], "requests_by_kind": meter["by_kind"],
+                    "phases": phases, "client_cpu_s": round(cpu, 2), "client_cpu_share": round(cpu / seconds, 3),
+                    "peak_rss_mb": _peak_rss_mb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=20000, help="new Self-Instruct tasks to make")
+    parser.add_argument("--rounds", type=int, default=2, help="evolution rounds")
+    parser.add_argument("--slots", type=int, default=256)
+    parser.add_argument("--ttft-s", type=float, default=0.2)
+    parser.add_argument("--tokens-per-s", type=float, default=60.0)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+
+    from tasks.config import load_config
+    from tasks.evol_instruct import evolve
+    from tasks.llm.openai_backend import OpenAILLM
+    from tasks.seeds import load_seeds
+    from tasks.self_instruct import generate_tasks, seed_examples
+    from tests.servers import free_port, wait_for_http
+
+    port = args.port or free_port()
+    log = Path("/tmp") / f"simulated-endpoint-{port}.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "tests.simulated_endpoint", "--port", str(port),
+                                   "--slots", str(args.slots), "--ttft-s", str(args.ttft_s),
+                                   "--tokens-per-s", str(args.tokens_per_s)], cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{base}/v1/models", server, log)
+        cfg = load_config(ROOT / "configs" / "openai.yaml", [
+            f"llm.base_url={base}/v1", "llm.model=simulated", f"llm.max_concurrency={args.slots}",
+            f"self_instruct.num_instructions={args.tasks}", f"self_instruct.max_requests={args.tasks * 2}",
+            f"evol_instruct.rounds={args.rounds}"])
+        llm = OpenAILLM(cfg.llm.model, base_url=cfg.llm.base_url, mode=cfg.llm.mode,
+                        max_concurrency=cfg.llm.max_concurrency, timeout_s=cfg.llm.request_timeout_s)
+        seeds, _ = load_seeds(cfg.seeds, ROOT)
+        figures = []
+        (generated, si_stats), fig = _measure("self_instruct", base, lambda: generate_tasks(
+            seeds, cfg.self_instruct, llm, cfg.run.seed))
+        fig.update(kept=si_stats["kept"], kept_instances=si_stats["kept_instances"])
+        figures.append(fig)
+        import pandas as pd
+        rows = pd.concat([seed_examples(seeds), generated], ignore_index=True)
+        (evolved, ev_stats), fig = _measure("evol_instruct", base, lambda: evolve(
+            rows, cfg.evol_instruct, llm, cfg.run.seed))
+        fig.update(rows_in=len(rows), attempted=ev_stats["attempted"], kept=ev_stats["kept"])
+        figures.append(fig)
+        llm.close()
+        total_s = sum(f["seconds"] for f in figures)
+        ideal_s = sum(f["ideal_s"] for f in figures)
+        print(json.dumps({
+            "benchmark": "endpoint_scale", "tasks": args.tasks, "rounds": args.rounds,
+            "endpoint": {"slots": args.slots, "ttft_s": args.ttft_s, "tokens_per_s": args.tokens_per_s,
+                         "kind": "simulated vLLM-like server (tests/simulated_endpoint.py), own process"},
+            "client": {"profile": "configs/openai.yaml (chat)", "max_concurrency": args.slots},
+            "reference": "ideal_s: busy slot-seconds / slots (every slot busy from first request to last)",
+            "stages": figures, "total_seconds": round(total_s, 2), "total_ideal_s": round(ideal_s, 2),
+            "measured_over_ideal": round(total_s / ideal_s, 3) if ideal_s else None,
+            "peak_rss_mb": _peak_rss_mb()}, indent=1))
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()
