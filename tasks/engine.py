@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import time
@@ -77,7 +78,7 @@ class InProcessBatcher:
     def __init__(self, llm: LLM, batch_size: int):
         self.llm = llm
         self.batch_size = max(1, batch_size)
-        self.groups: dict[tuple, list[tuple[Prompt, asyncio.Future]]] = defaultdict(list)
+        self.groups: dict[tuple, list[tuple[Any, asyncio.Future]]] = defaultdict(list)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.in_flight = 0
@@ -99,7 +100,9 @@ class InProcessBatcher:
             self.in_flight -= 1
 
     async def generate(self, prompt: Prompt, params: GenerationParams) -> Completion:
-        return await self._ask(("generate", params), prompt)
+        # Requests differ in their seeds (each item draws its own); a batch samples from one generator,
+        # seeded by its first request's seed, so requests are grouped by everything else.
+        return await self._ask(("generate", dataclasses.replace(params, seed=None)), (prompt, params.seed))
 
     async def logprobs(self, prompt: Prompt, candidates: tuple[str, ...]) -> np.ndarray:
         return await self._ask(("logprobs", candidates), prompt)
@@ -123,11 +126,12 @@ class InProcessBatcher:
                 if not batch:
                     continue
                 try:
-                    prompts = [p for p, _ in batch]
                     if key[0] == "generate":
-                        answers = self.llm.generate(prompts, key[1], desc=f"batch of {len(prompts)}")
+                        params = dataclasses.replace(key[1], seed=batch[0][0][1])
+                        answers = self.llm.generate([p for (p, _), _ in batch], params,
+                                                    desc=f"batch of {len(batch)}")
                     else:
-                        answers = list(self.llm.next_token_logprobs(prompts, list(key[1])))
+                        answers = list(self.llm.next_token_logprobs([p for p, _ in batch], list(key[1])))
                 except BaseException as exc:  # every request of the batch fails with it
                     for _, f in batch:
                         if not f.done():

@@ -279,3 +279,12 @@ def test_resume_from_parts_continues_the_unfinished_chains(tmp_path):
         assert stats["prompt_tokens"] == before + stats["usage_this_attempt"]["prompt_tokens"] > full_stats["prompt_tokens"]
         rewrites = sum(len(prompts) for prompts, _ in llm.calls if prompts and prompts[0].startswith("Each task"))
         assert rewrites == sum(t.num_rows for t in written[k:])  # only the unfinished chains' attempts
+
+
+def test_in_process_requests_of_many_chains_run_as_full_batches():
+    """Each chain draws its own request seed; the in-process batcher still groups the chains' like requests
+    (same settings but the seed) into batches of up to `batch_size`, not one request at a time."""
+    llm = ScriptedLLM(rewriter())
+    evolve(rows(12), EvolInstructConfig(rounds=2, max_per_round=None), llm, seed=0, batch_size=8)
+    rewrites = [len(prompts) for prompts, _ in llm.calls if prompts[0].startswith("Each task")]
+    assert rewrites[0] == 8 and max(rewrites) == 8 and sum(rewrites) == 24  # 12 chains, 2 rounds
