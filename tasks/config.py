@@ -99,7 +99,7 @@ class LLMConfig(Section):
     base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8080/v1 (None: OpenAI)")
     # Several servers of the same model (a vLLM fleet): requests go to the one with the fewest outstanding
     # requests; `max_concurrency` holds per endpoint. Set this or `base_url`, not both.
-    base_urls: list[str] = Field(default_factory=list, description="openai: endpoints serving the same model")
+    base_urls: tuple[str, ...] = Field((), description="openai: endpoints serving the same model")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the key")
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once, per endpoint")
     adaptive_concurrency: bool = Field(True, description="openai: halve in-flight requests on 429/503, regrow")
