@@ -273,10 +273,15 @@ class Engine:
                 + u.prompt_tokens + u.completion_tokens - m[1] - m[2])
 
     def summary(self) -> dict[str, Any]:
-        """Figures for stats.json: parts, requests and tokens over every attempt, and this attempt's usage."""
-        return {"checkpoints": self.restored.parts + self._written, "llm_calls": self.tokens["llm_calls"],
-                "prompt_tokens": self.tokens["prompt_tokens"], "completion_tokens": self.tokens["completion_tokens"],
-                "retries": self.tokens["retries"], "usage_this_attempt": self.usage.as_dict()}
+        """Figures for stats.json: parts, requests and tokens over every attempt (what this attempt spent
+        after its last part included: items cancelled once a target was reached), and this attempt's usage."""
+        u, m = self.usage, self._mark
+        unwritten = (u.requests - m[0], u.prompt_tokens - m[1], u.completion_tokens - m[2], u.retries - m[3])
+        total = [self.tokens[k] + extra for k, extra in
+                 zip(("llm_calls", "prompt_tokens", "completion_tokens", "retries"), unwritten)]
+        return {"checkpoints": self.restored.parts + self._written, "llm_calls": total[0],
+                "prompt_tokens": total[1], "completion_tokens": total[2], "retries": total[3],
+                "usage_this_attempt": self.usage.as_dict()}
 
     # -- items --
 
