@@ -331,39 +331,43 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
     async def complete(cand: Candidate) -> Finished:
         """A task: classification, up to N instances, the instance filters."""
         try:
-            number = [int(x) for x in cand.task_id.split("-")[1:]]
-            rng = np.random.default_rng([seed, 2, *number])  # a resumed task draws what it would have
-            dropped: Counter = Counter()
-            kind = await classify(model, cand.instruction, cls_shots, cls_threshold, chat)
-            if kind is None:
-                dropped["classification_unparsed"] += 1
-                return Finished(cand.task_id, [], dropped)
-            shot_pool = by_kind[kind] or seed_rows
-            shots = [shot_pool[i] for i in rng.choice(len(shot_pool), min(3, len(shot_pool)), replace=False)]
-            completion = await model.generate(
-                instance_prompt(cand.instruction, shots, output_first=kind, n=cfg.instances_per_task, chat=chat),
-                GenerationParams(max_new_tokens=cfg.instance_max_new_tokens, temperature=cfg.instance_temperature,
-                                 top_p=cfg.top_p, stop=() if chat else instance_stops(cfg.instances_per_task),
-                                 seed=int(rng.integers(2**31))), "instances")
-            pairs = _instances(completion, kind, chat, cfg, dropped)
-            if not pairs:
-                dropped["task_without_instances"] += 1
-                return Finished(cand.task_id, [], dropped)
-            if stream.kept >= cfg.num_instructions:  # finished after the target was reached
-                dropped["over_target"] += 1
-                return Finished(cand.task_id, [], dropped)
-            stream.kept += 1
-            stream.kept_instructions.append(cand.instruction)
-            _, seed_pos = seed_index.most_similar(cand.instruction)
-            rows = [{"record": "example", "id": f"{cand.task_id}#{k}", "task_id": cand.task_id,
-                     "instruction": cand.instruction, "input": inp, "output": out,
-                     "category": seed_rows[seed_pos]["category"], "is_classification": kind,
-                     "origin": "self_instruct", "rouge_l_max": cand.rouge_l_max, "most_similar": cand.most_similar,
-                     "bootstrap_round": cand.request} for k, (inp, out) in enumerate(pairs)]
-            return Finished(cand.task_id, rows, dropped)
+            finished = await _complete(cand)
         finally:
             stream.open_tasks -= 1
-            stream.tasks_done += 1
+        stream.tasks_done += 1  # not when cancelled: a cancelled task is counted with the unfinished ones
+        return finished
+
+    async def _complete(cand: Candidate) -> Finished:
+        number = [int(x) for x in cand.task_id.split("-")[1:]]
+        rng = np.random.default_rng([seed, 2, *number])  # a resumed task draws what it would have
+        dropped: Counter = Counter()
+        kind = await classify(model, cand.instruction, cls_shots, cls_threshold, chat)
+        if kind is None:
+            dropped["classification_unparsed"] += 1
+            return Finished(cand.task_id, [], dropped)
+        shot_pool = by_kind[kind] or seed_rows
+        shots = [shot_pool[i] for i in rng.choice(len(shot_pool), min(3, len(shot_pool)), replace=False)]
+        completion = await model.generate(
+            instance_prompt(cand.instruction, shots, output_first=kind, n=cfg.instances_per_task, chat=chat),
+            GenerationParams(max_new_tokens=cfg.instance_max_new_tokens, temperature=cfg.instance_temperature,
+                             top_p=cfg.top_p, stop=() if chat else instance_stops(cfg.instances_per_task),
+                             seed=int(rng.integers(2**31))), "instances")
+        pairs = _instances(completion, kind, chat, cfg, dropped)
+        if not pairs:
+            dropped["task_without_instances"] += 1
+            return Finished(cand.task_id, [], dropped)
+        if stream.kept >= cfg.num_instructions:  # finished after the target was reached
+            dropped["over_target"] += 1
+            return Finished(cand.task_id, [], dropped)
+        stream.kept += 1
+        stream.kept_instructions.append(cand.instruction)
+        _, seed_pos = seed_index.most_similar(cand.instruction)
+        rows = [{"record": "example", "id": f"{cand.task_id}#{k}", "task_id": cand.task_id,
+                 "instruction": cand.instruction, "input": inp, "output": out,
+                 "category": seed_rows[seed_pos]["category"], "is_classification": kind,
+                 "origin": "self_instruct", "rouge_l_max": cand.rouge_l_max, "most_similar": cand.most_similar,
+                 "bootstrap_round": cand.request} for k, (inp, out) in enumerate(pairs)]
+        return Finished(cand.task_id, rows, dropped)
 
     def task_yield() -> float:
         return stream.kept / stream.tasks_done if stream.tasks_done else 1.0

@@ -186,7 +186,7 @@ class Endpoint:
     endpoint aside for `cooldown_s`, while the others carry on."""
 
     def __init__(self, url: str | None, max_concurrency: int, adaptive: bool, cooldown_s: float,
-                 failures_to_cool: int, clock: Callable[[], float] = time.monotonic):
+                 failures_to_cool: int | None, clock: Callable[[], float] = time.monotonic):
         self.url = url
         self.max_concurrency = max_concurrency
         self.limit = float(max_concurrency)
@@ -226,6 +226,8 @@ class Endpoint:
 
     def failed(self) -> None:
         self.failures_in_a_row += 1
+        if self.failures_to_cool is None:
+            return
         if self.failures_in_a_row >= self.failures_to_cool and self.cooling_until <= self.clock():
             self.cooling_until = self.clock() + self.cooldown_s
             self.cooldowns += 1
@@ -315,7 +317,9 @@ class OpenAILLM:
         self.mode = mode
         where = (base_url or "api.openai.com") if len(self.base_urls) == 1 else f"{len(self.base_urls)} endpoints"
         self.name = f"openai:{model}@{where}"
-        self.pool = EndpointPool([Endpoint(url, max_concurrency, adaptive_concurrency, cooldown_s, failures_to_cool)
+        # One endpoint is never set aside: there is nowhere else to go, and the retries' backoff spaces it.
+        cool_after = failures_to_cool if len(self.base_urls) > 1 else None
+        self.pool = EndpointPool([Endpoint(url, max_concurrency, adaptive_concurrency, cooldown_s, cool_after)
                                   for url in self.base_urls])
         self._api_key = api_key
         self.max_concurrency = max_concurrency

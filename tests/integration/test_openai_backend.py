@@ -74,7 +74,7 @@ def test_self_instruct_stage_through_openai_backend(server, tmp_path, monkeypatc
     stats = out.stats()
     generated = out.read_table().to_pandas().query("origin == 'self_instruct'")
     assert stats["kept"] == generated["task_id"].nunique() >= 1
-    assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0 and stats["requests"] >= 4
+    assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0 and 1 <= stats["requests"] <= 8
     assert stats["classification_method"] == "generated yes/no"  # no log-probs over this backend
     assert stats["generated"] == stats["kept"] + sum(v for k, v in stats["dropped"].items()
                                                      if not k.startswith("instance_"))
