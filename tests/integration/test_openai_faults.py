@@ -50,7 +50,9 @@ def test_faults_are_retried_and_the_stage_completes(upstream_port, tmp_path):
     # A delayed request outlasts the request timeout: a timeout, retried like the rest. One request at a
     # time, so that no answered request waits long enough in the server's queue to time out as well.
     with FaultProxy(upstream_port, rates, seed=3, delay_s=20) as proxy:
-        cfg = stage_config(tmp_path, proxy.base_url, 10, "llm.request_timeout_s=12", "llm.max_concurrency=1")
+        # Enough requests (the stage asks only for what its target needs) that every kind of fault comes up.
+        cfg = stage_config(tmp_path, proxy.base_url, 10, "llm.request_timeout_s=12", "llm.max_concurrency=1",
+                           "self_instruct.num_instructions=10", "self_instruct.max_requests=30")
         seeds = execute("seeds", cfg, {})
         out = execute("self_instruct", cfg, {"seeds": str(seeds.path)})
     stats = out.stats()
