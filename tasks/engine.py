@@ -38,7 +38,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from tasks.artifacts import PartWriter, decode_counts, encode_counts, part_metadata
-from tasks.llm.base import LLM, Completion, GenerationParams, Prompt, Usage
+from tasks.llm.base import LLM, Completion, GenerationParams, Prompt, Usage, UsageTally
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Engine:
         self.part_meta: dict[str, str] = {}  # stage-level metadata written with every part
         self._buffer: list[Finished] = []
         self.finished_items: list[Finished] = []  # this attempt's, in the order they finished
-        self._mark = (0, 0, 0, 0)
+        self._tally = UsageTally(self.usage)  # what this attempt spent since its last part
         self._written = 0
         self._last_flush = time.monotonic()
         self._open: set[asyncio.Task] = set()
@@ -231,14 +231,6 @@ class Engine:
             restored.parts += 1
         return restored
 
-    def _tokens_delta(self) -> Counter:
-        u = self.usage
-        now = (u.requests, u.prompt_tokens, u.completion_tokens, u.retries)
-        delta = Counter(dict(zip(("llm_calls", "prompt_tokens", "completion_tokens", "retries"),
-                                 (a - b for a, b in zip(now, self._mark)))))
-        self._mark = now
-        return +delta
-
     def flush(self) -> None:
         """Write the finished items not yet in a part (and the tokens spent since the last one)."""
         self._last_flush = time.monotonic()
@@ -247,7 +239,7 @@ class Engine:
         done, self._buffer = self._buffer, []
         rows = [row for item in done for row in item.rows]
         counts = sum((item.counts for item in done), Counter())
-        tokens = self._tokens_delta()
+        tokens = self._tally.take()
         self.tokens.update(tokens)
         self._written += 1
         if self.parts is not None:
@@ -268,20 +260,15 @@ class Engine:
 
     def tokens_spent(self) -> int:
         """Prompt and completion tokens over every attempt, up to now."""
-        u, m = self.usage, self._mark
-        return (self.tokens["prompt_tokens"] + self.tokens["completion_tokens"]
-                + u.prompt_tokens + u.completion_tokens - m[1] - m[2])
+        total = self.tokens + self._tally.pending()
+        return total["prompt_tokens"] + total["completion_tokens"]
 
     def summary(self) -> dict[str, Any]:
         """Figures for stats.json: parts, requests and tokens over every attempt (what this attempt spent
         after its last part included: items cancelled once a target was reached), and this attempt's usage."""
-        u, m = self.usage, self._mark
-        unwritten = (u.requests - m[0], u.prompt_tokens - m[1], u.completion_tokens - m[2], u.retries - m[3])
-        total = [self.tokens[k] + extra for k, extra in
-                 zip(("llm_calls", "prompt_tokens", "completion_tokens", "retries"), unwritten)]
-        return {"checkpoints": self.restored.parts + self._written, "llm_calls": total[0],
-                "prompt_tokens": total[1], "completion_tokens": total[2], "retries": total[3],
-                "usage_this_attempt": self.usage.as_dict()}
+        total = self.tokens + self._tally.pending()
+        return {"checkpoints": self.restored.parts + self._written,
+                **{name: total[name] for name in UsageTally.FIELDS}, "usage_this_attempt": self.usage.as_dict()}
 
     # -- items --
 

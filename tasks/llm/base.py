@@ -88,11 +88,15 @@ class UsageTally:
         self.usage = usage
         self.mark = (0, 0, 0, 0)
 
-    def take(self) -> Counter:
+    def pending(self) -> Counter:
+        """Usage since the last `take()`, without taking it."""
         now = (self.usage.requests, self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.retries)
-        delta = Counter(dict(zip(self.FIELDS, (a - b for a, b in zip(now, self.mark)))))
-        self.mark = now
-        return +delta
+        return +Counter(dict(zip(self.FIELDS, (a - b for a, b in zip(now, self.mark)))))
+
+    def take(self) -> Counter:
+        delta = self.pending()
+        self.mark = (self.usage.requests, self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.retries)
+        return delta
 
 
 class LLM(Protocol):
