@@ -272,6 +272,10 @@ class EndpointPool:
             timeout = min(cooling) if cooling and len(cooling) == len(self.endpoints) else None
             try:
                 await asyncio.wait([waiter], timeout=timeout)
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled before taking the place: pass the wake on
+                raise
             finally:
                 if not waiter.done():
                     waiter.cancel()
