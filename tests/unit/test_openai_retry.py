@@ -1,20 +1,15 @@
-"""The openai backend's retry decisions, on the exception types the openai client raises."""
+"""The openai backend's retry decisions, on the errors its requests raise."""
 
 import random
 
-import httpx
-import openai
 import pytest
 
-from tasks.llm.openai_backend import backoff_s, is_retryable, retry_after_s
+from tasks.llm.openai_backend import (EndpointConnectionError, EndpointStatusError, backoff_s, describe,
+                                      is_retryable, retry_after_s)
 
 
 def status_error(status, headers=None):
-    request = httpx.Request("POST", "http://127.0.0.1/v1/completions")
-    response = httpx.Response(status, headers=headers or {}, request=request)
-    cls = {429: openai.RateLimitError, 400: openai.BadRequestError, 401: openai.AuthenticationError,
-           404: openai.NotFoundError}.get(status, openai.InternalServerError if status >= 500 else openai.APIStatusError)
-    return cls(f"HTTP {status}", response=response, body=None)
+    return EndpointStatusError(status, f"HTTP {status}", headers)
 
 
 @pytest.mark.parametrize("status,retry", [(429, True), (500, True), (502, True), (503, True), (408, True),
@@ -24,13 +19,20 @@ def test_which_statuses_are_retried(status, retry):
 
 
 def test_connection_errors_and_timeouts_are_retried():
-    request = httpx.Request("POST", "http://127.0.0.1/v1/completions")
-    assert is_retryable(openai.APIConnectionError(request=request))
-    assert is_retryable(openai.APITimeoutError(request=request))
+    assert is_retryable(EndpointConnectionError("ServerDisconnectedError: Server disconnected"))
+    assert is_retryable(EndpointConnectionError("no answer within 120 s", timeout=True))
+
+
+def test_errors_are_described_with_the_openai_api_names():
+    assert describe(status_error(429)) == "RateLimitError (HTTP 429): HTTP 429"
+    assert describe(status_error(401)) == "AuthenticationError (HTTP 401): HTTP 401"
+    assert describe(status_error(502)) == "InternalServerError (HTTP 502): HTTP 502"
+    assert describe(EndpointConnectionError("no answer within 5 s", timeout=True)) == (
+        "APITimeoutError: no answer within 5 s")
 
 
 def test_retry_after_forms():
-    assert retry_after_s(status_error(429, {"retry-after": "7"})) == 7.0
+    assert retry_after_s(status_error(429, {"Retry-After": "7"})) == 7.0
     assert retry_after_s(status_error(429, {"retry-after-ms": "250"})) == 0.25
     assert retry_after_s(status_error(429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0  # past
     assert retry_after_s(status_error(429, {"retry-after": "soon"})) is None
@@ -92,6 +94,8 @@ def test_rate_limiter_keeps_every_minute_within_requests_and_tokens():
         assert len(window) <= 5 and sum(window) <= 1000
     # 12 requests at 5 per minute need three minutes' worth of windows: starts at 0, 60 and 120.
     assert sorted({start for start, _ in starts}) == [0.0, 60.0, 120.0] and limiter.waited_s > 0
+    # The running total of the window is the settled tokens of the grants still in it.
+    assert limiter.used == sum(g[1] for g in limiter.grants) == 2 * 150
 
 
 def test_rate_limiter_tokens_bound_and_an_oversized_request_still_runs():
