@@ -15,11 +15,17 @@ Between stages the server's meter is reset, so each stage's figures are its own:
   responses), the window from its first arrival to its last answer and the slots' utilisation over that
   window by every request (the instance phase of self_instruct is `instances_*`).
 
-The reference is the work itself: busy slot-seconds are what the endpoint must spend whatever the client
-does, so `ideal_s` is the best any client can do; distilabel's EvolInstruct on the same endpoint is the peer
-to set beside it (`--distilabel`, not yet run here: see the README).
+Two references. The work itself: busy slot-seconds are what the endpoint must spend whatever the client
+does, so `ideal_s` is the best any client can do. And the peer: distilabel's EvolInstruct (1.5.3, from PyPI,
+in a venv of its own that this script makes under ~/.cache/instructflow/bench-venvs) evolves the first
+`--peer-rows` rows of the same evol input on the same endpoint, `--rounds` evolutions and an answer per
+row, in batches of `--peer-batch` rows (default: the slots, so both clients hold at most that many requests
+in flight), beside our evol_instruct stage on the same rows (`peer` in the JSON; `--peer-rows 0` skips it).
+The work differs: ours also asks, per evolution, whether the rewrite equals its input (WizardLM's
+elimination step) and answers every evolution; distilabel answers only the last. So compare utilisation
+and measured/ideal, not seconds.
 
-    python benchmarks/endpoint_scale.py --tasks 20000            # the issue's scale (about 25 minutes)
+    python benchmarks/endpoint_scale.py --tasks 20000            # the issue's scale
     python benchmarks/endpoint_scale.py --tasks 2000 --slots 256 # a quick look
 """
 
@@ -70,6 +76,45 @@ def _measure(name: str, server: str, work) -> tuple[object, dict]:
                     "peak_rss_mb": _peak_rss_mb()}
 
 
+PEER = "distilabel[openai]==1.5.3"
+
+
+def _peer_python() -> Path:
+    """The python of a venv holding distilabel (made once; its pins may clash with ours)."""
+    venv = Path.home() / ".cache" / "instructflow" / "bench-venvs" / "distilabel-1.5.3"
+    python = venv / "bin" / "python"
+    if not (venv / ".ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", PEER], check=True)
+        (venv / ".ready").write_text(PEER + "\n")
+    return python
+
+
+def _peer(server: str, instructions: list[str], args, evol_cfg) -> dict:
+    """distilabel's EvolInstruct on `instructions`, measured as our stages are (benchmarks/peer_distilabel_evol.py)."""
+    import tempfile
+
+    python = _peer_python()
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(instructions, f)
+        f.flush()
+        _get(f"{server}/stats/reset", "POST")
+        done = subprocess.run([str(python), str(ROOT / "benchmarks" / "peer_distilabel_evol.py"), "--rows", f.name,
+                               "--base-url", f"{server}/v1", "--rounds", str(args.rounds),
+                               "--batch", str(args.peer_batch or args.slots),
+                               "--max-new-tokens", str(evol_cfg.response_max_new_tokens),
+                               "--temperature", str(evol_cfg.temperature)],
+                              capture_output=True, text=True, check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    meter = _get(f"{server}/stats")
+    seconds = figures["seconds"]
+    figures.update(ideal_s=meter["ideal_s"], measured_over_ideal=round(seconds / meter["ideal_s"], 3),
+                   utilisation=meter["utilisation"], mean_in_service=meter["mean_in_service"],
+                   requests=meter["requests"], completion_tokens=meter["completion_tokens"],
+                   requests_by_kind=meter["by_kind"], client_cpu_share=round(figures["client_cpu_s"] / seconds, 3))
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20000, help="new Self-Instruct tasks to make")
@@ -78,6 +123,8 @@ def main() -> None:
     parser.add_argument("--ttft-s", type=float, default=0.2)
     parser.add_argument("--tokens-per-s", type=float, default=60.0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--peer-rows", type=int, default=2000, help="rows for the distilabel arm (0: none)")
+    parser.add_argument("--peer-batch", type=int, default=0, help="distilabel's input_batch_size (0: slots)")
     args = parser.parse_args()
 
     from tasks.config import load_config
@@ -115,6 +162,15 @@ def main() -> None:
             rows, cfg.evol_instruct, llm, cfg.run.seed))
         fig.update(rows_in=len(rows), attempted=ev_stats["attempted"], kept=ev_stats["kept"])
         figures.append(fig)
+        peer = None
+        if args.peer_rows:
+            sample = rows.head(args.peer_rows).reset_index(drop=True)
+            (_, ours_stats), ours = _measure("evol_instruct (ours, peer rows)", base, lambda: evolve(
+                sample, cfg.evol_instruct, llm, cfg.run.seed))
+            ours.update(rows_in=len(sample), attempted=ours_stats["attempted"], kept=ours_stats["kept"])
+            theirs = _peer(base, sample["instruction"].tolist(), args, cfg.evol_instruct)
+            peer = {"workload": f"the first {len(sample)} rows of the evol input, {args.rounds} evolutions each",
+                    "ours": ours, "distilabel": theirs}
         llm.close()
         total_s = sum(f["seconds"] for f in figures)
         ideal_s = sum(f["ideal_s"] for f in figures)
@@ -126,7 +182,7 @@ def main() -> None:
             "reference": "ideal_s: busy slot-seconds / slots (every slot busy from first request to last)",
             "stages": figures, "total_seconds": round(total_s, 2), "total_ideal_s": round(ideal_s, 2),
             "measured_over_ideal": round(total_s / ideal_s, 3) if ideal_s else None,
-            "peak_rss_mb": _peak_rss_mb()}, indent=1))
+            "peak_rss_mb": _peak_rss_mb(), "peer": peer}, indent=1))
     finally:
         server.terminate()
         server.wait(timeout=20)

@@ -105,6 +105,11 @@ class LLMConfig(Section):
     adaptive_concurrency: bool = Field(True, description="openai: halve in-flight requests on 429/503, regrow")
     endpoint_cooldown_s: float = Field(30.0, gt=0, description="openai: an endpoint failing in a row rests this")
     endpoint_failures_to_cool: int = Field(5, ge=1, description="openai: failures in a row that set one aside")
+    # Overload shows before any 429: a server with every slot busy queues requests, and their time to first
+    # token grows. With a bound set, one request in `ttft_probe_every` per endpoint is streamed to measure
+    # it, and a probe over the bound halves that endpoint's in-flight limit as a 429 does.
+    max_ttft_s: float | None = Field(None, gt=0, description="openai: time-to-first-token bound (None: not probed)")
+    ttft_probe_every: int = Field(16, ge=1, description="openai: one request in this many is a streamed probe")
     request_timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout")
     max_retries: int = Field(6, ge=0, description="openai: retries per request on 429, 5xx, timeouts")
     requests_per_minute: int | None = Field(None, ge=1, description="openai: client-side limit (None: none)")
@@ -124,7 +129,7 @@ class LLMConfig(Section):
     # a run resumed with a lower concurrency or a longer timeout keeps its checkpoints.
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("api_key_env", "api_key_secret", "max_concurrency", "request_timeout_s",
                                               "base_urls", "adaptive_concurrency", "endpoint_cooldown_s",
-                                              "endpoint_failures_to_cool",
+                                              "endpoint_failures_to_cool", "max_ttft_s", "ttft_probe_every",
                                               "max_retries", "requests_per_minute", "tokens_per_minute",
                                               "max_tokens", "max_cost_usd", "prompt_price_per_1m",
                                               "completion_price_per_1m")

@@ -117,7 +117,8 @@ def kind_of(prompt: str) -> str:
         return "instances_input_first"
     if "Equal?" in tail[-40:] or prompt.startswith("Two tasks are equal"):
         return "equality"
-    if re.search(r"(Harder task|New task):\s*$", tail) or "Reply with the rewritten task only" in tail:
+    if re.search(r"(Harder task|New task|#Rewritten Prompt#|#Created Prompt#):\s*$", tail) or (
+            "Reply with the rewritten task only" in tail):  # ours, and WizardLM's templates (distilabel's)
         return "rewrite"
     if "Rating:" in tail[-20:] or "Rating: [[N]]" in tail:
         return "judge"
@@ -192,6 +193,25 @@ def answer(body: dict[str, Any], profile: Profile) -> tuple[str, str, int, int, 
 
 # --- the server ---------------------------------------------------------------------------------------------
 
+def _split_first_word(text: str) -> tuple[str, str]:
+    match = re.match(r"\s*\S+", text)
+    return (match.group(0), text[match.end():]) if match else (text, "")
+
+
+def _chunk(chat: bool, piece: str, finish: str | None, profile: Profile) -> dict[str, Any]:
+    if chat:
+        choice = {"index": 0, "delta": {"content": piece}, "finish_reason": finish}
+        return {"object": "chat.completion.chunk", "model": profile.model, "choices": [choice]}
+    return {"object": "text_completion", "model": profile.model,
+            "choices": [{"index": 0, "text": piece, "finish_reason": finish}]}
+
+
+def _sse(event: dict[str, Any] | None) -> bytes:
+    """One server-sent event (`data: [DONE]` for None) as one HTTP chunk."""
+    data = b"data: " + (json.dumps(event).encode() if event is not None else b"[DONE]") + b"\n\n"
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
 def _http(status: str, payload: dict[str, Any], extra: str = "") -> bytes:
     body = json.dumps(payload).encode()
     return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}"
@@ -216,7 +236,7 @@ class Server:
                 length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
                 raw = await reader.readexactly(int(length.group(1))) if length else b""
                 method, path = head.split(b" ", 2)[:2]
-                writer.write(await self._route(method.decode(), path.decode(), raw))
+                writer.write(await self._route(method.decode(), path.decode(), raw, writer))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
@@ -224,7 +244,7 @@ class Server:
             if not writer.is_closing():
                 writer.close()
 
-    async def _route(self, method: str, path: str, raw: bytes) -> bytes:
+    async def _route(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter) -> bytes:
         path = path.split("?", 1)[0].rstrip("/")
         if method == "GET" and path == "/v1/models":
             return _http("200 OK", {"object": "list", "data": [
@@ -241,10 +261,12 @@ class Server:
                 body = json.loads(raw)
             except json.JSONDecodeError:
                 return _http("400 Bad Request", {"error": {"message": "body is not JSON"}})
-            return await self._generate(body, chat=path.endswith("chat/completions"))
+            return await self._generate(body, chat=path.endswith("chat/completions"), writer=writer)
         return _http("404 Not Found", {"error": {"message": f"no route {method} {path}"}})
 
-    async def _generate(self, body: dict[str, Any], chat: bool) -> bytes:
+    async def _generate(self, body: dict[str, Any], chat: bool, writer: asyncio.StreamWriter) -> bytes:
+        """The answer after the modelled latency; with `stream`, server-sent events written to `writer` as
+        they come (the first at the time to first token, which includes the wait for a slot)."""
         meter, profile = self.meter, self.profile
         now = time.monotonic()
         meter.first_arrival = meter.first_arrival or now
@@ -259,10 +281,19 @@ class Server:
             await self._slots.acquire()
         finally:
             meter.waiting -= 1
+        stream = bool(body.get("stream"))
         try:
             meter.in_service += 1
             start = time.monotonic()
-            await asyncio.sleep(profile.ttft_s + completion_tokens / profile.tokens_per_s)
+            if stream:
+                await asyncio.sleep(profile.ttft_s)
+                first, rest = _split_first_word(text)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n" + _sse(_chunk(chat, first, None, profile)))
+                await writer.drain()
+                await asyncio.sleep(completion_tokens / profile.tokens_per_s)
+            else:
+                await asyncio.sleep(profile.ttft_s + completion_tokens / profile.tokens_per_s)
             end = time.monotonic()
         finally:
             meter.in_service -= 1
@@ -277,6 +308,9 @@ class Server:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
         created = int(time.time())
+        if stream:
+            last = {**_chunk(chat, rest, finish, profile), "usage": usage}
+            return _sse(last) + _sse(None) + b"0\r\n\r\n"
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             return _http("200 OK", {"id": f"chatcmpl-{meter.requests}", "object": "chat.completion",

@@ -28,7 +28,8 @@ def _cached(cfg: LLMConfig) -> LLM:
                          api_key=api_key(cfg.api_key_env, cfg.api_key_secret), max_concurrency=cfg.max_concurrency,
                          timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries, limiter=limiter, spend=spend,
                          base_urls=cfg.base_urls, adaptive_concurrency=cfg.adaptive_concurrency,
-                         cooldown_s=cfg.endpoint_cooldown_s, failures_to_cool=cfg.endpoint_failures_to_cool)
+                         cooldown_s=cfg.endpoint_cooldown_s, failures_to_cool=cfg.endpoint_failures_to_cool,
+                         max_ttft_s=cfg.max_ttft_s, ttft_probe_every=cfg.ttft_probe_every)
     from tasks.llm.models import resolve_model
     from tasks.llm.transformers_backend import TransformersLLM
 

@@ -12,8 +12,9 @@ serving benchmark uses aiohttp). Errors keep the OpenAI API's names (RateLimitEr
 
 Several endpoints serving the same model (`llm.base_urls`) share the load: each request goes to the endpoint
 with the fewest outstanding requests, at most `max_concurrency` in flight there. That limit adapts: 429 or
-503 halves it, successes grow it back (see `Endpoint`). An endpoint that fails several times in a row is
-set aside for a cool-down while the others carry on.
+503 halves it, and so does a time to first token past `max_ttft_s` (measured on one request in
+`ttft_probe_every`, sent streaming); successes grow it back (see `Endpoint`). An endpoint that fails
+several times in a row is set aside for a cool-down while the others carry on.
 
 No request goes out faster than the client-side limits allow (`requests_per_minute`, `tokens_per_minute`,
 over a sliding minute; a request counts its prompt estimate plus `max_new_tokens` until the server reports
@@ -247,6 +248,8 @@ class Endpoint:
         self.cooling_until = 0.0
         self.last_decrease = -1e9
         self.decreases = self.cooldowns = 0
+        self.sent = 0
+        self.ttft_s: collections.deque[float] = collections.deque(maxlen=64)  # the last probes' measures
         self.client: aiohttp.ClientSession | None = None
         self.proxy: str | None = None
 
@@ -266,13 +269,19 @@ class Endpoint:
         if self.adaptive:
             self.limit = min(float(self.max_concurrency), self.limit + 1.0 / self.limit)
 
-    def overloaded(self, sent_at: float) -> None:
+    def overloaded(self, sent_at: float, why: str = "") -> None:
         now = self.clock()
         if self.adaptive and sent_at >= self.last_decrease:
             self.limit = max(1.0, self.limit / 2)
             self.last_decrease = now
             self.decreases += 1
-            log.warning("%s is overloaded: %d requests in flight there at most, for now", self.label, self.cap)
+            log.warning("%s is overloaded%s: %d requests in flight there at most, for now", self.label,
+                        f" ({why})" if why else "", self.cap)
+
+    def probe_due(self, every: int) -> bool:
+        """Whether this request is the one in `every` sent streaming to measure time to first token."""
+        self.sent += 1
+        return self.sent % every == 1 % every
 
     def failed(self) -> None:
         self.failures_in_a_row += 1
@@ -364,7 +373,7 @@ class OpenAILLM:
                  max_retries: int = 6, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
                  limiter: RateLimiter | None = None, spend: Spend | None = None,
                  base_urls: Sequence[str] = (), adaptive_concurrency: bool = True, cooldown_s: float = 30.0,
-                 failures_to_cool: int = 5):
+                 failures_to_cool: int = 5, max_ttft_s: float | None = None, ttft_probe_every: int = 16):
         self.model = model
         self.base_url = base_url
         self.base_urls = list(base_urls) or [base_url]
@@ -377,6 +386,7 @@ class OpenAILLM:
                                   for url in self.base_urls])
         self._api_key = api_key
         self.max_concurrency = max_concurrency
+        self.max_ttft_s, self.ttft_probe_every = max_ttft_s, ttft_probe_every
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
@@ -480,9 +490,10 @@ class OpenAILLM:
             estimate = estimate_tokens(prompt, params.max_new_tokens)
             endpoint = await self.pool.acquire()
             sent_at = endpoint.clock()
+            probe = self.max_ttft_s is not None and endpoint.probe_due(self.ttft_probe_every)
             try:
                 grant = await limiter.acquire(estimate)  # retries count too
-                completion = await self._request(endpoint, prompt, params)
+                completion, ttft = await self._request(endpoint, prompt, params, stream=probe)
             except (EndpointStatusError, EndpointConnectionError) as exc:
                 self.pool.release(endpoint)
                 if _status(exc) in (429, 503):
@@ -505,6 +516,10 @@ class OpenAILLM:
                 self.pool.release(endpoint)
                 raise
             endpoint.succeeded()
+            if ttft is not None:
+                endpoint.ttft_s.append(ttft)
+                if ttft > self.max_ttft_s:
+                    endpoint.overloaded(sent_at, f"time to first token {ttft:.1f} s > llm.max_ttft_s")
             self.pool.release(endpoint)
             prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
             if prompt_tokens + completion_tokens == 0:  # a server that reports no usage: count the estimate
@@ -529,13 +544,28 @@ class OpenAILLM:
             raise TypeError("llm.mode is `completions` but a stage built chat messages; this is a bug")
         return body
 
-    async def _request(self, endpoint: Endpoint, prompt: Prompt, params: GenerationParams) -> Completion:
+    async def _request(self, endpoint: Endpoint, prompt: Prompt, params: GenerationParams,
+                       stream: bool = False) -> tuple[Completion, float | None]:
+        """One request; with `stream`, sent streaming to measure its time to first token (else None)."""
         url = f"{endpoint.base}/{'chat/completions' if self.mode == 'chat' else 'completions'}"
-        payload = json.dumps(self._body(prompt, params))
+        body = self._body(prompt, params)
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        ttft = None
         try:
-            async with self._session(endpoint).post(url, data=payload, proxy=endpoint.proxy) as response:
-                raw = await response.read()
+            started = time.monotonic()
+            async with self._session(endpoint).post(url, data=json.dumps(body), proxy=endpoint.proxy) as response:
                 status, headers = response.status, dict(response.headers)
+                if status >= 400 or not stream:
+                    raw = await response.read()
+                else:
+                    events = []
+                    async for line in response.content:
+                        if line.startswith(b"data:"):
+                            ttft = time.monotonic() - started if ttft is None else ttft
+                            if line[5:].strip() == b"[DONE]":
+                                break
+                            events.append(line[5:])
         except (asyncio.TimeoutError, TimeoutError):
             raise EndpointConnectionError(f"no answer within {self.timeout_s:g} s (llm.request_timeout_s)",
                                           timeout=True) from None
@@ -544,16 +574,34 @@ class OpenAILLM:
         if status >= 400:
             raise EndpointStatusError(status, _error_message(raw), headers)
         try:
-            answer = json.loads(raw)
-            choice = answer["choices"][0]
-            text = (choice["message"]["content"] if self.mode == "chat" else choice["text"]) or ""
+            if stream:
+                text, reason, usage = _assemble_stream(events, chat=self.mode == "chat")
+            else:
+                answer = json.loads(raw)
+                choice = answer["choices"][0]
+                text = (choice["message"]["content"] if self.mode == "chat" else choice["text"]) or ""
+                reason, usage = choice.get("finish_reason"), answer.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError):
-            raise EndpointConnectionError(f"HTTP {status} but not an OpenAI completion: {raw[:200]!r}") from None
+            raise EndpointConnectionError(f"HTTP {status} but not an OpenAI completion"
+                                          f"{' stream' if stream else f': {raw[:200]!r}'}") from None
         text, hit_stop = truncate_at_stop(text, params.stop)
-        finish = "length" if choice.get("finish_reason") == "length" and not hit_stop else "stop"
-        usage = answer.get("usage") or {}
+        finish = "length" if reason == "length" and not hit_stop else "stop"
         return Completion(text=text, finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                          completion_tokens=int(usage.get("completion_tokens") or 0))
+                          completion_tokens=int(usage.get("completion_tokens") or 0)), ttft
+
+
+def _assemble_stream(events: list[bytes], chat: bool) -> tuple[str, str | None, dict]:
+    """Text, finish reason and usage from a streamed answer's `data:` events (usage from the last event that
+    carries it; a server that sends none leaves the token counts to the estimate)."""
+    pieces, reason, usage = [], None, {}
+    for raw in events:
+        event = json.loads(raw)
+        for choice in event.get("choices") or []:
+            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            pieces.append(piece or "")
+            reason = choice.get("finish_reason") or reason
+        usage = event.get("usage") or usage
+    return "".join(pieces), reason, usage
 
 
 def _proxy_for(url: str) -> str | None:

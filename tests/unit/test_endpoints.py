@@ -136,3 +136,25 @@ def test_a_fleet_that_fails_everything_stops_with_one_line_naming_each_endpoint(
     message = str(err.value)
     assert "still failing after 3 retries" in message and "\n" not in message and took < 30
     assert pa.base_url in message and pb.base_url in message
+
+
+def test_a_growing_time_to_first_token_halves_in_flight_before_any_429():
+    # Four slots and an unbounded queue: a client with 32 in flight is never refused, but its requests wait
+    # in the server's queue and their time to first token grows. Probes (one request in 4, streamed) see it.
+    prompts = [f"Below is an instruction. Task {i}.\n\n### Response:\n" for i in range(160)]
+    params = GenerationParams(max_new_tokens=8, seed=3)
+    runs = {}
+    for bound in (None, 0.3):
+        with SimulatedEndpoint(slots=4, ttft_s=0.05, tokens_per_s=400.0) as ep:
+            llm = backend(ep.base_url, max_concurrency=32, max_ttft_s=bound, ttft_probe_every=4)
+            runs[bound] = [c.text for c in llm.generate(prompts, params)], ep.stats(), llm.pool.endpoints[0]
+            llm.close()
+    (plain, plain_stats, plain_ep), (probed, probed_stats, probed_ep) = runs[None], runs[0.3]
+    assert probed == plain  # a streamed probe assembles the same answer as a plain request
+    assert plain_stats["rejected"] == probed_stats["rejected"] == 0
+    assert plain_ep.decreases == 0 and not plain_ep.ttft_s and plain_stats["max_waiting"] >= 24
+    assert len(probed_ep.ttft_s) >= 160 // 4 - 1 and max(probed_ep.ttft_s) > 0.3  # measured, and over the bound
+    # 32 -> 16 -> 8 (once per round trip), then regrown by 1/limit per success towards where the probes stay
+    # under the bound: about 17 in flight (13 waiting x 0.07 s / 4 slots + 0.05 s = 0.28 s), not 32.
+    assert probed_ep.decreases >= 2 and probed_ep.limit < 24
+    assert probed_stats["max_waiting"] < plain_stats["max_waiting"]
