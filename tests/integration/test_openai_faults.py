@@ -105,7 +105,11 @@ def test_a_spent_cost_budget_stops_at_a_checkpoint_and_a_bigger_one_continues(up
     base_url = f"http://127.0.0.1:{upstream_port}/v1"
     prices = ["llm.prompt_price_per_1m=1000", "llm.completion_price_per_1m=2000"]  # $1 per 1K prompt tokens
     cfg = stage_config(tmp_path, base_url, retries=2)
-    tight = load_config(ROOT / "configs" / "tiny.yaml", [*overrides(tmp_path, base_url), *prices, "llm.max_cost_usd=2"])
+    # One request at a time, so each is checked against what the ones before it spent (with several in
+    # flight, the last of them can all be sent before the first answer reports its usage, and the stage
+    # finish just past the limit). Concurrency is not in the key: the roomy run below continues with 4.
+    tight = load_config(ROOT / "configs" / "tiny.yaml", [*overrides(tmp_path, base_url), *prices,
+                                                         "llm.max_cost_usd=2", "llm.max_concurrency=1"])
     seeds = execute("seeds", tight, {})
     with pytest.raises(BudgetExhausted, match=r"llm.max_cost_usd \(2.00\) spent: \$[2-9]\.\d+ over \d+ requests"):
         execute("self_instruct", tight, {"seeds": str(seeds.path)})

@@ -3,6 +3,7 @@ simulated server itself, streaming stages that give the same rows at any concurr
 endpoints with one failing, adaptive concurrency on 429, and a fleet that fails everything."""
 
 import json
+import statistics
 import time
 import urllib.request
 
@@ -105,7 +106,8 @@ def test_requests_go_to_the_least_loaded_endpoint_and_a_failing_one_is_set_aside
         cooling = [e.cooldowns for e in llm.pool.endpoints]
         llm.close()
     assert len(out) == 40 and served_good == 40  # every request answered, by the healthy one
-    assert 3 <= sent_broken <= 8 and cooling == [0, 1]  # set aside after 3 failures in a row (8 were in flight)
+    # Set aside after 3 failures in a row: it got those 3, and at most 8 more were in flight there by then.
+    assert 3 <= sent_broken <= 3 + 8 and cooling == [0, 1]
 
 
 def test_adaptive_concurrency_halves_on_429_and_grows_back():
@@ -157,4 +159,5 @@ def test_a_growing_time_to_first_token_halves_in_flight_before_any_429():
     # 32 -> 16 -> 8 (once per round trip), then regrown by 1/limit per success towards where the probes stay
     # under the bound: about 17 in flight (13 waiting x 0.07 s / 4 slots + 0.05 s = 0.28 s), not 32.
     assert probed_ep.decreases >= 2 and probed_ep.limit < 24
-    assert probed_stats["max_waiting"] < plain_stats["max_waiting"]
+    # So the late probes wait about the bound, where 32 in flight would make it about 0.5 s.
+    assert statistics.median(list(probed_ep.ttft_s)[-10:]) < 0.45
