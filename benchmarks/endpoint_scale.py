@@ -18,12 +18,12 @@ Between stages the server's meter is reset, so each stage's figures are its own:
 Two references. The work itself: busy slot-seconds are what the endpoint must spend whatever the client
 does, so `ideal_s` is the best any client can do. And the peer: distilabel's EvolInstruct (1.5.3, from PyPI,
 in a venv of its own that this script makes under ~/.cache/instructflow/bench-venvs) evolves the first
-`--peer-rows` rows of the same evol input on the same endpoint, `--rounds` evolutions and an answer per
-row, in batches of `--peer-batch` rows (default: the slots, so both clients hold at most that many requests
-in flight), beside our evol_instruct stage on the same rows (`peer` in the JSON; `--peer-rows 0` skips it).
+`--peer-rows` rows of the same evol input on the same endpoint, `--rounds` evolutions and an answer to each,
+in batches of `--peer-batch` rows (default: the slots, so both clients hold at most that many requests in
+flight), beside our evol_instruct stage on the same rows (`peer` in the JSON; `--peer-rows 0` skips it).
 The work differs: ours also asks, per evolution, whether the rewrite equals its input (WizardLM's
-elimination step) and answers every evolution; distilabel answers only the last. So compare utilisation
-and measured/ideal, not seconds.
+elimination step) and answers only the evolutions that pass. So compare utilisation and measured/ideal,
+not seconds.
 
     python benchmarks/endpoint_scale.py --tasks 20000            # the scale
     python benchmarks/endpoint_scale.py --tasks 2000 --slots 256 # a quick look
@@ -76,7 +76,8 @@ def _measure(name: str, server: str, work) -> tuple[object, dict]:
                     "peak_rss_mb": _peak_rss_mb()}
 
 
-PEER = "distilabel[openai]==1.5.3"
+# distilabel 1.5.3 imports `requests` without declaring it.
+PEER = ("distilabel[openai]==1.5.3", "requests")
 
 
 def _peer_python() -> Path:
@@ -85,8 +86,8 @@ def _peer_python() -> Path:
     python = venv / "bin" / "python"
     if not (venv / ".ready").exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", PEER], check=True)
-        (venv / ".ready").write_text(PEER + "\n")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER], check=True)
+        (venv / ".ready").write_text(" ".join(PEER) + "\n")
     return python
 
 
@@ -104,7 +105,7 @@ def _peer(server: str, instructions: list[str], args, evol_cfg) -> dict:
                                "--batch", str(args.peer_batch or args.slots),
                                "--max-new-tokens", str(evol_cfg.response_max_new_tokens),
                                "--temperature", str(evol_cfg.temperature)],
-                              capture_output=True, text=True, check=True)
+                              stdout=subprocess.PIPE, text=True, check=True)  # its log passes through
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     meter = _get(f"{server}/stats")
     seconds = figures["seconds"]

@@ -2,7 +2,9 @@
 
 Run by endpoint_scale.py with the python of the separate venv it makes for distilabel (its pins may clash
 with ours); not imported by the project. Reads the instructions (a JSON list) from `--rows`, evolves each
-`--rounds` times and answers the last evolution (`num_evolutions`, `generate_answers=True`), in batches of
+`--rounds` times and answers every evolution (`num_evolutions`, `store_evolutions=True`, `generate_answers=True`,
+as our stage answers every kept evolution; with `store_evolutions=False` and more than one evolution,
+distilabel 1.5.3's `process` fails with an IndexError pairing answers to rows), in batches of
 `--batch` rows, as distilabel's EvolInstruct task does inside a pipeline step (each batch's requests all in
 flight at once through distilabel's OpenAILLM, one evolution round after the other). Prints one JSON line.
 """
@@ -37,18 +39,18 @@ def main() -> None:
         instructions = json.load(f)
     llm = OpenAILLM(model=args.model, base_url=args.base_url, api_key="not-needed", max_retries=6, timeout=120,
                     generation_kwargs={"max_new_tokens": args.max_new_tokens, "temperature": args.temperature})
-    task = EvolInstruct(llm=llm, num_evolutions=args.rounds, generate_answers=True, input_batch_size=args.batch,
-                        seed=0)
+    task = EvolInstruct(llm=llm, num_evolutions=args.rounds, store_evolutions=True, generate_answers=True,
+                        input_batch_size=args.batch, seed=0)
     task.load()
     cpu0, t0 = _cpu_s(), time.perf_counter()
     answered = 0
     for start in range(0, len(instructions), args.batch):
         batch = [{"instruction": text} for text in instructions[start:start + args.batch]]
         for out in task.process(batch):
-            answered += sum(1 for row in out if row.get("answer"))
+            answered += sum(sum(1 for a in row.get("answers") or [] if a) for row in out)
     seconds = time.perf_counter() - t0
     print(json.dumps({"peer": f"distilabel {distilabel.__version__} EvolInstruct", "rows": len(instructions),
-                      "num_evolutions": args.rounds, "input_batch_size": args.batch, "answered": answered,
+                      "num_evolutions": args.rounds, "input_batch_size": args.batch, "answers": answered,
                       "seconds": round(seconds, 2), "client_cpu_s": round(_cpu_s() - cpu0, 2)}))
 
 
