@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from tasks.artifacts import STAGES
 from tasks.config import ConfigError, load_config
 
 
@@ -18,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="configs/default.yaml", help="YAML run profile")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set mix.seed=2 (repeatable)")
+    run.add_argument("--until", choices=STAGES, default=None, metavar="STAGE",
+                     help=f"stop after this stage ({', '.join(STAGES)}); e.g. --until mix: the data, no training")
     resume = sub.add_parser("resume", help="continue a failed run: finished stages are reused, the rest run")
     resume.add_argument("run_id", help="a directory name under the runs directory, e.g. 20261127T081500-1a2b3c4d")
     resume.add_argument("--runs-dir", default="data/runs", help="where the run directories are")
@@ -40,6 +43,11 @@ def _print_summary(summary: dict, seconds: float) -> None:
         table.add_row(s["stage"], str(s["rows_in"]), str(s["rows_out"]),
                       f"{s['seconds']:.1f}" if s["seconds"] is not None else "-", "yes" if s["reused"] else "no")
     console.print(table)
+    if summary.get("until"):
+        console.print(f"stopped after [bold]{summary['until']}[/bold] (--until); its artifact: "
+                      f"[bold]{summary['last_artifact']}[/bold]")
+        console.print(f"finished in {seconds:.1f} s")
+        return
     console.print(f"eval loss (mix's eval split): {summary['eval_loss_before']:.4f} (base) -> "
                   f"{summary['eval_loss_after']:.4f} (tuned)")
     if summary.get("heldout_loss"):
@@ -85,7 +93,7 @@ def prepare_local_prefect() -> None:
     anyio.run(provide_database_interface().create_db)
 
 
-def _run_flow(config: str, overrides: list[str], run_id: str | None = None) -> int:
+def _run_flow(config: str, overrides: list[str], run_id: str | None = None, until: str | None = None) -> int:
     try:
         cfg = load_config(config, overrides)  # fail fast, before Prefect starts
     except ConfigError as exc:
@@ -102,7 +110,8 @@ def _run_flow(config: str, overrides: list[str], run_id: str | None = None) -> i
 
     t0 = time.perf_counter()
     try:
-        state = instruction_tuning(config=config, overrides=overrides, run_id=run_id, return_state=True)
+        state = instruction_tuning(config=config, overrides=overrides, run_id=run_id, until=until,
+                                   return_state=True)
     except Exception as exc:  # Prefect did not start: there is no run and no run directory
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"run not started: {type(exc).__name__}: {first[:300]}", file=sys.stderr)
@@ -135,7 +144,7 @@ def _run_dir_of(runs_dir: str, state, run_id: str | None) -> Path | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _run_flow(args.config, args.overrides)
+    return _run_flow(args.config, args.overrides, until=args.until)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

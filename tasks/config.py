@@ -156,6 +156,9 @@ class SeedsConfig(Section):
 
 
 class SelfInstructConfig(Section):
+    # Off: no generation; the seeds' examples pass through unchanged (an existing dataset, scored, mixed
+    # and trained on). The stage's other keys are then ignored.
+    enabled: bool = True
     num_instructions: int = Field(24, ge=1, description="target: new tasks kept (each with its instances)")
     max_requests: int = Field(64, ge=1, description="budget: generation requests for instructions")
     max_tokens: int | None = Field(None, ge=1, description="budget: prompt + completion tokens, all calls")
@@ -196,6 +199,7 @@ EVOL_OPERATIONS: tuple[str, ...] = EvolOperation.__args__
 
 
 class EvolInstructConfig(Section):
+    enabled: bool = Field(True, description="off: rows pass through unchanged, the other keys ignored")
     rounds: int = Field(1, ge=0, description="evolution rounds (WizardLM used 4)")
     max_per_round: int | None = Field(16, ge=1, description="input rows evolved, each once a round (None: all)")
     # Drawing weights; 0 switches an operation off. Five in-depth operations and one in-breadth (`breadth`).
@@ -298,7 +302,10 @@ class QualityConfig(Section):
     # when the llm backend is transformers, else `finetune.base_model`.
     scorer_model: str | None = None
     checkpoint_every: int = Field(64, ge=1, description="rows per checkpoint of the model-based scores")
+    checkpoint_seconds: float = Field(60.0, gt=0, description="and a judge part at least this often")
     report_examples: int = Field(5, ge=0, le=100, description="best and worst kept rows shown in the report")
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_seconds",)
 
     @model_validator(mode="after")
     def _rank_column(self) -> "QualityConfig":

@@ -184,6 +184,16 @@ class Model:
         return await self.batcher.logprobs(prompt, tuple(candidates))
 
 
+def parallelism(llm: LLM, batch_size: int) -> int:
+    """Requests a stage can have answered at once: every endpoint's `max_concurrency` together (several
+    `llm.base_urls`), or the in-process model's batch. Stages keep about twice this many items open, so
+    an item between two requests never leaves a place idle."""
+    pool = getattr(llm, "pool", None)
+    if pool is not None:
+        return sum(e.max_concurrency for e in pool.endpoints)
+    return getattr(llm, "max_concurrency", batch_size)
+
+
 # --- the engine -------------------------------------------------------------------------------------------------
 
 class Engine:

@@ -34,7 +34,7 @@ import pyarrow as pa
 from tasks.artifacts import PartWriter
 from tasks.calibration import best_threshold
 from tasks.config import EVOL_OPERATIONS, EvolInstructConfig
-from tasks.engine import Engine, Finished, Model
+from tasks.engine import Engine, Finished, Model, parallelism
 from tasks.llm.base import LLM, GenerationParams, Prompt, chat_prompt
 from tasks.prompts import ALPACA_STOPS, alpaca_prompt
 from tasks.text import rouge_l_f1, word_count
@@ -362,7 +362,7 @@ def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
     chosen = list(range(len(records)))
     if cfg.max_per_round is not None and len(chosen) > cfg.max_per_round:
         chosen = sorted(np.random.default_rng([seed, 0]).choice(len(records), cfg.max_per_round, replace=False))
-    parallel = getattr(llm, "max_concurrency", batch_size)
+    parallel = parallelism(llm, batch_size)
     engine = Engine(llm, parts, ATTEMPT_SCHEMA, max_open=2 * parallel, checkpoint_every=cfg.checkpoint_every,
                     checkpoint_s=cfg.checkpoint_seconds, batch_size=batch_size, desc="evol_instruct",
                     total=len(chosen) if cfg.rounds else 0)
@@ -385,11 +385,12 @@ def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
     evolved = pd.DataFrame([{**{k: r[k] for k in ("id", "task_id", "instruction", "output", "category",
                                                     *EVOL_COLUMNS)},
                              "input": "", "is_classification": False, "origin": "evol"} for r in kept])
-    columns = list(rows.columns) + [c for c in EVOL_COLUMNS if c not in rows.columns]
-    evolved = evolved.reindex(columns=columns)
-    out = pd.concat([rows, evolved], ignore_index=True) if len(evolved) else rows.reindex(columns=columns)
-    if len(out):
+    if len(evolved):
+        columns = list(rows.columns) + [c for c in EVOL_COLUMNS if c not in rows.columns]
+        out = pd.concat([rows, evolved.reindex(columns=columns)], ignore_index=True)
         out["round"] = out["round"].astype("Int64")
+    else:
+        out = unevolved(rows)
     failed = {(r["root_id"], r["evol_iteration"]) for r in attempts if r["drop_reason"]}
     retried = sum((r["root_id"], r["evol_iteration"] - 1) in failed for r in attempts)
     stats = {"attempted": len(attempts), "kept": len(kept),
@@ -402,6 +403,14 @@ def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
              or ("off" if not cfg.equality_check else "not needed"),
              **engine.summary()}
     return out, stats
+
+
+def unevolved(rows: pd.DataFrame) -> pd.DataFrame:
+    """`rows` as the stage gives them when nothing is evolved: unchanged, with the evolution columns."""
+    out = rows.reindex(columns=list(rows.columns) + [c for c in EVOL_COLUMNS if c not in rows.columns])
+    if len(out):
+        out["round"] = out["round"].astype("Int64")
+    return out
 
 
 def _pass_rates(attempts: list[dict[str, Any]], key: str, names: list[str]) -> dict[str, dict[str, Any]]:

@@ -103,12 +103,18 @@ def parse_rating(answer: str) -> tuple[float | None, str | None]:
     return None, "no_rating: no rating found in the answer"
 
 
+def judge_params(mode: Mode, max_new_tokens: int) -> GenerationParams:
+    """Greedy, and one line for a base model (it goes on with a next demonstration otherwise)."""
+    return GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                            stop=("\n",) if mode == "completions" else ())
+
+
 def judge(instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str], llm: LLM,
           max_new_tokens: int, usage: Usage) -> tuple[np.ndarray, list[str | None], list[str]]:
-    """Ratings (NaN where none could be read), the reason for each missing one, and the raw answers."""
+    """Ratings (NaN where none could be read), the reason for each missing one, and the raw answers, in one
+    batch (the evaluate stage's few rows; quality's judge runs its rows through the work engine)."""
     prompts = [judge_prompt(i, x, o, llm.mode) for i, x, o in zip(instructions, inputs, outputs)]
-    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                              stop=("\n",) if llm.mode == "completions" else ())
+    params = judge_params(llm.mode, max_new_tokens)
     completions = llm.generate(prompts, params, desc="judge")
     usage.add("judge", completions)
     scores = np.full(len(prompts), np.nan)

@@ -16,8 +16,10 @@ Heuristics, column-wise over the whole table (compiled scans, tasks/textscan.py)
 - `total`: the weighted mean of the four.
 Model-based scores, each optional (tasks/judge.py, tasks/model_scores.py): `score_judge` (1-10, with
 `judge_error` and the raw `judge_answer`), `score_deita_complexity`, `score_deita_quality` (1-6) and their
-product `score_deita`, and `score_ifd` (with its two losses). They are computed in chunks of
-`checkpoint_every` rows, each chunk a checkpoint part, so a restarted stage scores only what is missing.
+product `score_deita`, and `score_ifd` (with its two losses). The judge's rows stream through the work
+engine (each row one request, as many in flight as the endpoints allow, parts under `parts/judge/` every
+`checkpoint_every` rows or `checkpoint_seconds`); DEITA and IFD, from the local scoring model, run in chunks
+of `checkpoint_every` rows, each chunk a part. A restarted stage scores only what is missing.
 
 The decision, first failing rule naming the reason: empty_output, unsafe, judge_unparsed, low_judge,
 low_total, high_ifd, low_complexity, low_response_quality; then, among the rows still kept, MinHash-LSH
@@ -42,7 +44,8 @@ import pyarrow.compute as pc
 from tasks import dedup, judge, model_scores
 from tasks.artifacts import PartWriter, part_metadata
 from tasks.config import QualityConfig
-from tasks.llm.base import LLM, Usage, UsageTally
+from tasks.engine import Engine, Finished, parallelism
+from tasks.llm.base import LLM, UsageTally
 from tasks.textscan import heuristic_scan
 
 HEURISTICS = ("length", "format", "relevance", "safety")
@@ -107,13 +110,41 @@ def score(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
     return df.assign(**heuristic_scores(df, cfg))
 
 
-def _score_chunk(chunk: pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None, scorer,
-                 usage: Usage) -> pd.DataFrame:
+JUDGE_SCHEMA = pa.schema([("row", pa.int64()), ("score_judge", pa.float64()), ("judge_error", pa.string()),
+                          ("judge_answer", pa.string())])
+
+
+def judge_scores(df: pd.DataFrame, cfg: QualityConfig, llm: LLM,
+                 parts: PartWriter | None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The judge's rating of every row (by position), each row an item of the work engine."""
+    batch_size = getattr(llm, "batch_size", 16)
+    engine = Engine(llm, parts, JUDGE_SCHEMA, max_open=2 * parallelism(llm, batch_size),
+                    checkpoint_every=cfg.checkpoint_every, checkpoint_s=cfg.checkpoint_seconds,
+                    batch_size=batch_size, desc="quality judge", total=len(df))
+    params = judge.judge_params(engine.model.mode, cfg.judge.max_new_tokens)
+    texts = list(zip(df["instruction"].tolist(), df["input"].fillna("").tolist(), df["output"].fillna("").tolist()))
+
+    async def rate(row: int) -> Finished:
+        instruction, input_text, output = texts[row]
+        completion = await engine.model.generate(judge.judge_prompt(instruction, input_text, output,
+                                                                     engine.model.mode), params, "judge")
+        value, error = judge.parse_rating(completion.text)
+        return Finished(f"row-{row}", rows=[{"row": row, "score_judge": math.nan if value is None else value,
+                                             "judge_error": error, "judge_answer": completion.text}])
+
+    async def stage(engine: Engine) -> None:
+        for row in range(len(texts)):
+            await engine.spawn(f"row-{row}", lambda row=row: rate(row))
+
+    engine.run(stage)
+    rows = engine.restored.rows + [r for item in engine.finished_items for r in item.rows]
+    table = pd.DataFrame(rows, columns=JUDGE_SCHEMA.names).set_index("row").sort_index()
+    return table, engine.summary()
+
+
+def _score_chunk(chunk: pd.DataFrame, cfg: QualityConfig, scorer) -> pd.DataFrame:
     args = (chunk["instruction"].tolist(), chunk["input"].fillna("").tolist(), chunk["output"].fillna("").tolist())
     out = pd.DataFrame({"row": chunk.index.to_numpy()})
-    if cfg.judge.enabled:
-        ratings, errors, answers = judge.judge(*args, judge_llm, cfg.judge.max_new_tokens, usage)
-        out["score_judge"], out["judge_error"], out["judge_answer"] = ratings, errors, answers
     if cfg.deita.enabled:
         complexity, response_quality = model_scores.deita_scores(*args, scorer)
         out["score_deita_complexity"], out["score_deita_quality"] = complexity, response_quality
@@ -127,29 +158,30 @@ def _score_chunk(chunk: pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None,
 
 def model_based_scores(df: pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None, scorer,
                        parts: PartWriter | None) -> tuple[pd.DataFrame | None, dict[str, Any]]:
-    """The judge, DEITA and IFD columns (those enabled) by row position, checkpointed in chunks."""
+    """The judge, DEITA and IFD columns (those enabled) by row position: the judge through the work
+    engine, DEITA and IFD in checkpointed chunks."""
     if not (cfg.judge.enabled or cfg.deita.enabled or cfg.ifd.enabled):
         return None, {}
-    done = {int(part_metadata(t)["start"]): t for t in (parts.read_all() if parts else [])}
-    usage = Usage()
-    tally = UsageTally(usage)
-    totals = {field: 0 for field in UsageTally.FIELDS}
-    frames = []
-    for start in range(0, len(df), cfg.checkpoint_every):
-        if start in done:
-            table = done[start]
-            meta = part_metadata(table)
-        else:
-            table = pa.Table.from_pandas(_score_chunk(df.iloc[start:start + cfg.checkpoint_every], cfg,
-                                                      judge_llm, scorer, usage), preserve_index=False)
-            meta = {"start": str(start), **{k: str(v) for k, v in tally.take().items()}}
-            if parts:
-                parts.write(table.replace_schema_metadata(meta))
-        for field in totals:
-            totals[field] += int(meta.get(field, 0))
-        frames.append(table.to_pandas())
-    scores = pd.concat(frames, ignore_index=True).set_index("row")
-    return scores, {"usage": totals, "checkpoints": len(frames), "resumed_checkpoints": len(done)}
+    columns, stats = [], {"usage": {field: 0 for field in UsageTally.FIELDS}, "checkpoints": 0}
+    if cfg.judge.enabled:
+        judged, summary = judge_scores(df, cfg, judge_llm, PartWriter(parts.parts_dir / "judge") if parts else None)
+        columns.append(judged)
+        stats["usage"] = {field: summary[field] for field in UsageTally.FIELDS}
+        stats["judge_checkpoints"] = summary["checkpoints"]
+    if cfg.deita.enabled or cfg.ifd.enabled:
+        done = {int(part_metadata(t)["start"]): t for t in (parts.read_all() if parts else [])}
+        frames = []
+        for start in range(0, len(df), cfg.checkpoint_every):
+            table = done.get(start)
+            if table is None:
+                table = pa.Table.from_pandas(_score_chunk(df.iloc[start:start + cfg.checkpoint_every], cfg, scorer),
+                                             preserve_index=False)
+                if parts:
+                    parts.write(table.replace_schema_metadata({"start": str(start)}))
+            frames.append(table.to_pandas())
+        columns.append(pd.concat(frames, ignore_index=True).set_index("row"))
+        stats.update(checkpoints=len(frames), resumed_checkpoints=len(done))
+    return pd.concat(columns, axis=1), stats
 
 
 def _dedup_text(df: pd.DataFrame, fields: list[str]) -> pa.Array:

@@ -52,13 +52,14 @@ class RunRecord:
     overrides: list[str]
     started_at: float
     attempt: int = 1
+    until: str | None = None  # the last stage this run goes to (None: all of them)
     stages: list[StageRecord] = field(default_factory=list)
     earlier: dict[str, Any] = field(default_factory=dict)  # stages recorded by earlier attempts
     lock: Lock | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def start(cls, cfg: Config, config_path: str, overrides: list[str], flow_run_id: str | None = None,
-              run_id: str | None = None) -> "RunRecord":
+              run_id: str | None = None, until: str | None = None) -> "RunRecord":
         """A new run directory, or the existing one of `run_id` (a resume) or of this flow run (a Prefect
         retry of it), continued as its next attempt."""
         runs_dir = Path(cfg.run.runs_dir).resolve()
@@ -68,25 +69,26 @@ class RunRecord:
         if run_id is not None:
             if Path(run_id).name != run_id or run_id in (".", ".."):
                 raise ValueError(f"run_id `{run_id}` must be a directory name under {runs_dir}")
-            return cls.resume(runs_dir / run_id)
+            return cls.resume(runs_dir / run_id, until)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         run_id = f"{stamp}-{(str(flow_run_id) if flow_run_id else secrets.token_hex(4))[:8]}"
         path = runs_dir / run_id
         path.mkdir(parents=True, exist_ok=False)
         lock = _take(path, run_id)
         atomic_write_text(path / "config.yaml", cfg.to_yaml())
-        record = cls(run_id, path, config_path, list(overrides), time.time(), lock=lock)
+        record = cls(run_id, path, config_path, list(overrides), time.time(), until=until, lock=lock)
         record.save(status="running")
         return record
 
     @classmethod
-    def resume(cls, path: Path) -> "RunRecord":
-        """Continue the run in `path` as its next attempt; refused while a live process still runs it."""
+    def resume(cls, path: Path, until: str | None = None) -> "RunRecord":
+        """Continue the run in `path` as its next attempt (to its own last stage unless `until` says
+        otherwise); refused while a live process still runs it."""
         manifest = read_manifest(path)
         lock = _take(path, manifest["run_id"])
         record = cls(manifest["run_id"], path, manifest["config"], list(manifest["overrides"]), time.time(),
-                     attempt=int(manifest.get("attempt", 1)) + 1, earlier=dict(manifest.get("stages") or {}),
-                     lock=lock)
+                     attempt=int(manifest.get("attempt", 1)) + 1, until=until or manifest.get("until"),
+                     earlier=dict(manifest.get("stages") or {}), lock=lock)
         record.save(status="running")
         return record
 
@@ -107,7 +109,7 @@ class RunRecord:
 
     def save(self, status: str, extra: dict[str, Any] | None = None) -> None:
         manifest = {"run_id": self.run_id, "status": status, "attempt": self.attempt, "config": self.config_path,
-                    "overrides": self.overrides, "started_at": time.strftime(
+                    "overrides": self.overrides, "until": self.until, "started_at": time.strftime(
                         "%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started_at)),
                     "seconds": round(time.time() - self.started_at, 3),
                     "stages": {**self.earlier, **{s.stage: asdict(s) for s in self.stages}}, **(extra or {})}

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from tasks.artifacts import PartWriter
 from tasks.config import SelfInstructConfig
-from tasks.engine import Engine, Finished, Model
+from tasks.engine import Engine, Finished, Model, parallelism
 from tasks.llm.base import LLM, Completion, GenerationParams, Prompt, chat_prompt
 from tasks.calibration import best_threshold
 from tasks.text import RougeIndex, parse_numbered_list, word_count
@@ -275,7 +275,7 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
     seed_instructions = [t["instruction"] for t in seed_rows]
     seed_index = RougeIndex(seed_instructions)  # nearest seed gives a generated task its category
     cls_shots = _classification_shots(seed_rows)
-    parallel = getattr(llm, "max_concurrency", batch_size)
+    parallel = parallelism(llm, batch_size)
     engine = Engine(llm, parts, PART_SCHEMA, max_open=2 * parallel + cfg.requests_per_batch,
                     checkpoint_every=cfg.checkpoint_every, checkpoint_s=cfg.checkpoint_seconds,
                     batch_size=batch_size, desc="self_instruct tasks kept", total=cfg.num_instructions,

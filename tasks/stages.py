@@ -45,15 +45,19 @@ def _run_seeds(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
 
 def _run_self_instruct(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     seed_table = inputs["seeds"].read_table()
+    examples = self_instruct.seed_examples(seed_table)
+    if not cfg.self_instruct.enabled:  # generation off: the loaded rows go on as they are
+        return examples, {"rows_in": seed_table.num_rows, "seed_examples": len(examples), "enabled": False}
     generated, stats = self_instruct.generate_tasks(seed_table, cfg.self_instruct, get_llm(cfg.llm), cfg.run.seed,
                                                     PartWriter(out.parts_dir), batch_size=cfg.llm.batch_size)
-    examples = self_instruct.seed_examples(seed_table)
     rows = pd.concat([examples, generated], ignore_index=True) if len(generated) else examples
     return rows, {"rows_in": seed_table.num_rows, "seed_examples": len(examples), **stats}
 
 
 def _run_evol(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     rows = _frame(inputs["self_instruct"])
+    if not cfg.evol_instruct.enabled:  # evolution off: the rows go on as they are (with the evol columns)
+        return evol_instruct.unevolved(rows), {"rows_in": len(rows), "enabled": False}
     evolved, stats = evol_instruct.evolve(rows, cfg.evol_instruct, get_llm(cfg.llm), cfg.run.seed,
                                           PartWriter(out.parts_dir), batch_size=cfg.llm.batch_size)
     return evolved, {"rows_in": len(rows), **stats}
@@ -185,10 +189,14 @@ def _seeds_key(c: Config) -> dict[str, Any]:
 
 
 def _self_instruct_key(c: Config) -> dict[str, Any]:
+    if not c.self_instruct.enabled:  # no model asked: the key names none (and no endpoint must answer)
+        return {"self_instruct": {"enabled": False}}
     return {"seed": c.run.seed, "llm": model_identity(c.llm), "self_instruct": c.self_instruct.identity()}
 
 
 def _evol_key(c: Config) -> dict[str, Any]:
+    if not c.evol_instruct.enabled:
+        return {"evol_instruct": {"enabled": False}}
     return {"seed": c.run.seed, "llm": model_identity(c.llm), "evol_instruct": c.evol_instruct.identity()}
 
 

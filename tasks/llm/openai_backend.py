@@ -42,6 +42,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -396,6 +397,7 @@ class OpenAILLM:
         self.spend = spend or Spend()
         self._rng = random.Random(0)  # backoff jitter
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._finalizer: weakref.finalize | None = None
         self._owner_pid = 0
         self._lock = threading.Lock()
 
@@ -408,10 +410,17 @@ class OpenAILLM:
         with self._lock:
             if self._loop is None or self._owner_pid != os.getpid():  # none yet, or inherited through fork
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name=f"llm-loop {self.name}", daemon=True).start()
+                thread = threading.Thread(target=_serve, args=(loop,), name=f"llm-loop {self.name}", daemon=True)
+                thread.start()
                 self._loop, self._owner_pid = loop, os.getpid()
                 for endpoint in self.pool.endpoints:
                     endpoint.client, endpoint.outstanding = None, 0
+                # A backend let go without close() (the factory's cache drops it) still closes its
+                # connections and stops its thread, instead of leaking both until the process ends.
+                # Not at interpreter exit (the daemon thread ends with the process anyway), and never in a
+                # forked child, which holds a copy of the loop but not its thread.
+                self._finalizer = weakref.finalize(self, _shut_down, loop, thread, self.pool.endpoints, os.getpid())
+                self._finalizer.atexit = False
             return self._loop
 
     def run_coroutine(self, coro: Awaitable[Any]) -> Any:
@@ -442,12 +451,9 @@ class OpenAILLM:
         return self.pool.in_flight
 
     def close(self) -> None:
+        """Close the connections and stop the loop's thread (a later request starts them again)."""
         if self._loop is not None and self._owner_pid == os.getpid():
-            for endpoint in self.pool.endpoints:
-                if endpoint.client is not None:
-                    self.run_coroutine(endpoint.client.close())
-                    endpoint.client = None
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._finalizer()
             self._loop = None
 
     # -- requests --
@@ -602,6 +608,31 @@ def _assemble_stream(events: list[bytes], chat: bool) -> tuple[str, str | None, 
             reason = choice.get("finish_reason") or reason
         usage = event.get("usage") or usage
     return "".join(pieces), reason, usage
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    loop.run_forever()
+    loop.close()
+
+
+def _shut_down(loop: asyncio.AbstractEventLoop, thread: threading.Thread, endpoints: list[Endpoint],
+               owner_pid: int) -> None:
+    """Close every endpoint's session on `loop`, then stop it (waits only when called from another thread)."""
+    async def close_all() -> None:
+        for endpoint in endpoints:
+            if endpoint.client is not None:
+                await endpoint.client.close()
+                endpoint.client = None
+
+    if os.getpid() != owner_pid or loop.is_closed() or not thread.is_alive():
+        return
+    future = asyncio.run_coroutine_threadsafe(close_all(), loop)
+    if threading.current_thread() is not thread:
+        try:
+            future.result(timeout=10)
+        except Exception as exc:  # noqa: BLE001 - closing is best effort; say so, never hide it
+            log.warning("closing the endpoint sessions: %s", describe(exc))
+    loop.call_soon_threadsafe(loop.stop)
 
 
 def _proxy_for(url: str) -> str | None:

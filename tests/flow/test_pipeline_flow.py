@@ -190,3 +190,43 @@ def test_instructflow_resume_continues_a_failed_local_run(harness, tiny_model_di
     assert "completed already" in capsys.readouterr().out
     assert main(["resume", "no-such-run", "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "no-such-run: no run here (no manifest.json)" in capsys.readouterr().err
+
+
+def test_an_alpaca_file_with_generation_off_stops_until_mix_and_a_full_run_trains_on_it(harness, tiny_model_dir,
+                                                                                         tmp_path, capsys):
+    from flows.cli import main
+
+    subjects = ["rivers", "volcanoes", "bridges", "glaciers", "deserts", "forests", "harbors", "canyons",
+                "islands", "lakes", "meadows", "caves", "reefs", "valleys", "dunes", "marshes", "fjords", "plains"]
+    alpaca = [{"instruction": f"Explain how {s} form and give one famous example.", "input": "",
+               "output": f"Most {s} form over long periods through natural processes such as erosion, deposition "
+                         f"and movement of material; one well known example is described in many atlases."}
+              for s in subjects]
+    source = tmp_path / "alpaca.json"
+    source.write_text(json.dumps(alpaca))
+    # Nothing listens on port 9: with generation off and no judge, no stage may ask the endpoint anything.
+    sets = [f"seeds.path={source}", "seeds.limit=null", "self_instruct.enabled=false", "evol_instruct.enabled=false",
+            "quality.judge.enabled=false", "quality.dedup.enabled=false", "llm.backend=openai", "llm.base_url=http://127.0.0.1:9/v1",
+            "llm.model=absent", f"finetune.base_model={tiny_model_dir}", f"run.artifacts_dir={tmp_path / 'artifacts'}",
+            f"run.runs_dir={tmp_path / 'runs'}"]
+    args = ["run", "--config", str(ROOT / "configs" / "tiny.yaml")] + [x for s in sets for x in ("--set", s)]
+    assert main([*args, "--until", "mix"]) == 0
+    assert "stopped after mix (--until)" in capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["until"] == "mix"
+    assert list(manifest["stages"]) == list(STAGES)[:5] and manifest["last_artifact"].endswith(
+        manifest["stages"]["mix"]["path"].split("/")[-1])
+    # The loaded rows pass through both generating stages unchanged.
+    assert [manifest["stages"][s]["rows_out"] for s in ("seeds", "self_instruct", "evol_instruct")] == [18] * 3
+    passed = pd.read_parquet(Path(manifest["stages"]["evol_instruct"]["path"]) / "data.parquet")
+    assert passed["instruction"].tolist() == [a["instruction"] for a in alpaca] and passed["round"].isna().all()
+    assert not (tmp_path / "artifacts" / stage_dirname("finetune")).exists()
+
+    # The whole run reuses those stages and trains on the mix.
+    assert main(args) == 0
+    runs = sorted((tmp_path / "runs").iterdir())
+    full = json.loads((runs[-1] / "manifest.json").read_text())
+    assert full["status"] == "completed" and full["until"] is None
+    assert {s: r["reused"] for s, r in full["stages"].items()} == {
+        **{s: True for s in list(STAGES)[:5]}, "finetune": False, "evaluate": False}

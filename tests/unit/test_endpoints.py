@@ -161,3 +161,48 @@ def test_a_growing_time_to_first_token_halves_in_flight_before_any_429():
     assert probed_ep.decreases >= 2 and probed_ep.limit < 24
     # So the late probes wait about the bound, where 32 in flight would make it about 0.5 s.
     assert statistics.median(list(probed_ep.ttft_s)[-10:]) < 0.45
+
+
+def test_a_backend_let_go_without_close_closes_its_connections_and_stops_its_thread():
+    import gc
+    import threading
+
+    with SimulatedEndpoint(**FAST) as ep:
+        llm = backend(ep.base_url)
+        assert len(llm.generate(["Below is an instruction.\n\n### Response:\n"] * 4,
+                                GenerationParams(max_new_tokens=4))) == 4
+        session, name = llm.pool.endpoints[0].client, f"llm-loop {llm.name}"
+        assert not session.closed and [t for t in threading.enumerate() if t.name == name]
+        del llm  # as the factory's cache does when it drops a backend
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while [t for t in threading.enumerate() if t.name == name] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert session.closed and not [t for t in threading.enumerate() if t.name == name]
+
+
+def test_the_quality_judge_streams_every_row_through_the_endpoint_and_resumes_from_its_parts(tmp_path):
+    from tasks.artifacts import PartWriter
+    from tasks.config import QualityConfig
+    from tasks.quality import run_quality
+
+    df = pd.DataFrame({"id": [f"r{i}" for i in range(40)], "instruction": [f"Describe item {i}." for i in range(40)],
+                       "input": [""] * 40, "output": [f"Item {i} is a small round thing." for i in range(40)],
+                       "origin": ["seed"] * 40, "category": ["qa"] * 40})
+    cfg = QualityConfig.model_validate({"min_total": 0.0, "checkpoint_every": 8, "judge": {"enabled": True},
+                                        "dedup": {"enabled": False}})
+    with SimulatedEndpoint(slots=16, **FAST) as ep:
+        llm = backend(ep.base_url, max_concurrency=16, mode="chat")
+        out, stats = run_quality(df, cfg, judge_llm=llm, parts=PartWriter(tmp_path / "parts"))
+        served = ep.stats()["requests"]
+        judge_parts = PartWriter(tmp_path / "parts" / "judge")
+        for part in judge_parts.existing()[2:]:  # a crash after the second part
+            part.unlink()
+        again, again_stats = run_quality(df, cfg, judge_llm=llm, parts=PartWriter(tmp_path / "parts"))
+        served_again = ep.stats()["requests"] - served
+        llm.close()
+    assert served == 40 == stats["usage"]["llm_calls"] and stats["judge_checkpoints"] == 5
+    assert out["score_judge"].between(3, 9).all() and out["judge_error"].isna().all()  # the simulated judge's range
+    assert served_again == 40 - 16  # only the rows the two kept parts did not hold
+    pd.testing.assert_frame_equal(again, out)
+    assert again_stats["usage"]["llm_calls"] == 40

@@ -250,17 +250,23 @@ def test_deita_and_ifd_columns_and_checkpoints(tmp_path):
     assert out["judge_answer"].tolist() == ["Rating: 8/10", "7", "no idea", "[[9]]", "11/10"]
     assert stats["judge_errors"] == {"no_rating": 1, "out_of_range": 1}
     assert len(parts.existing()) == 3 and stats["checkpoints"] == 3 and stats["usage"]["llm_calls"] == 5
+    judge_parts = PartWriter(tmp_path / "parts" / "judge")  # the judge's rows stream through the work engine
+    assert len(judge_parts.existing()) == 3 == stats["judge_checkpoints"]
     # One logprob pass per chunk holds both DEITA prompts of each row.
     assert [c for c in scorer.calls if c[0] == "logprobs"] == [("logprobs", 4), ("logprobs", 4), ("logprobs", 2)]
 
-    # A restart with the first two parts on disk scores only the last chunk, and gives the same table.
+    # A restart with the first two parts of each on disk scores only the last chunk and judges only the
+    # row the judge's last part held, and gives the same table.
     parts.existing()[-1].unlink()
+    judge_parts.existing()[-1].unlink()
     judge_answers = iter(["11/10"])
     again_llm = ScriptedLLM(lambda prompt, params: next(judge_answers))
     again, again_stats = run_quality(df, cfg, judge_llm=again_llm, scorer=FakeScorer(), parts=parts)
     assert sum(len(prompts) for prompts, _ in again_llm.calls) == 1
     pd.testing.assert_frame_equal(again, out)
-    assert again_stats["usage"] == stats["usage"] and again_stats["resumed_checkpoints"] == 2
+    # Spend counts the work done: the first attempt's 5 requests (all answered in one batch before its
+    # first part, which records them) and the rerun's request for row 4 again.
+    assert again_stats["usage"]["llm_calls"] == 6 and again_stats["resumed_checkpoints"] == 2
 
 
 def test_cherry_selection_keeps_the_highest_ifd_share_of_what_is_left():
