@@ -59,20 +59,24 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _server_figures(server: str, seconds: float, cpu_s: float) -> dict:
+    """What the server's meter says about the work since its last reset, beside the client's time and CPU."""
+    meter = _get(f"{server}/stats")
+    return {"seconds": round(seconds, 2), "ideal_s": meter["ideal_s"],
+            "measured_over_ideal": round(seconds / meter["ideal_s"], 3) if meter["ideal_s"] else None,
+            "utilisation": meter["utilisation"], "mean_in_service": meter["mean_in_service"],
+            "requests": meter["requests"], "rejected": meter["rejected"],
+            "completion_tokens": meter["completion_tokens"], "requests_by_kind": meter["by_kind"],
+            "client_cpu_s": round(cpu_s, 2), "client_cpu_share": round(cpu_s / seconds, 3)}
+
+
 def _measure(name: str, server: str, work) -> tuple[object, dict]:
     _get(f"{server}/stats/reset", "POST")
     cpu0, t0 = _cpu_s(), time.perf_counter()
     result = work()
     seconds = time.perf_counter() - t0
-    cpu = _cpu_s() - cpu0
-    meter = _get(f"{server}/stats")
-    phases = _get(f"{server}/stats/phases")
-    return result, {"stage": name, "seconds": round(seconds, 2), "ideal_s": meter["ideal_s"],
-                    "measured_over_ideal": round(seconds / meter["ideal_s"], 3) if meter["ideal_s"] else None,
-                    "utilisation": meter["utilisation"], "mean_in_service": meter["mean_in_service"],
-                    "requests": meter["requests"], "rejected": meter["rejected"],
-                    "completion_tokens": meter["completion_tokens"], "requests_by_kind": meter["by_kind"],
-                    "phases": phases, "client_cpu_s": round(cpu, 2), "client_cpu_share": round(cpu / seconds, 3),
+    figures = _server_figures(server, seconds, _cpu_s() - cpu0)
+    return result, {"stage": name, **figures, "phases": _get(f"{server}/stats/phases"),
                     "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -106,14 +110,8 @@ def _peer(server: str, instructions: list[str], args, evol_cfg) -> dict:
                                "--max-new-tokens", str(evol_cfg.response_max_new_tokens),
                                "--temperature", str(evol_cfg.temperature)],
                               stdout=subprocess.PIPE, text=True, check=True)  # its log passes through
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    meter = _get(f"{server}/stats")
-    seconds = figures["seconds"]
-    figures.update(ideal_s=meter["ideal_s"], measured_over_ideal=round(seconds / meter["ideal_s"], 3),
-                   utilisation=meter["utilisation"], mean_in_service=meter["mean_in_service"],
-                   requests=meter["requests"], completion_tokens=meter["completion_tokens"],
-                   requests_by_kind=meter["by_kind"], client_cpu_share=round(figures["client_cpu_s"] / seconds, 3))
-    return figures
+    figures = json.loads(done.stdout.strip().splitlines()[-1])  # its own seconds and CPU
+    return {**figures, **_server_figures(server, figures["seconds"], figures["client_cpu_s"])}
 
 
 def main() -> None:

@@ -167,8 +167,7 @@ class Model:
     @property
     def capacity(self) -> int | None:
         """Requests the endpoints may have in flight at most (remote backends)."""
-        pool = getattr(self.llm, "pool", None)
-        return sum(e.max_concurrency for e in pool.endpoints) if pool is not None else None
+        return endpoint_capacity(self.llm)
 
     async def generate(self, prompt: Prompt, params: GenerationParams, purpose: str) -> Completion:
         if self.remote:
@@ -184,14 +183,18 @@ class Model:
         return await self.batcher.logprobs(prompt, tuple(candidates))
 
 
-def parallelism(llm: LLM, batch_size: int) -> int:
-    """Requests a stage can have answered at once: every endpoint's `max_concurrency` together (several
-    `llm.base_urls`), or the in-process model's batch. Stages keep about twice this many items open, so
-    an item between two requests never leaves a place idle."""
+def endpoint_capacity(llm: LLM) -> int | None:
+    """Every endpoint's `max_concurrency` together (several `llm.base_urls`); None for in-process models."""
     pool = getattr(llm, "pool", None)
-    if pool is not None:
-        return sum(e.max_concurrency for e in pool.endpoints)
-    return getattr(llm, "max_concurrency", batch_size)
+    return sum(e.max_concurrency for e in pool.endpoints) if pool is not None else None
+
+
+def parallelism(llm: LLM, batch_size: int) -> int:
+    """Requests a stage can have answered at once: the endpoints' capacity, or the in-process model's
+    batch. Stages keep about twice this many items open, so an item between two requests never leaves a
+    place idle."""
+    capacity = endpoint_capacity(llm)
+    return capacity if capacity is not None else getattr(llm, "max_concurrency", batch_size)
 
 
 # --- the engine -------------------------------------------------------------------------------------------------

@@ -88,14 +88,16 @@ class UsageTally:
         self.usage = usage
         self.mark = (0, 0, 0, 0)
 
+    def _now(self) -> tuple[int, int, int, int]:
+        return self.usage.requests, self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.retries
+
     def pending(self) -> Counter:
         """Usage since the last `take()`, without taking it."""
-        now = (self.usage.requests, self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.retries)
-        return +Counter(dict(zip(self.FIELDS, (a - b for a, b in zip(now, self.mark)))))
+        return +Counter(dict(zip(self.FIELDS, (a - b for a, b in zip(self._now(), self.mark)))))
 
     def take(self) -> Counter:
         delta = self.pending()
-        self.mark = (self.usage.requests, self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.retries)
+        self.mark = self._now()
         return delta
 
 
