@@ -178,7 +178,8 @@ def main() -> None:
             "endpoint": {"slots": args.slots, "ttft_s": args.ttft_s, "tokens_per_s": args.tokens_per_s,
                          "kind": "simulated vLLM-like server (tests/simulated_endpoint.py), own process"},
             "client": {"profile": "configs/openai.yaml (chat)", "max_concurrency": args.slots},
-            "reference": "ideal_s: busy slot-seconds / slots (every slot busy from first request to last)",
+            "reference": "ideal_s: busy slot-seconds / slots (every slot busy from first request to last); "
+                         "peer: distilabel 1.5.3 EvolInstruct on the same rows and server, same cap in flight",
             "stages": figures, "total_seconds": round(total_s, 2), "total_ideal_s": round(ideal_s, 2),
             "measured_over_ideal": round(total_s / ideal_s, 3) if ideal_s else None,
             "peak_rss_mb": _peak_rss_mb(), "peer": peer}, indent=1))
