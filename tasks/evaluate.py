@@ -156,7 +156,7 @@ def reference_loss(llm, rows: pd.DataFrame, max_length: int, batch_size: int) ->
     loss, _ = evaluate_loss(llm.model, examples, batch_size, llm.tokenizer.pad_token_id, llm.device, llm.dtype,
                             desc="held-out loss")
     return {"loss": round(float(loss), 4), "examples": len(examples),
-            "reference_tokens": int(sum(ex.trainable_tokens for ex in examples)), "truncation": cut}
+            "reference_tokens": int(examples.trainable.sum()), "truncation": cut}
 
 
 def ablation_inputs(scored: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -34,10 +36,9 @@ from tqdm.auto import tqdm
 from tasks import flops
 from tasks.artifacts import atomic_write_json
 from tasks.config import EvaluateConfig, FinetuneConfig, LoraConfig
-from tasks.llm.losses import (Example, collate, fit_response, make_example, pack, packed_batch, packed_loss, stack_rows,
-                              token_losses)
+from tasks.llm.losses import Example, collate, pack, packed_batch, packed_loss, stack_rows, token_losses
 from tasks.llm.transformers_backend import load_causal_lm, load_tokenizer, pick_device, pick_dtype
-from tasks.prompts import alpaca_prompt
+from tasks.tokenized import Tokenized, encode, prepare
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
 
@@ -59,35 +60,36 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def build_example(tokenizer, instruction: str, input: str, output: str, max_length: int,
                   truncation: str = "response") -> tuple[Example | None, str | None]:
     """The training example of one row and what truncation did to it (None: it fit; see fit_response)."""
-    prompt_ids = tokenizer(alpaca_prompt(instruction, input), add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(output.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    _, why = fit_response(len(prompt_ids), len(response_ids), max_length, truncation)
-    return make_example(prompt_ids, response_ids, max_length, truncation), why
+    enc = encode(tokenizer, [instruction], [input], [output], max_length, truncation)
+    return (Tokenized.from_encoded(enc)[0] if len(enc.kept) else None), next(iter(enc.reasons), None)
 
 
 def build_examples(tokenizer, df: pd.DataFrame, max_length: int,
-                   truncation: str = "response") -> tuple[list[Example], np.ndarray, dict[str, int]]:
-    """The examples of the rows that are kept, their row positions in `df`, and the count per truncation
-    reason (truncated_response, dropped_too_long, dropped_prompt_too_long)."""
-    examples, kept, reasons = [], [], {}
-    for pos, r in enumerate(df.itertuples()):
-        ex, why = build_example(tokenizer, r.instruction, r.input or "", r.output, max_length, truncation)
-        if why is not None:
-            reasons[why] = reasons.get(why, 0) + 1
-        if ex is not None:
-            examples.append(ex)
-            kept.append(pos)
-    return examples, np.asarray(kept, dtype=np.int64), reasons
+                   truncation: str = "response") -> tuple[Tokenized, np.ndarray, dict[str, int]]:
+    """The examples of the rows that are kept (in memory), their row positions in `df`, and the count per
+    truncation reason (truncated_response, dropped_too_long, dropped_prompt_too_long)."""
+    enc = encode(tokenizer, df["instruction"].fillna("").astype(str).tolist(),
+                 df["input"].fillna("").astype(str).tolist(), df["output"].fillna("").astype(str).tolist(),
+                 max_length, truncation)
+    return Tokenized.from_encoded(enc), enc.kept, enc.reasons
+
+
+def token_counts(examples: Tokenized | list[Example]) -> tuple[np.ndarray, np.ndarray]:
+    """Each example's tokens and trainable (response) tokens."""
+    if isinstance(examples, Tokenized):
+        return examples.lengths, examples.trainable
+    return (np.array([len(ex.input_ids) for ex in examples], dtype=np.int64),
+            np.array([ex.trainable_tokens for ex in examples], dtype=np.int64))
 
 
 @torch.inference_mode()
-def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
+def evaluate_loss(model, examples: Tokenized | list[Example], batch_size: int, pad_id: int, device: torch.device,
                   dtype: torch.dtype = torch.float32, desc: str = "eval loss") -> tuple[float, list[float]]:
     """Token-weighted mean loss over the examples' response tokens, and each example's own mean.
     Under torchrun each process takes every N-th example and all receive the whole result."""
     rank, world = ranks()
     model.eval()
-    mine = examples[rank::world]
+    mine = [examples[i] for i in range(rank, len(examples), world)]
     sums, counts = [], []
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, leave=False, disable=rank > 0):
         batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
@@ -113,22 +115,23 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
-def plan_steps(lengths: list[int], cfg: FinetuneConfig, seed: int, world: int = 1) -> list[list[list[list[int]]]]:
+def plan_steps(lengths, cfg: FinetuneConfig, seed: int, world: int = 1) -> list[list[list[list[int]]]]:
     """The whole run's data order, fixed by the seed: per optimizer step its `grad_accum x world`
     micro-batches, each a list of rows, each row the examples it holds (several when packed, one otherwise).
     A resumed run replays it; process r of `world` trains micro-batches r*grad_accum to (r+1)*grad_accum."""
     rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, dtype=np.int64)
     batches: list[list[list[int]]] = []
     per_step = cfg.grad_accum * world
     per_epoch = total = 0
     while not total or len(batches) < total * per_step:
-        order = rng.permutation(len(lengths)).tolist()
-        if cfg.packing:  # first fit in a new random order each epoch: different neighbours, few gaps
-            rows = [[order[i] for i in row] for row in pack([lengths[i] for i in order], cfg.row_tokens,
-                                                            decreasing=False)]
+        order = rng.permutation(len(lengths))
+        if cfg.packing:  # best fit in a new random order each epoch: different neighbours, few gaps
+            ids = order.tolist()
+            rows = [[ids[i] for i in row] for row in pack(lengths[order], cfg.row_tokens, decreasing=False)]
             rows = [rows[i] for i in rng.permutation(len(rows))]
         else:
-            rows = [[i] for i in order]
+            rows = [[i] for i in order.tolist()]
         epoch = [rows[s:s + cfg.batch_size] for s in range(0, len(rows), cfg.batch_size)]
         per_epoch = per_epoch or len(epoch)
         total = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / per_step))
@@ -136,7 +139,8 @@ def plan_steps(lengths: list[int], cfg: FinetuneConfig, seed: int, world: int = 
     return [batches[s * per_step:(s + 1) * per_step] for s in range(total)]
 
 
-def micro_batch(examples: list[Example], rows: list[list[int]], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
+def micro_batch(examples: Tokenized | list[Example], rows: list[list[int]], packing: bool,
+                pad_id: int) -> dict[str, torch.Tensor]:
     if not packing:
         return collate([examples[row[0]] for row in rows], pad_id)
     width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)  # pad to the longest row
@@ -229,7 +233,7 @@ def with_lora(model, cfg: LoraConfig):
                                                 target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
 
 
-def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id: int, device: torch.device,
+def train(model, examples: Tokenized | list[Example], cfg: FinetuneConfig, seed: int, pad_id: int, device: torch.device,
           checkpoints: Checkpoints | None = None,
           dtype: torch.dtype = torch.float32) -> tuple[list[dict[str, float]], int]:
     """Train; return the log (one entry per optimizer step) and the step the run resumed from (0: none)."""
@@ -239,7 +243,8 @@ def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
-    steps = plan_steps([len(ex.input_ids) for ex in examples], cfg, seed, world)
+    lengths, trainable = token_counts(examples)
+    steps = plan_steps(lengths, cfg, seed, world)
     warmup = int(cfg.warmup_ratio * len(steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, len(steps)))
     start, log = checkpoints.load(model, optimizer, scheduler) if checkpoints else (0, [])
@@ -255,8 +260,9 @@ def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id
         t0 = time.perf_counter()
         # Every process knows the whole step; it trains its own micro-batches and scales its loss so that
         # the averaged gradient is that of the mean over all response tokens of the step.
-        n_tokens = sum(examples[i].trainable_tokens for rows in steps[step] for row in rows for i in row)
-        lengths = [len(examples[i].input_ids) for rows in steps[step] for row in rows for i in row]
+        in_step = [i for rows in steps[step] for row in rows for i in row]
+        n_tokens = int(trainable[in_step].sum())
+        step_lengths = lengths[in_step].tolist()
         mine = steps[step][rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
         step_sum = torch.zeros((), device=device)
         for k, rows in enumerate(mine):
@@ -275,8 +281,8 @@ def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         log.append({"step": step + 1, "loss": float(step_sum) / max(n_tokens, 1), "lr": scheduler.get_last_lr()[0],
-                    "tokens": n_tokens, "real_tokens": sum(lengths),
-                    "attention_pairs": flops.attention_pairs(model.config, lengths),
+                    "tokens": n_tokens, "real_tokens": sum(step_lengths),
+                    "attention_pairs": flops.attention_pairs(model.config, step_lengths),
                     "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
         if checkpoints and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(steps):
@@ -287,20 +293,20 @@ def train(model, examples: list[Example], cfg: FinetuneConfig, seed: int, pad_id
     return log, start
 
 
-def mask_report(examples: list[Example], ids: list[str], truncation: dict[str, int] | None = None,
+def mask_report(examples: Tokenized | list[Example], ids: list[str], truncation: dict[str, int] | None = None,
                 max_length: int | None = None) -> dict[str, Any]:
     """Trainable (response) share of each example's tokens, and what truncation did (count per reason);
-    an example with nothing to learn from stops the stage."""
-    empty = [i for i, ex in zip(ids, examples) if ex.trainable_tokens == 0]
-    if empty:
+    an example with nothing to learn from stops the stage. `ids` names the examples, in their order."""
+    lengths, trainable = token_counts(examples)
+    empty = np.flatnonzero(trainable == 0)
+    if len(empty):
         raise ValueError(f"finetune: {len(empty)} training examples have no response token to learn from "
-                         f"(first: {empty[:3]}); raise finetune.max_length or fix those rows")
-    if not examples:
+                         f"(first: {[ids[i] for i in empty[:3]]}); raise finetune.max_length or fix those rows")
+    if not len(lengths):
         raise ValueError(f"finetune: every training example was dropped as too long ({truncation}); raise "
                          f"finetune.max_length (now {max_length}) or set finetune.truncation: response")
-    shares = np.array([ex.trainable_tokens / len(ex.input_ids) for ex in examples])
-    return {"examples": len(examples), "trainable_tokens": int(sum(ex.trainable_tokens for ex in examples)),
-            "tokens": int(sum(len(ex.input_ids) for ex in examples)),
+    shares = trainable / lengths
+    return {"examples": len(lengths), "trainable_tokens": int(trainable.sum()), "tokens": int(lengths.sum()),
             "trainable_share_min": round(float(shares.min()), 4), "trainable_share_mean": round(float(shares.mean()), 4),
             "trainable_share_p10": round(float(np.quantile(shares, 0.1)), 4),
             "truncation": dict(sorted((truncation or {}).items()))}
@@ -376,12 +382,16 @@ def model_card(metrics: dict[str, Any], data: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_dir: Path,
-             out_dir: Path, seed: int, data: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_dir: Path,
+             out_dir: Path, seed: int, data: dict[str, str] | None = None,
+             tokens_root: Path | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Train on the `train` split of `mixed`, save the model to `out_dir/model`, return per-example eval losses.
 
     `data` names what the model was trained on (artifact keys) for its model card. A run that finds
-    checkpoints in `out_dir/checkpoints` continues from the newest one.
+    checkpoints in `out_dir/checkpoints` continues from the newest one. The examples are tokenized once into
+    `tokens_root` (tasks/tokenized.py), where a resumed run, every other process and any run with the same
+    tokenizer, rows and length settings find them; by default `out_dir/tokenized`, removed with the
+    checkpoints once the model is saved.
     """
     # 1. Model (float32 weights; `dtype` is the compute precision), tokenizer and examples. Under torchrun
     # each process takes the GPU of its local rank.
@@ -394,20 +404,27 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
     dtype = pick_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     model = load_causal_lm(model_dir, device, torch.float32, attn_implementation=attention_for(cfg, device))
-    train_df = mixed[mixed["split"] == "train"]
-    eval_df = mixed[mixed["split"] == "eval"]
+    table = mixed if isinstance(mixed, pa.Table) else pa.Table.from_pandas(mixed, preserve_index=False)
+    train_rows = table.filter(pc.equal(table.column("split"), "train"))
+    eval_rows = table.filter(pc.equal(table.column("split"), "eval"))
+    del table
     if eval_cfg.max_examples is not None:
-        eval_df = eval_df.iloc[: eval_cfg.max_examples]
-    if train_df.empty or eval_df.empty:
-        raise ValueError(f"finetune needs train and eval rows, got {len(train_df)} and {len(eval_df)}")
-    train_examples, train_kept, train_cut = build_examples(tokenizer, train_df, cfg.max_length, cfg.truncation)
-    eval_examples, eval_kept, eval_cut = build_examples(tokenizer, eval_df, cfg.max_length, cfg.truncation)
-    masks = mask_report(train_examples, train_df["id"].iloc[train_kept].tolist(), train_cut, cfg.max_length)
-    masks["eval_truncation"] = dict(sorted(eval_cut.items()))
-    eval_df = eval_df.iloc[eval_kept]
-    if not eval_examples:
-        raise ValueError(f"finetune: every eval example was dropped as too long ({eval_cut}); raise "
-                         f"finetune.max_length (now {cfg.max_length}) or set finetune.truncation: response")
+        eval_rows = eval_rows.slice(0, eval_cfg.max_examples)
+    if not train_rows.num_rows or not eval_rows.num_rows:
+        raise ValueError(f"finetune needs train and eval rows, got {train_rows.num_rows} and {eval_rows.num_rows}")
+    root = tokens_root or out_dir / "tokenized"
+    train_examples, train_prep = prepare(tokenizer, train_rows, cfg.max_length, cfg.truncation, root, model_dir,
+                                         "tokenize (train)")
+    eval_examples, eval_prep = prepare(tokenizer, eval_rows, cfg.max_length, cfg.truncation, root, model_dir,
+                                       "tokenize (eval)")
+    masks = mask_report(train_examples, train_rows.column("id").take(train_examples.rows).to_pylist(),
+                        train_examples.truncation, cfg.max_length)
+    masks["eval_truncation"] = dict(sorted(eval_examples.truncation.items()))
+    eval_df = eval_rows.select(["id", "instruction"]).take(eval_examples.rows).to_pandas()
+    del train_rows, eval_rows
+    if not len(eval_examples):
+        raise ValueError(f"finetune: every eval example was dropped as too long ({eval_examples.truncation}); "
+                         f"raise finetune.max_length (now {cfg.max_length}) or set finetune.truncation: response")
     pad_id = tokenizer.pad_token_id
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
@@ -436,7 +453,7 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
         "weights_dtype": "float32", "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile,
         "attn_implementation": attention_for(cfg, device), "packing": cfg.packing, "lora": cfg.lora.enabled,
         "train_examples": len(train_examples), "eval_examples": len(eval_examples), "steps": len(log),
-        "resumed_from_step": resumed_from, "mask": masks,
+        "resumed_from_step": resumed_from, "mask": masks, "tokenized": {"train": train_prep, "eval": eval_prep},
         "eval_loss_before": before, "eval_loss_after": after, "eval_loss_delta": after - before,
         "train_loss_first": log[0]["loss"], "train_loss_last": log[-1]["loss"],
         **training_figures(log[resumed_from:], model, device, world), "seconds": seconds, "train_log": log,
@@ -462,4 +479,6 @@ def finetune(mixed: pd.DataFrame, cfg: FinetuneConfig, eval_cfg: EvaluateConfig,
     os.replace(staging, final)
     atomic_write_json(out_dir / "metrics.json", metrics)
     shutil.rmtree(checkpoints.root, ignore_errors=True)
+    if tokens_root is None:  # this run's own: done with, like its checkpoints (a shared root is kept)
+        shutil.rmtree(root, ignore_errors=True)
     return per_example, stats

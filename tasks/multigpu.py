@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tasks.artifacts import atomic_write_json, atomic_write_parquet
 from tasks.config import EvaluateConfig, FinetuneConfig
@@ -52,7 +53,7 @@ def _die_with_parent() -> None:
 
 
 def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_dir: Path, out_dir: Path,
-           seed: int, data: dict[str, str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+           seed: int, data: dict[str, str], tokens_root: Path | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Run `finetune.finetune` in `cfg.processes` processes; return what the first one produced."""
     import torch
 
@@ -65,7 +66,8 @@ def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_
     _clean(out_dir, keep_launch_file=False)
     atomic_write_json(launch_file, {"mix": str(mix_path), "finetune": cfg.model_dump(mode="json"),
                                     "evaluate": eval_cfg.model_dump(mode="json"), "model_dir": str(model_dir),
-                                    "out_dir": str(out_dir), "seed": seed, "data": data})
+                                    "out_dir": str(out_dir), "seed": seed, "data": data,
+                                    "tokens_root": str(tokens_root) if tokens_root else None})
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.processes))
     env = {**os.environ, "OMP_NUM_THREADS": threads}  # share the cores, do not oversubscribe them
     tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -120,8 +122,9 @@ def main(argv: list[str]) -> int:
     out_dir = Path(request["out_dir"])
     rank = dist.get_rank()
     try:
-        per_example, stats = finetune(pd.read_parquet(request["mix"]), cfg, eval_cfg, Path(request["model_dir"]),
-                                      out_dir, request["seed"], request["data"])
+        tokens_root = request.get("tokens_root")
+        per_example, stats = finetune(pq.read_table(request["mix"]), cfg, eval_cfg, Path(request["model_dir"]),
+                                      out_dir, request["seed"], request["data"], tokens_root and Path(tokens_root))
         if rank == 0:
             atomic_write_parquet(out_dir / RESULT_ROWS, pa.Table.from_pandas(per_example, preserve_index=False))
             atomic_write_json(out_dir / RESULT_STATS, stats)

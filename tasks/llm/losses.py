@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE = -100
@@ -152,22 +153,41 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 # ---- Packing: several examples per row, no attention across them -------------------------------------------
 
 
-def pack(lengths: list[int], row_tokens: int, decreasing: bool = True) -> list[list[int]]:
-    """First fit (decreasing by default): example indices grouped into rows of at most `row_tokens` tokens.
-    Without `decreasing` the examples are taken in the given order."""
+def pack(lengths, row_tokens: int, decreasing: bool = True) -> list[list[int]]:
+    """Best fit (decreasing by default): example indices grouped into rows of at most `row_tokens` tokens.
+    Each example goes to the open row with the least room that still holds it, or opens a new row. Without
+    `decreasing` the examples are taken in the given order.
+
+    Near-linear: open rows are kept by their free room, and one integer's bits say which room sizes have an
+    open row, so the best row is a shift and a lowest-set-bit away (C big-integer operations over
+    `row_tokens` bits), not a pass over every open row (first fit's quadratic cost: 2.6 s at 20K examples)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > row_tokens:
+        i = int(np.argmax(lengths > row_tokens))
+        raise ValueError(f"example {i} has {lengths[i]} tokens, more than a packed row's {row_tokens}")
+    order = np.argsort(-lengths, kind="stable") if decreasing else np.arange(len(lengths))
     rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]) if decreasing else range(len(lengths)):
-        if lengths[i] > row_tokens:
-            raise ValueError(f"example {i} has {lengths[i]} tokens, more than a packed row's {row_tokens}")
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
+    by_room: dict[int, list[int]] = {}  # free room -> open rows with exactly that room (a stack)
+    has_room = 0  # bit r set: some open row has room r
+    for i, n in zip(order.tolist(), lengths[order].tolist()):
+        fits = has_room >> n
+        if fits:
+            room = n + (fits & -fits).bit_length() - 1
+            same = by_room[room]
+            r = same.pop()
+            if not same:
+                del by_room[room]
+                has_room ^= 1 << room
+            rows[r].append(i)
         else:
+            r, room = len(rows), row_tokens
             rows.append([i])
-            room.append(row_tokens - lengths[i])
+        left = room - n
+        if left > 0:
+            if left not in by_room:
+                by_room[left] = []
+                has_room |= 1 << left
+            by_room[left].append(r)
     return rows
 
 

@@ -51,6 +51,8 @@ def test_kill_9_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, kill
 
     _, resumed = finetune(mixed_frame(), cfg, EvaluateConfig(batch_size=4), tiny_model_dir, out, seed=0)
     assert resumed["resumed_from_step"] == kill_at and resumed["steps"] == 6
+    assert resumed["tokenized"]["train"]["reused"] and resumed["tokenized"]["eval"]["reused"]  # not tokenized again
+    assert not full["tokenized"]["train"]["reused"]
     assert resumed["eval_loss_after"] == pytest.approx(full["eval_loss_after"], rel=1e-5)
     a, b = load_file(full_dir / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -69,3 +69,22 @@ def test_packed_losses_equal_unpacked_ones(tiny_model_dir):
     assert packed == pytest.approx(unpacked, abs=1e-4)
     assert float(total) == pytest.approx(float(sums.sum()), rel=1e-5) and int(tokens) == int(counts.sum())
     assert len(rows) == 2 and len(examples[3].input_ids) > 64  # really packed; past the sliding window
+
+
+def test_pack_takes_the_row_with_least_room_that_fits():
+    # In order (not decreasing): 6 -> row 0 (room 4), 7 -> row 1 (room 3), 3 goes where it fits best (row 1,
+    # room 3; first fit would take row 0), then 4 fills row 0.
+    assert pack([6, 7, 3, 4], 10, decreasing=False) == [[0, 3], [1, 2]]
+    assert pack([], 10) == []
+
+
+def test_pack_places_every_example_once_and_fills_rows_at_scale():
+    import numpy as np
+
+    lengths = np.clip(np.random.default_rng(0).lognormal(5.3, 0.8, 200_000).astype(int), 20, 2048)
+    for decreasing in (True, False):
+        rows = pack(lengths, 2048, decreasing=decreasing)
+        flat = np.concatenate([np.asarray(r) for r in rows])
+        assert np.array_equal(np.sort(flat), np.arange(len(lengths)))
+        assert all(lengths[r].sum() <= 2048 for r in rows)
+        assert lengths.sum() / (len(rows) * 2048) > 0.99  # fewer than 1% of a row's places left empty
