@@ -107,6 +107,11 @@ def _run_mix(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     return table, {"rows_in": len(rows), **stats, "exports": written}
 
 
+def _tokens_root(cfg: Config) -> Path:
+    """Where training examples are tokenized once, for every fine-tune of the same rows and tokenizer."""
+    return Path(cfg.run.artifacts_dir) / "tokenized"
+
+
 def _run_finetune(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     from tasks.llm.models import resolve_model
 
@@ -115,10 +120,10 @@ def _run_finetune(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     data = {"mix artifact": mix_artifact.path.name, "mix content hash": mix_artifact.content_hash()}
     if cfg.finetune.processes > 1:  # data parallel under torchrun: each process reads the mix itself
         per_example, stats = multigpu.launch(mix_artifact.data_path, cfg.finetune, cfg.evaluate, model_dir,
-                                             out.path, cfg.run.seed, data)
+                                             out.path, cfg.run.seed, data, _tokens_root(cfg))
     else:
-        per_example, stats = finetune.finetune(_frame(mix_artifact), cfg.finetune, cfg.evaluate, model_dir, out.path,
-                                               cfg.run.seed, data)
+        per_example, stats = finetune.finetune(mix_artifact.read_table(), cfg.finetune, cfg.evaluate, model_dir,
+                                               out.path, cfg.run.seed, data, _tokens_root(cfg))
     return per_example, {"rows_in": mix_artifact.marker()["rows"], **stats}
 
 
@@ -168,7 +173,7 @@ def _ablation(cfg: Config, inputs: Inputs, out: Artifact, heldout: pd.DataFrame,
         mixed = mix.mix_rows(rows, cfg.mix)
         _, arm_stats = finetune.finetune(pd.concat([mixed.train, mixed.eval], ignore_index=True), budget, e,
                                          resolve_model(cfg.finetune.base_model or cfg.llm.model), arm_dir,
-                                         cfg.run.seed)
+                                         cfg.run.seed, tokens_root=_tokens_root(cfg))
         llm = get_llm(_local_llm(cfg, str(arm_dir / "model")))
         _, kinds = evaluate.answers(llm, shown, e.max_new_tokens, e.repetition_penalty, f"answers ({name})")
         arms[name] = {"train_rows": arm_stats["train_examples"], "steps": arm_stats["steps"],
