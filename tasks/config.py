@@ -47,6 +47,7 @@ FIXED_FOR_CALLERS: dict[str, str] = {
     "quality.scorer_model": "a model directory on the worker: fixed by the profile",
     "finetune.base_model": "a model directory on the worker: fixed by the profile",
     "seeds.path": "a place on the worker's disk: fixed by the profile",
+    "seeds.sources": "places on the worker's disk: fixed by the profile",
     "evaluate.heldout_path": "a place on the worker's disk: fixed by the profile",
     "run.artifacts_dir": "a place on the worker's disk: fixed by the profile",
     "run.runs_dir": "a place on the worker's disk: fixed by the profile",
@@ -149,10 +150,46 @@ class LLMConfig(Section):
 
 
 
+SeedFormat = Literal["auto", "self_instruct", "alpaca", "table", "hf_dataset"]
+
+
+class SeedSource(Section):
+    """One dataset among several (`seeds.sources`)."""
+
+    path: str
+    format: SeedFormat = "auto"
+    limit: int | None = Field(None, ge=1, description="keep only the first N tasks of this file")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                             description="the rows' `dataset` (default: the file's name without suffix)")
+
+    @property
+    def dataset(self) -> str:
+        return self.name or Path(self.path).name.split(".")[0]
+
+
 class SeedsConfig(Section):
     path: str = "data/seed_tasks.jsonl"
-    format: Literal["auto", "self_instruct", "alpaca", "table", "hf_dataset"] = "auto"
+    format: SeedFormat = "auto"
     limit: int | None = Field(None, ge=1, description="keep only the first N tasks")
+    # Several datasets as the sources of one run, replacing `path`: each read as `path` would be (its own
+    # format and limit), its rows tagged with its name in the `dataset` column and their ids prefixed with
+    # `<name>/`; the mix can then weight them (`mix.source_by: dataset`).
+    sources: list[SeedSource] = []
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "SeedsConfig":
+        if self.sources and (self.format != "auto" or self.limit is not None):
+            raise ValueError("with `sources`, give each source its own `format` and `limit` (set `format: auto` "
+                             "and `limit: null` here)")
+        names = [s.dataset for s in self.sources]
+        if len(set(names)) < len(names):
+            raise ValueError(f"two sources share a name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
+                             f"give each its own `name`")
+        return self
+
+    def datasets(self) -> list[SeedSource]:
+        """What to read: `sources`, or `path` as the one source."""
+        return list(self.sources) or [SeedSource(path=self.path, format=self.format, limit=self.limit)]
 
 
 class SelfInstructConfig(Section):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.config import SeedsConfig
 from tasks.jsonl import json_lines, parse_line, text_lines
@@ -175,24 +176,37 @@ READERS = {"self_instruct": read_self_instruct_jsonl, "alpaca": read_alpaca, "ta
 
 
 def load_seeds(cfg: SeedsConfig, base_dir: Path = Path(".")) -> tuple[pa.Table, dict[str, Any]]:
-    path = Path(cfg.path)
-    if not path.is_absolute():
-        path = base_dir / path
-    if not path.exists():
-        raise SeedFormatError(f"{path}: seed file not found (config key `seeds.path`)")
-    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
-    table = READERS[fmt](path)
-    rows_in = table.num_rows
-    if cfg.limit is not None:
-        table = table.slice(0, cfg.limit)
+    """Every source's tasks in one table, each row's source named in `dataset` (see SeedsConfig)."""
+    sources = cfg.datasets()
+    tables, per_source = [], {}
+    for n, src in enumerate(sources):
+        key = f"seeds.sources[{n}].path" if cfg.sources else "seeds.path"
+        path = Path(src.path)
+        if not path.is_absolute():
+            path = base_dir / path
+        if not path.exists():
+            raise SeedFormatError(f"{path}: seed file not found (config key `{key}`)")
+        fmt = detect_format(path) if src.format == "auto" else src.format
+        table = READERS[fmt](path)
+        rows_in = table.num_rows
+        if src.limit is not None:
+            table = table.slice(0, src.limit)
+        if cfg.sources:  # ids stay unique across files
+            table = table.set_column(0, "id", pc.binary_join_element_wise(f"{src.dataset}/", table.column("id"), ""))
+        tables.append(table.append_column("dataset", pa.array([src.dataset] * table.num_rows, pa.string())))
+        per_source[src.dataset] = {"path": str(path), "format": fmt, "rows_in": rows_in, "rows": table.num_rows}
+    table = pa.concat_tables(tables)
+    rows_in = sum(s["rows_in"] for s in per_source.values())
+    paths, formats = [s["path"] for s in per_source.values()], [s["format"] for s in per_source.values()]
     categories = table.column("category").value_counts().to_pylist()
     stats = {
         "rows_in": rows_in,
-        "source": str(path),
-        "format": fmt,
+        "source": paths[0] if len(paths) == 1 else paths,
+        "format": formats[0] if len(formats) == 1 else "several",
+        "datasets": per_source,
         "dropped": {"over_limit": rows_in - table.num_rows} if table.num_rows < rows_in else {},
-        "classification_tasks": int(sum(table.column("is_classification").to_pylist())),
-        "instances": int(sum(len(i) for i in table.column("instances").to_pylist())),
+        "classification_tasks": int(pc.sum(table.column("is_classification")).as_py() or 0),
+        "instances": int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0),
         "categories": {c["values"]: c["counts"] for c in categories},
     }
     return table, stats

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.artifacts import PartWriter
 from tasks.config import SelfInstructConfig
@@ -34,18 +35,28 @@ from tasks.calibration import best_threshold
 from tasks.text import RougeIndex, parse_numbered_list, word_count
 
 EXAMPLE_COLUMNS = ["id", "task_id", "instruction", "input", "output", "category", "is_classification",
-                   "origin"]
+                   "origin", "dataset"]
 
 
 def seed_examples(seeds: pa.Table) -> pd.DataFrame:
-    """One row per seed instance, ids `<task id>#<n>`."""
-    rows = []
-    for task in seeds.to_pylist():
-        for n, inst in enumerate(task["instances"]):
-            rows.append({"id": f"{task['id']}#{n}", "task_id": task["id"], "instruction": task["instruction"],
-                         "input": inst["input"], "output": inst["output"], "category": task["category"],
-                         "is_classification": task["is_classification"], "origin": "seed"})
-    return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
+    """One row per seed instance, ids `<task id>#<n>`; column-wise (an existing 500K-row dataset passes
+    through here). `dataset` is the seed file the task came from (`seeds` when the table does not say)."""
+    instances = seeds.column("instances").combine_chunks()
+    task = pc.list_parent_indices(instances).to_numpy()
+    flat = pc.list_flatten(instances)
+    starts = instances.offsets.to_numpy()[:-1] - instances.offsets[0].as_py()
+    nth = np.arange(len(task)) - starts[task]
+    dataset = (seeds.column("dataset") if "dataset" in seeds.column_names
+               else pa.array(["seeds"] * seeds.num_rows, pa.string()))
+    take = pa.array(task)
+    task_id = seeds.column("id").take(take)
+    return pa.table({
+        "id": pc.binary_join_element_wise(task_id, pa.array(nth.astype(str)), "#"), "task_id": task_id,
+        "instruction": seeds.column("instruction").take(take), "input": flat.field("input"),
+        "output": flat.field("output"), "category": seeds.column("category").take(take),
+        "is_classification": seeds.column("is_classification").take(take),
+        "origin": pa.array(["seed"] * len(task), pa.string()), "dataset": dataset.take(take),
+    }).to_pandas()
 
 
 # --- prompts ------------------------------------------------------------------------------------------------
@@ -226,7 +237,7 @@ GENERATED_COLUMNS = EXAMPLE_COLUMNS + ["rouge_l_max", "most_similar", "bootstrap
 PART_SCHEMA = pa.schema([
     ("record", pa.string()), ("id", pa.string()), ("task_id", pa.string()), ("instruction", pa.string()),
     ("input", pa.string()), ("output", pa.string()), ("category", pa.string()), ("is_classification", pa.bool_()),
-    ("origin", pa.string()), ("rouge_l_max", pa.float64()), ("most_similar", pa.string()),
+    ("origin", pa.string()), ("dataset", pa.string()), ("rouge_l_max", pa.float64()), ("most_similar", pa.string()),
     ("bootstrap_round", pa.int64())])
 
 
@@ -365,7 +376,7 @@ def generate_tasks(seeds: pa.Table, cfg: SelfInstructConfig, llm: LLM, seed: int
         rows = [{"record": "example", "id": f"{cand.task_id}#{k}", "task_id": cand.task_id,
                  "instruction": cand.instruction, "input": inp, "output": out,
                  "category": seed_rows[seed_pos]["category"], "is_classification": kind,
-                 "origin": "self_instruct", "rouge_l_max": cand.rouge_l_max, "most_similar": cand.most_similar,
+                 "origin": "self_instruct", "dataset": "self_instruct", "rouge_l_max": cand.rouge_l_max, "most_similar": cand.most_similar,
                  "bootstrap_round": cand.request} for k, (inp, out) in enumerate(pairs)]
         return Finished(cand.task_id, rows, dropped)
 

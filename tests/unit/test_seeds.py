@@ -134,3 +134,55 @@ def test_bad_alpaca_and_table_inputs(tmp_path, name, content, message):
 def test_paper_seeds_detected_as_self_instruct():
     table, stats = load_seeds(SeedsConfig(path=str(EXTERNAL)))
     assert stats["format"] == "self_instruct" and table.num_rows == 175 and stats["classification_tasks"] == 26
+
+
+def test_several_datasets_are_sources_of_one_table(tmp_path):
+    """An Alpaca JSON file, the project's Self-Instruct JSONL (limited) and a Parquet table, in one run: every
+    row says which file it came from, ids stay unique across files, and the stats count each source."""
+    import pandas as pd
+
+    (tmp_path / "alpaca_52k.json").write_text(json.dumps([
+        {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat, sleep, move."},
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}]))
+    pd.DataFrame({"id": ["seed_0"], "instruction": ["Name a prime."], "input": [""], "output": ["7"],
+                  "category": ["math"]}).to_parquet(tmp_path / "extra.parquet")
+    cfg = SeedsConfig(sources=[{"path": "alpaca_52k.json"},
+                               {"path": str(ROOT / "data" / "seed_tasks.jsonl"), "limit": 3, "name": "ours"},
+                               {"path": "extra.parquet", "name": "dolly"}])
+    table, stats = load_seeds(cfg, base_dir=tmp_path)
+    rows = table.to_pylist()
+    assert [r["dataset"] for r in rows] == ["alpaca_52k"] * 2 + ["ours"] * 3 + ["dolly"]
+    assert [r["id"] for r in rows[:2]] + [rows[-1]["id"]] == ["alpaca_52k/seed_0", "alpaca_52k/seed_1", "dolly/seed_0"]
+    assert rows[2]["id"].startswith("ours/") and len({r["id"] for r in rows}) == 6
+    assert {k: (v["format"], v["rows_in"], v["rows"]) for k, v in stats["datasets"].items()} == {
+        "alpaca_52k": ("alpaca", 2, 2), "ours": ("self_instruct", 120, 3), "dolly": ("table", 1, 1)}
+    assert stats["rows_in"] == 123 and stats["dropped"] == {"over_limit": 117} and stats["format"] == "several"
+    from tasks.self_instruct import seed_examples
+
+    examples = seed_examples(table)
+    assert examples["dataset"].tolist()[:2] == ["alpaca_52k"] * 2 and examples["dataset"].iloc[-1] == "dolly"
+    assert examples["id"].iloc[0] == "alpaca_52k/seed_0#0" and set(examples["origin"]) == {"seed"}
+
+
+def test_one_path_is_one_dataset_named_after_its_file(tmp_path):
+    table, stats = load_seeds(SeedsConfig(limit=2), base_dir=ROOT)
+    assert table.column("dataset").to_pylist() == ["seed_tasks"] * 2 and not table.column("id")[0].as_py().count("/")
+    assert stats["datasets"]["seed_tasks"]["rows"] == 2 and stats["format"] == "self_instruct"
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"sources": [{"path": "a.json"}, {"path": "b/a.jsonl"}]}, r"two sources share a name \(a\)"),
+    ({"sources": [{"path": "a.json"}], "limit": 5}, "give each source its own `format` and `limit`"),
+    ({"sources": [{"path": "a.json", "name": "has space"}]}, "name"),
+])
+def test_bad_sources_are_refused(section, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        SeedsConfig(**section)
+
+
+def test_a_missing_source_names_its_key(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
+    with pytest.raises(SeedFormatError, match=r"nope.json: seed file not found \(config key `seeds.sources\[1\].path`\)"):
+        load_seeds(SeedsConfig(sources=[{"path": "a.json"}, {"path": "nope.json"}]), base_dir=tmp_path)

@@ -189,6 +189,20 @@ def test_seed_examples_one_row_per_instance():
     table = seeds_table(3)
     df = seed_examples(table)
     assert list(df["id"]) == ["s0#0", "s1#0", "s2#0"] and set(df["origin"]) == {"seed"}
+    assert set(df["dataset"]) == {"seeds"}  # the table does not say which file
+    several = pa.Table.from_pylist([
+        {"id": "a", "name": "a", "instruction": "Do a.", "is_classification": True, "category": "x",
+         "instances": [{"input": "1", "output": "one"}, {"input": "", "output": "two"}, {"input": "3", "output": "c"}]},
+        {"id": "b", "name": "b", "instruction": "Do b.", "is_classification": False, "category": "y",
+         "instances": [{"input": "", "output": "bee"}]}], schema=SCHEMA).slice(0)
+    df = seed_examples(several)
+    assert df.to_dict("records") == [
+        {"id": f"a#{n}", "task_id": "a", "instruction": "Do a.", "input": i, "output": o, "category": "x",
+         "is_classification": True, "origin": "seed", "dataset": "seeds"}
+        for n, (i, o) in enumerate([("1", "one"), ("", "two"), ("3", "c")])] + [
+        {"id": "b#0", "task_id": "b", "instruction": "Do b.", "input": "", "output": "bee", "category": "y",
+         "is_classification": False, "origin": "seed", "dataset": "seeds"}]
+    assert seed_examples(several.slice(1)).to_dict("records")[0]["id"] == "b#0"  # a slice: offsets not at 0
 
 
 def test_requests_go_out_only_for_what_is_missing():
