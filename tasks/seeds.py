@@ -16,8 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tasks.config import SeedsConfig
 from tasks.jsonl import json_lines, parse_line, text_lines
@@ -115,30 +118,87 @@ def read_alpaca(path: Path) -> pa.Table:
                           for n, r in enumerate(records)])
 
 
-def _records_table(path: Path, records: list[dict[str, Any]], first_row: int, what: str) -> pa.Table:
-    tasks = []
-    for n, record in enumerate(records):
-        where = f"{path}:{n + first_row}" if what == "line" else f"{path} {what} {n}"
-        clean = {k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and v != v)}
-        if "is_classification" in clean and not isinstance(clean["is_classification"], bool):
-            flag = str(clean["is_classification"]).strip().lower()
-            _check(flag in ("true", "false", "1", "0"), where, "`is_classification` must be true or false")
-            clean["is_classification"] = flag in ("true", "1")
-        tasks.append((where, _alpaca_task(clean, where, n)))
-    return _finish(path, tasks)
+def _table_tasks(path: Path, table: pa.Table, first_row: int, what: str) -> pa.Table:
+    """The Alpaca columns of a table as seed tasks (one instance each), checked and built column-wise: a
+    500K-row file loads in seconds. The rules are those of a JSON record; a problem names the first row
+    that has it (`path:line` for CSV, `path row N` otherwise)."""
+    n = table.num_rows
+
+    def where(row: int) -> str:
+        return f"{path}:{row + first_row}" if what == "line" else f"{path} {what} {row}"
+
+    def refuse(bad: np.ndarray | pa.Array | pa.ChunkedArray, message: str) -> None:
+        rows = np.flatnonzero(np.asarray(bad, dtype=bool))
+        if len(rows):
+            raise SeedFormatError(f"{where(int(rows[0]))}: {message}")
+
+    def text(name: str, message: str) -> pa.ChunkedArray | None:
+        """The column as strings (None: absent or all missing); a column of another type is refused."""
+        if name not in table.column_names or pa.types.is_null(table.column(name).type):
+            return None
+        column = table.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            refuse(pc.is_valid(column).to_numpy(zero_copy_only=False), message)
+        return column.cast(pa.string())
+
+    def blank(column: pa.ChunkedArray) -> np.ndarray:
+        return pc.equal(pc.utf8_trim_whitespace(column), "").to_numpy(zero_copy_only=False)
+
+    if not n:
+        raise SeedFormatError(f"{path}: no seed tasks in the file")
+    columns = {}
+    for name in ("instruction", "output"):
+        message = f"`{name}` must be a non-empty string"
+        column = text(name, message)
+        if column is None:
+            refuse(np.ones(n, dtype=bool), message)
+        refuse(pc.is_null(column).to_numpy(zero_copy_only=False) | blank(pc.fill_null(column, "")), message)
+        columns[name] = column
+    given = text("input", "`input` must be a string")
+    inputs = pa.chunked_array([pa.array([""] * n, pa.string())]) if given is None else pc.fill_null(given, "")
+    given = text("id", "`id` must be a non-empty string")
+    default_ids = pa.array([f"seed_{i}" for i in range(n)], pa.string())
+    ids = default_ids if given is None else pc.if_else(pc.is_null(given), default_ids, given)
+    refuse(blank(ids), "`id` must be a non-empty string")
+    given = text("category", "`category` must be a non-empty string")
+    category = pa.array(["unknown"] * n, pa.string()) if given is None else pc.fill_null(given, "unknown")
+    refuse(blank(category), "`category` must be a non-empty string")
+    if "is_classification" in table.column_names and not pa.types.is_null(table.column("is_classification").type):
+        flag = table.column("is_classification")
+        if not pa.types.is_boolean(flag.type):
+            words = pc.utf8_lower(pc.utf8_trim_whitespace(flag.cast(pa.string())))
+            known = pc.is_in(words, pa.array(["true", "false", "1", "0"]))
+            refuse(pc.and_(pc.is_valid(words), pc.invert(known)).to_numpy(zero_copy_only=False),
+                   "`is_classification` must be true or false")
+            flag = pc.is_in(words, pa.array(["true", "1"]))
+        is_cls = pc.fill_null(flag, False)
+    else:
+        is_cls = pa.array([False] * n)
+    id_values = pd.Series(ids.to_numpy(zero_copy_only=False))
+    repeated = np.flatnonzero(id_values.duplicated().to_numpy())
+    if len(repeated):
+        again = int(repeated[0])
+        first = int(np.flatnonzero((id_values == id_values[again]).to_numpy())[0])
+        raise SeedFormatError(f"{where(again)}: duplicate id `{id_values[again]}` (first at {where(first)})")
+    one_each = pa.array(np.arange(n + 1, dtype=np.int32))
+    instances = pa.ListArray.from_arrays(one_each, pa.StructArray.from_arrays(
+        [pa.concat_arrays(inputs.chunks) if isinstance(inputs, pa.ChunkedArray) else inputs,
+         pa.concat_arrays(columns["output"].chunks)], names=["input", "output"]))
+    return pa.table({"id": ids, "name": ids, "instruction": pc.utf8_trim_whitespace(columns["instruction"]),
+                     "instances": instances, "is_classification": is_cls,
+                     "category": pc.utf8_trim_whitespace(category)}, schema=SCHEMA)
 
 
 def read_table_file(path: Path) -> pa.Table:
-    import pandas as pd
-
     try:
         if path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
-            return _records_table(path, frame.to_dict("records"), 0, "row")
+            return _table_tasks(path, pq.read_table(path), 0, "row")
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException) as exc:
+        if isinstance(exc, SeedFormatError):
+            raise
         raise SeedFormatError(f"{path}: cannot read as {path.suffix.lstrip('.')} ({exc})") from None
-    return _records_table(path, frame.to_dict("records"), 2, "line")  # line 1 is the header
+    return _table_tasks(path, pa.Table.from_pandas(frame, preserve_index=False), 2, "line")  # line 1: the header
 
 
 def read_hf_dataset(path: Path) -> pa.Table:
@@ -150,7 +210,7 @@ def read_hf_dataset(path: Path) -> pa.Table:
         raise SeedFormatError(f"{path}: not a dataset saved with save_to_disk ({exc})") from None
     if isinstance(dataset, datasets.DatasetDict):
         raise SeedFormatError(f"{path}: a DatasetDict with splits {list(dataset)}; point at one split's directory")
-    return _records_table(path, dataset.to_list(), 0, "row")
+    return _table_tasks(path, dataset.with_format("arrow")[:], 0, "row")
 
 
 def detect_format(path: Path) -> str:

@@ -186,3 +186,51 @@ def test_a_missing_source_names_its_key(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
     with pytest.raises(SeedFormatError, match=r"nope.json: seed file not found \(config key `seeds.sources\[1\].path`\)"):
         load_seeds(SeedsConfig(sources=[{"path": "a.json"}, {"path": "nope.json"}]), base_dir=tmp_path)
+
+
+def test_a_table_loads_column_wise_as_its_records_would(tmp_path):
+    """The same records as an Alpaca JSON file (read record by record) and as Parquet and CSV tables (read
+    column-wise): the same seed table, defaults included (no id, no input, no category)."""
+    import pandas as pd
+
+    records = [{"id": "a", "instruction": "  Name a color. ", "input": "sky", "output": "Blue. ", "category": " qa",
+                "is_classification": True},
+               {"id": None, "instruction": "Say hi.", "input": None, "output": "Hi.", "category": None,
+                "is_classification": None},
+               {"id": "c", "instruction": "Naïve café, 日本語?", "input": "x\ny \"q\"", "output": "ok",
+                "category": "qa", "is_classification": False}]
+    as_json = [{k: v for k, v in r.items() if v is not None} for r in records]
+    (tmp_path / "a.json").write_text(json.dumps(as_json))
+    pd.DataFrame(records).to_parquet(tmp_path / "a.parquet")
+    expected, _ = load_seeds(SeedsConfig(path=str(tmp_path / "a.json")))
+    table, _ = load_seeds(SeedsConfig(path=str(tmp_path / "a.parquet")))
+    assert table.to_pylist() == expected.to_pylist()
+    assert expected.column("id").to_pylist() == ["a", "seed_1", "c"]
+    assert expected.column("category").to_pylist() == ["qa", "unknown", "qa"]
+    frame = pd.DataFrame(records).fillna("").astype(str)
+    frame.loc[1, "id"] = "seed_1"
+    frame.loc[1, "category"] = "unknown"
+    frame.loc[1, "is_classification"] = "false"
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    table, _ = load_seeds(SeedsConfig(path=str(tmp_path / "a.csv")))
+    assert table.to_pylist() == expected.to_pylist()
+
+
+@pytest.mark.parametrize("frame,message", [
+    ({"instruction": ["a b", "c d"], "output": ["x", "y"], "id": ["t", "t"]},
+     r"a.parquet row 1: duplicate id `t` \(first at .*a.parquet row 0\)"),
+    ({"instruction": ["a b", "c d"], "output": ["x", "  "]}, r"a.parquet row 1: `output` must be a non-empty string"),
+    ({"instruction": ["a b", None], "output": ["x", "y"]}, r"a.parquet row 1: `instruction` must be a non-empty"),
+    ({"instruction": ["a b"], "output": ["x"], "id": [7]}, r"a.parquet row 0: `id` must be a non-empty string"),
+    ({"instruction": ["a b"], "output": ["x"], "input": [3]}, r"a.parquet row 0: `input` must be a string"),
+    ({"instruction": ["a b", "c"], "output": ["x", "y"], "category": ["qa", " "]},
+     r"row 1: `category` must be a non-empty string"),
+    ({"output": ["x"]}, r"a.parquet row 0: `instruction` must be a non-empty string"),
+    ({"instruction": [], "output": []}, r"a.parquet: no seed tasks in the file"),
+])
+def test_bad_parquet_rows_are_named(tmp_path, frame, message):
+    import pandas as pd
+
+    pd.DataFrame(frame).to_parquet(tmp_path / "a.parquet")
+    with pytest.raises(SeedFormatError, match=message):
+        load_seeds(SeedsConfig(path=str(tmp_path / "a.parquet")))
