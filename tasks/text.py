@@ -2,9 +2,10 @@
 
 ROUGE-L follows `rouge_score`'s default tokenizer (lowercase, every run of characters outside [a-z0-9]
 is a separator, no stemming) and its F1, which for an LCS of length l between token lists of length m and
-n is 2l / (m + n). LCS lengths come from rapidfuzz (C++). Each distinct token is mapped to one code point,
-so a token list becomes a short string and rapidfuzz compares whole batches at once. F1 itself is
-computed with rouge_score's own float operations, so decisions at a threshold match it exactly.
+n is 2l / (m + n). F1 itself is computed with rouge_score's own float operations, so decisions at a
+threshold match it exactly. LCS lengths come from rapidfuzz (C++) on short strings: the tokens of the query
+get the code points 1, 2, ... and every other token one filler code the query does not hold, which leaves
+every LCS unchanged, so there is no vocabulary-wide alphabet and no limit on the number of distinct tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from rapidfuzz.distance import LCSseq
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 _WORD = re.compile(r"\S+")
+# Distinct F1 values 2l/(m+n) differ by at least 1/(m+n)^2, far more than this for any text below a million
+# tokens, while the float rounding of one F1 is ~1e-16: a bound this far below the best F1 cannot reach it.
+_EPS = 1e-12
+_MAX_CODE = 0x10FFFF - 0x800  # code points available once the surrogate block is skipped
 
 
 def rouge_tokens(text: str) -> list[str]:
@@ -34,58 +39,289 @@ def rouge_l_f1(a: str, b: str) -> float:
 
 
 class RougeIndex:
-    """Instructions kept so far, for "is this new one too close to any of them?" queries."""
+    """Instructions kept so far, for "which of them is closest to this new one?" queries (ROUGE-L F1).
+
+    Entries are stored as token ids end to end (numpy), with an inverted index: for each token, the entries
+    holding it, in order; for a token an entry holds k > 1 times, also a list per occurrence number k, so
+    that counting an entry in the query's lists gives the multiset overlap of their tokens. Token ids are
+    int32: no limit on the number of distinct tokens that matters.
+
+    `most_similar` is exact: the F1 `scores` gives, and the lowest index among ties, as `np.argmax` would.
+    An entry's LCS with a query of m tokens is at most their overlap, so its F1 is at most
+    2 * overlap / (m + n). The query's lists are visited rarest first, in rounds of growing size; the entries
+    met are counted (numpy sort), the few with the most in common are scored exactly to get a best F1, and
+    the rest are kept only while their bound can still reach it: each list not visited may add one token
+    (binary search in it decides), and an entry first met in list i shares at most L - i tokens, which rules
+    out the long entries of the later lists. The survivors get an exact LCS in decreasing order of their
+    bound, in batches, until no bound reaches the best. An entry in none of the visited lists shares at most
+    r tokens (r lists not visited), F1 <= 2r / (m + r): the most frequent lists (stop words) are visited only
+    while that can still reach the best. No Python loop runs over entries or postings; what numpy touches
+    is the postings of the query's rarer lists, which for a long query with a low best F1 can still be a
+    good share of the pool (see benchmarks/novelty_filter.py).
+    """
+
+    FIRST_ROUND = 65536  # postings gathered (rarest lists first) in the first round; the next rounds 4x more
+    SEED = 32  # entries with the most in common scored first, for a best F1 to prune the others with
+    BATCH = 32  # exact LCS per rapidfuzz call at first; doubles while bounds keep reaching the best
 
     def __init__(self, texts: Iterable[str] = ()):
-        self._vocab: dict[str, str] = {}
-        self._encoded: list[str] = []
         self.texts: list[str] = []
+        self._token_ids: dict[str, int] = {}  # token -> id; also the id of its list of entries
+        self._repeat_ids: dict[tuple[int, int], int] = {}  # (token id, k >= 2) -> list of entries holding it k times
+        self._lists: list[np.ndarray] = []  # list id -> entries, ascending; capacity grows by doubling
+        self._list_sizes = np.zeros(1 << 10, dtype=np.int64)
+        self._tokens = np.zeros(1 << 12, dtype=np.int32)  # every entry's token ids, end to end
+        self._starts = np.zeros(1 << 10, dtype=np.int64)  # entry e: _tokens[_starts[e]:_starts[e] + _lengths[e]]
+        self._lengths = np.zeros(1 << 10, dtype=np.int64)
+        self._n_tokens = 0
         for text in texts:
             self.add(text)
-
-    def encode(self, text: str) -> str:
-        # Code points from 0x100 up, skipping the surrogate block, one per distinct token.
-        chars = []
-        for token in rouge_tokens(text):
-            ch = self._vocab.get(token)
-            if ch is None:
-                n = len(self._vocab) + 0x100
-                ch = chr(n if n < 0xD800 else n + 0x800)
-                self._vocab[token] = ch
-            chars.append(ch)
-        return "".join(chars)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def add(self, text: str) -> None:
-        self._encoded.append(self.encode(text))
+        entry = len(self.texts)
+        ids: list[int] = []
+        held: dict[int, int] = {}
+        for token in rouge_tokens(text):
+            t = self._token_ids.get(token)
+            if t is None:
+                t = self._token_ids[token] = self._new_list()
+            k = held.get(t, 0) + 1
+            held[t] = k
+            if k == 1:
+                self._append(t, entry)
+            else:
+                r = self._repeat_ids.get((t, k))
+                if r is None:
+                    r = self._repeat_ids[(t, k)] = self._new_list()
+                self._append(r, entry)
+            ids.append(t)
+        if entry == len(self._starts):
+            self._starts, self._lengths = _grown(self._starts, entry + 1), _grown(self._lengths, entry + 1)
+        end = self._n_tokens + len(ids)
+        if end > len(self._tokens):
+            self._tokens = _grown(self._tokens, end)
+        self._tokens[self._n_tokens:end] = ids
+        self._starts[entry], self._lengths[entry] = self._n_tokens, len(ids)
+        self._n_tokens = end
         self.texts.append(text)
 
+    def _new_list(self) -> int:
+        i = len(self._lists)
+        self._lists.append(np.empty(1, dtype=np.int32))
+        if i == len(self._list_sizes):
+            self._list_sizes = _grown(self._list_sizes, i + 1)
+        return i
+
+    def _append(self, list_id: int, entry: int) -> None:
+        entries, size = self._lists[list_id], int(self._list_sizes[list_id])
+        if size == len(entries):
+            entries = self._lists[list_id] = _grown(entries, size + 1)
+        entries[size] = entry
+        self._list_sizes[list_id] = size + 1
+
+    def _entries(self, list_id: int) -> np.ndarray:
+        return self._lists[list_id][:self._list_sizes[list_id]]
+
     def most_similar(self, text: str) -> tuple[float, int]:
-        """Highest ROUGE-L F1 of `text` against the index, and the index of that entry (-1 if empty)."""
-        scores = self.scores([text])[0]
-        if scores.size == 0:
+        """Highest ROUGE-L F1 of `text` against the index, and the index of that entry: the lowest one among
+        ties, 0 when no entry shares a token with `text` (every F1 is 0), -1 if the index is empty."""
+        if not self.texts:
             return 0.0, -1
-        best = int(np.argmax(scores))
-        return float(scores[best]), best
+        search = _Search(self, rouge_tokens(text))
+        if not search.lists:
+            return 0.0, 0
+        lists, m = search.lists, len(search.tokens)
+        sizes = np.cumsum([len(p) for p in lists])
+        visited, budget = 0, self.FIRST_ROUND
+        while True:
+            # An entry in none of the visited lists shares at most r = (lists left) tokens with the query:
+            # F1 <= 2r / (m + r). Leave out the longest lists while that cannot reach the best F1.
+            r = np.arange(len(lists) - visited + 1)
+            needed = min(len(lists), len(lists) - int((2 * r / (m + r) < search.best - _EPS).sum()) + 1)
+            if visited >= needed:
+                break
+            done = sizes[visited - 1] if visited else 0
+            target = min(needed, max(visited + 1, int(np.searchsorted(sizes, done + budget, side="right"))))
+            search.score(visited, target)
+            visited, budget = target, 4 * budget
+        return float(search.best), int(search.nearest)
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """ROUGE-L F1 of each of `texts` against every indexed entry: shape (len(texts), len(index))."""
-        return f1_matrix([self.encode(t) for t in texts], self._encoded)
+        out = np.zeros((len(texts), len(self)))
+        token_lists = [rouge_tokens(t) for t in texts]
+        start = 0
+        while start < len(texts) and len(self):
+            # The distinct tokens of a chunk of queries get codes 1, 2, ...; every other token 0, which no
+            # query holds, so every LCS is unchanged.
+            codes: dict[str, int] = {}
+            stop = start
+            while stop < len(texts) and (stop == start or len(codes) + len(token_lists[stop]) < _MAX_CODE):
+                for token in token_lists[stop]:
+                    codes.setdefault(token, len(codes) + 1)
+                stop += 1
+            known = {self._token_ids[t]: c for t, c in codes.items() if t in self._token_ids}
+            pool_codes = _local_codes(self._tokens[:self._n_tokens], np.array(sorted(known), dtype=np.int32),
+                                      np.array([known[i] for i in sorted(known)], dtype=np.int64))
+            as_text = len(codes) < _MAX_CODE
+            choices = _sequences(pool_codes, self._starts[:len(self)], self._lengths[:len(self)], as_text)
+            queries = [_sequences(np.array([codes[t] for t in tokens], dtype=np.int64), np.array([0]),
+                                  np.array([len(tokens)]), as_text)[0] for tokens in token_lists[start:stop]]
+            out[start:stop] = f1_matrix(queries, choices)
+            start = stop
+        return out
+
+
+class _Search:
+    """One `most_similar` query: its tokens as codes local to it, its lists of entries, the best entry so far."""
+
+    def __init__(self, index: RougeIndex, tokens: list[str]):
+        self.index, self.tokens = index, tokens
+        self.lists: list[np.ndarray] = []  # one per (token, occurrence number) some entry also holds
+        held: dict[str, int] = {}
+        for token in tokens:
+            k = held.get(token, 0) + 1
+            held[token] = k
+            t = index._token_ids.get(token)
+            list_id = t if k == 1 or t is None else index._repeat_ids.get((t, k))
+            if list_id is not None:
+                self.lists.append(index._entries(list_id))
+        self.lists.sort(key=len)
+        # Codes: the query's known tokens 1..K in id order, its unknown ones K + 1, any other token 0.
+        known = sorted({index._token_ids[t] for t in held if t in index._token_ids})
+        self.ids = np.array(known, dtype=np.int32)
+        self.codes = np.arange(1, len(known) + 1, dtype=np.int64)
+        code = dict(zip(known, range(1, len(known) + 1)))
+        query_codes = np.array([code.get(index._token_ids.get(t, -1), len(known) + 1) for t in tokens], dtype=np.int64)
+        self.as_text = len(known) + 1 < _MAX_CODE
+        self.query = _sequences(query_codes, np.array([0]), np.array([len(tokens)]), self.as_text)[0]
+        self.best, self.nearest = -1.0, 0
+
+    def score(self, start: int, stop: int) -> None:
+        """Exact F1, in decreasing order of their bound, for the entries of lists[start:stop] that could
+        reach the best so far; updates the best and its entry.
+
+        An entry of n tokens first met in list i (absent from the lists before it) shares at most L - i
+        tokens with the query, so it can only reach the best F1 b if 2 (L - i) >= b (m + n): in list i, the
+        entries longer than that are left out, and their count of lists holding them stops at list k(n).
+        An entry met in an earlier round may come again here with a lower count: it was already scored, or
+        its bound was below the best, which only grew since, so that loses nothing.
+        """
+        index, lists, m = self.index, self.lists, len(self.tokens)
+        L, lengths, b = len(lists), index._lengths, self.best - _EPS
+        parts = []
+        for i in range(start, stop):
+            p = lists[i]
+            parts.append(p[2 * (L - i) >= b * (m + lengths[p])] if b > 0 else p)
+        entries, overlap = _count(parts)
+        n = lengths[entries]
+        if self.best < 0 and len(entries) > index.SEED:
+            # No best yet to prune with: take one from the entries most in common so far.
+            self._verify(entries[np.argpartition(overlap / (m + n), -index.SEED)[-index.SEED:]])
+        # F1 <= 2 * overlap / (m + n) reaches the best only with (best (m + n) / 2) tokens in common (the float
+        # division is within an ulp of the exact value, far inside _EPS). Lists start..k-1 are counted for an
+        # entry, each list from k on may add one token more; `room`: how many more of those it may miss.
+        # An entry whose room is below 0 cannot reach the best.
+        if b > 0:
+            # k: start + the number of lists i in start..stop-1 that kept the entry, 2 (L - i) >= b (m + n),
+            # with the very float comparison that kept it (any other arithmetic could disagree at the edge).
+            k = start + stop - start - np.searchsorted(2.0 * (L - np.arange(stop - 1, start - 1, -1)),
+                                                       b * (m + n), side="left")
+            order = np.argsort(k, kind="stable")  # the entries list j is checked for: those with k <= j, a prefix
+            entries, overlap, n, k = entries[order], overlap[order], n[order], k[order]
+        else:
+            k = np.full(len(entries), stop)
+        room = overlap + (L - k) - (self.best - _EPS) / 2 * (m + n)
+        for j in range(int(k[0]) if len(k) else L, L):
+            keep = room >= 0
+            if 3 * np.count_nonzero(keep) < 2 * len(keep):
+                entries, overlap, k, room = entries[keep], overlap[keep], k[keep], room[keep]
+            at = int(np.searchsorted(k, j, side="right"))
+            if not at:
+                continue
+            p = lists[j]  # ascending
+            hit = p[np.minimum(np.searchsorted(p, entries[:at]), len(p) - 1)] == entries[:at]
+            overlap[:at] += hit
+            room[:at] += hit - 1.0
+        keep = room >= 0
+        entries, overlap = entries[keep], overlap[keep]
+        n = lengths[entries]
+        bound = 2 * overlap / (m + n)
+        order = np.argsort(-bound, kind="stable")
+        entries, bound = entries[order], bound[order]
+        start, batch = 0, index.BATCH
+        while start < len(entries) and bound[start] >= self.best - _EPS:
+            stop = start + int(np.searchsorted(-bound[start:start + batch], -(self.best - _EPS), side="right"))
+            self._verify(entries[start:stop])
+            start, batch = stop, 2 * batch
+
+    def _verify(self, entries: np.ndarray) -> None:
+        """Exact F1 of `entries`; the best of them replaces the best so far if higher, or equal and earlier."""
+        f1 = rouge_f1_from_lcs(self._lcs(entries), len(self.tokens), self.index._lengths[entries])
+        top = f1.max()
+        winner = int(entries[f1 == top].min())
+        if top > self.best or (top == self.best and winner < self.nearest):
+            self.best, self.nearest = float(top), winner
+
+    def _lcs(self, entries: np.ndarray) -> np.ndarray:
+        index = self.index
+        starts, lengths = index._starts[entries], index._lengths[entries]
+        offsets = np.cumsum(lengths) - lengths
+        positions = np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))
+        codes = _local_codes(index._tokens[positions], self.ids, self.codes)
+        choices = _sequences(codes, offsets, lengths, self.as_text)
+        return process.cdist([self.query], choices, scorer=LCSseq.similarity, dtype=np.int32, workers=1)[0]
+
+
+def _count(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The entries in any of `lists` (ascending) and in how many of them each is."""
+    if len(lists) == 1:
+        return lists[0], np.ones(len(lists[0]), dtype=np.int64)
+    joined = np.sort(np.concatenate(lists))
+    if not len(joined):
+        return joined, np.zeros(0, dtype=np.int64)
+    first = np.flatnonzero(np.concatenate(([True], joined[1:] != joined[:-1])))
+    return joined[first], np.diff(np.append(first, len(joined)))
+
+
+def _local_codes(tokens: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """`codes[i]` for each token equal to `ids[i]` (ids ascending), 0 for every other token."""
+    if len(ids) == 0:
+        return np.zeros(len(tokens), dtype=np.int64)
+    pos = np.minimum(np.searchsorted(ids, tokens), len(ids) - 1)
+    return np.where(ids[pos] == tokens, codes[pos], 0)
+
+
+def _sequences(codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray, as_text: bool) -> list:
+    """codes[start:start + length] for each start, as strings of those code points (the surrogate block
+    skipped), or as lists of ints when there are too many codes for Unicode."""
+    if as_text:
+        points = np.where(codes < 0xD800, codes, codes + 0x800).astype("<u4")
+        text = points.tobytes().decode("utf-32-le")
+    else:
+        text = codes.tolist()
+    return [text[a:a + b] for a, b in zip(starts.tolist(), lengths.tolist())]
+
+
+def _grown(a: np.ndarray, needed: int) -> np.ndarray:
+    out = np.zeros(max(needed, 2 * len(a)), dtype=a.dtype)
+    out[:len(a)] = a
+    return out
 
 
 def f1_matrix(queries: Sequence[str], choices: Sequence[str]) -> np.ndarray:
-    """ROUGE-L F1 between encoded token strings (see `RougeIndex.encode`): shape (queries, choices).
-    LCS lengths come from one multi-threaded rapidfuzz call."""
+    """ROUGE-L F1 between token sequences coded so that equal tokens are equal characters (or ints), as
+    `RougeIndex.scores` codes them: shape (queries, choices). LCS lengths come from one multi-threaded
+    rapidfuzz call."""
     if not queries or not choices:
         return np.zeros((len(queries), len(choices)))
     lcs = process.cdist(queries, choices, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
     q_len = np.array([len(q) for q in queries])
     c_len = np.array([len(c) for c in choices])
     return rouge_f1_from_lcs(lcs, q_len[:, None], c_len[None, :])
-
-
 _NUMBERED = re.compile(r"^\s*(\d{1,3})\s*[.)]\s*(.*)$")
 
 
@@ -132,46 +368,26 @@ def rouge_f1_from_lcs(lcs: np.ndarray, len_a: np.ndarray, len_b: np.ndarray) -> 
     return np.where(empty, 0.0, f)
 
 
-def novelty_filter(texts: Sequence[str], threshold: float = 0.7, existing: Sequence[str] = (),
-                   block: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+
+def novelty_filter(texts: Sequence[str], threshold: float = 0.7,
+                   existing: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Greedy in-order novelty filter: keep a text iff its ROUGE-L F1 against every kept text (and every
     `existing` one) is at most `threshold`.
 
     Returns (kept mask, highest F1 against what was kept before it, index of that nearest text in
-    `existing + texts`, -1 if none). Texts are compared a block at a time: the block against everything
-    kept before it in one multi-threaded rapidfuzz call, then within the block in order.
+    `existing + texts`: the lowest among ties, -1 if nothing was there yet), as `RougeIndex.most_similar`.
     """
-    index = RougeIndex()
-    kept_strings = [index.encode(t) for t in existing]
-    encoded = [index.encode(t) for t in texts]
-    n_existing = len(kept_strings)
-    kept_ids = list(range(n_existing))
-    kept_mask = np.zeros(len(texts), dtype=bool)
+    index = RougeIndex(existing)
+    position = list(range(len(existing)))  # index entry -> position in existing + texts
+    kept = np.zeros(len(texts), dtype=bool)
     best = np.zeros(len(texts))
     nearest = np.full(len(texts), -1, dtype=np.int64)
-    for start in range(0, len(encoded), block):
-        queries = encoded[start:start + block]
-        if kept_strings:
-            f1 = f1_matrix(queries, kept_strings)
-            arg = f1.argmax(axis=1)
-            block_best = f1[np.arange(len(queries)), arg]
-            block_nearest = np.array(kept_ids, dtype=np.int64)[arg]
-        else:
-            block_best = np.zeros(len(queries))
-            block_nearest = np.full(len(queries), -1, dtype=np.int64)
-        inner_f1 = f1_matrix(queries, queries)
-        kept_here: list[int] = []
-        for i in range(len(queries)):
-            score, near = block_best[i], block_nearest[i]
-            if kept_here:
-                j = int(np.argmax(inner_f1[i, kept_here]))
-                if inner_f1[i, kept_here[j]] > score:
-                    score, near = inner_f1[i, kept_here[j]], n_existing + start + kept_here[j]
-            best[start + i], nearest[start + i] = score, near
-            if score <= threshold:
-                kept_here.append(i)
-        for i in kept_here:
-            kept_mask[start + i] = True
-            kept_strings.append(queries[i])
-            kept_ids.append(n_existing + start + i)
-    return kept_mask, best, nearest
+    for i, text in enumerate(texts):
+        score, entry = index.most_similar(text)
+        best[i], nearest[i] = score, position[entry] if entry >= 0 else -1
+        if score <= threshold:
+            kept[i] = True
+            index.add(text)
+            position.append(len(existing) + i)
+    return kept, best, nearest

@@ -35,6 +35,7 @@ def test_novelty_methods_keep_identical_lists_on_200_instructions():
     ours = novelty.ours_kept(pool, candidates, 0.7)
     assert 40 < len(ours) < 160  # a real mix of kept and dropped, so agreement means something
     assert novelty.serial_kept(pool, candidates, 0.7) == ours
+    assert novelty.old_kept(pool, candidates, 0.7) == ours
     # Alpaca's way opens a process pool per candidate (~50-150 ms each): the first 30. The check is
     # greedy and in order, so its kept list on a prefix is the prefix of the full kept list.
     prefix = [i for i in ours if i < 30]
@@ -51,11 +52,34 @@ def test_novelty_methods_agree_at_the_threshold():
                   "q r s t u v w x y z k",    # LCS 3 ("x y z") of 10 and 11 with the first: kept
                   "Q, R; S T U V W X Y Z!"]   # LCS 10 of 10 and 11 against the one above: dropped
     result = novelty.compare(pool, candidates, 0.7, processes=1)
-    assert result["kept"] == {"ours": 2, "alpaca": 2, "serial_rouge_score": 2}
+    assert result["kept"] == {"ours": 2, "old_cdist": 2, "alpaca": 2, "serial_rouge_score": 2}
     assert result["same_kept"] is True
     assert result["kept_indices"]["ours"] == [0, 2]
     assert result["pairs_in_full_scans"] == 1 + 2 + 2 + 3
     assert novelty.ours_kept(pool, candidates, 0.69) == [2]  # the same first candidate is dropped below 0.7
+
+
+def test_realistic_instructions_are_fixed_and_planted_at_their_similarity():
+    texts, sources, similarity = novelty.realistic_instructions(600, seed=0)
+    assert texts == novelty.realistic_instructions(600, seed=0)[0] and len(set(texts)) > 500
+    lengths = [len(novelty.rouge_tokens(t)) for t in texts]
+    assert min(lengths) >= 5 and max(lengths) <= 40
+    planted = np.flatnonzero(sources >= 0)
+    assert 100 < len(planted) < 250 and (sources[planted] < planted).all()
+    assert [novelty.rouge_l_f1(texts[sources[i]], texts[i]) for i in planted] == similarity[planted].tolist()
+    assert np.isnan(similarity[sources < 0]).all()
+
+
+def test_rouge_score_check_agrees_with_ours_and_reports_a_disagreement():
+    pytest.importorskip("rouge_score")
+    pool = novelty.seed_instructions()
+    candidates = novelty.realistic_instructions(150, seed=1)[0]
+    ours = novelty.ours_kept(pool, candidates, 0.7)
+    check = novelty.rouge_score_check(pool, candidates, 0.7, ours, processes=2)
+    assert check["same_kept"] is True and check["kept"] == len(ours) and check["first_disagreement"] is None
+    wrong = [i for i in range(len(candidates)) if i not in ours][:1] + ours[1:]  # the first kept one swapped
+    check = novelty.rouge_score_check(pool, candidates, 0.7, wrong, processes=2)
+    assert check["same_kept"] is False and check["first_disagreement"] == min(ours[0], wrong[0])
 
 
 def test_novelty_compare_reports_a_disagreement():
