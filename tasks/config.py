@@ -363,7 +363,8 @@ class MixConfig(Section):
     # `proportional` (FLAN), or `temperature` sampling, p_i ~ n_i^(1/T).
     mode: Literal["weights", "proportional", "temperature"] = "proportional"
     # A row's source: its category (qa, math, ...), its origin (seed, self_instruct, evol_r1, ...), or both.
-    source_by: Literal["category", "origin", "origin_category"] = "category"
+    # `dataset`: the seed file a row came from (seeds.sources), `self_instruct` for the tasks generated.
+    source_by: Literal["category", "origin", "origin_category", "dataset"] = "category"
     weights: dict[str, float] = {}  # mode `weights`: per-source weight
     unknown_sources: Literal["error", "warn"] = Field("error", description="weights naming absent sources")
     cap: int | None = Field(None, ge=1, description="at most this many rows per source (FLAN's cap)")

@@ -12,11 +12,13 @@ clusters (connected components).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.textscan import shingle_hashes  # also sets numba's cache directory
 from numba import njit, prange  # noqa: I001  (after textscan, which configures numba's cache)
@@ -61,12 +63,28 @@ def _signatures(hashes, offsets, a, b):
     return sig
 
 
-def signatures(text: pa.Array | pa.ChunkedArray, shingle_size: int, num_perm: int,
-               seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """MinHash signatures (rows x num_perm, uint32) and whether each row had any shingle at all."""
-    hashes, offsets = shingle_hashes(text, shingle_size)
+Text = pa.Array | pa.ChunkedArray | Sequence[pa.Array | pa.ChunkedArray]
+SIGNATURE_ROWS = 1 << 16  # rows shingled at a time: the shingle hashes (8 bytes a word) are held for these only
+
+
+def signatures(text: Text, shingle_size: int, num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """MinHash signatures (rows x num_perm, uint32) and whether each row had any shingle at all.
+
+    `text` is a string column, or several, which are joined per row with a newline. Rows are shingled
+    `SIGNATURE_ROWS` at a time (a row's shingles depend on its text alone), so neither the joined text nor
+    the shingle hashes of the whole column are ever held."""
+    columns = list(text) if isinstance(text, (list, tuple)) else [text]
+    n = len(columns[0])
     a, b = permutations(num_perm, seed)
-    return _signatures(hashes, offsets, a, b), np.diff(offsets) > 0
+    sig = np.empty((n, num_perm), np.uint32)
+    has_shingles = np.zeros(n, dtype=bool)
+    for start in range(0, n, SIGNATURE_ROWS):
+        part = [column.slice(start, SIGNATURE_ROWS) for column in columns]
+        chunk = part[0] if len(part) == 1 else pc.binary_join_element_wise(*part, pa.scalar("\n", pa.large_string()))
+        hashes, offsets = shingle_hashes(chunk, shingle_size)
+        sig[start:start + len(chunk)] = _signatures(hashes, offsets, a, b)
+        has_shingles[start:start + len(chunk)] = np.diff(offsets) > 0
+    return sig, has_shingles
 
 
 def _band_keys(band: np.ndarray) -> np.ndarray:
@@ -135,9 +153,10 @@ class Clusters:
     candidates: int         # candidate pairs before verification
 
 
-def near_duplicates(text: pa.Array | pa.ChunkedArray, threshold: float, shingle_size: int = 3,
+def near_duplicates(text: Text, threshold: float, shingle_size: int = 3,
                     num_perm: int = 128, seed: int = 0, groups: np.ndarray | None = None) -> Clusters:
     """Cluster rows whose shingle sets have an (estimated) Jaccard similarity of at least `threshold`.
+    `text`: a string column, or several joined per row with a newline (see `signatures`).
 
     Rows with the same `groups` code are never linked directly (instances of one task, say).
     """

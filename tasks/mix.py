@@ -3,8 +3,8 @@
 A row's source is its origin (`seed`, `self_instruct`, `evol_r1`, `evol_r2`, ...), its task category, or
 both (`mix.source_by`). The eval split is drawn first, stratified by source, in whole lineage groups: every
 row of one task (its instances, its evolutions, any row with the same instruction text) is on one side, so
-eval loss is never measured on a task the model trained on. Then, optionally, each source is capped at `cap` rows (a seeded subsample), and the training rows are
-allocated to sources by `mix.mode`:
+eval loss is never measured on a task the model trained on. Then, optionally, each source is capped at `cap`
+rows (a seeded subsample), and the training rows are allocated to sources by `mix.mode`:
 
 - `weights`: shares proportional to explicit per-source weights (the seed document's create_instruction_mix);
 - `proportional`: examples-proportional, each source in proportion to its (capped) size (FLAN);
@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.config import MixConfig
 
@@ -99,8 +101,15 @@ def _factorize(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def source_codes(df: pd.DataFrame, source_by: str) -> tuple[list[str], np.ndarray]:
     """Each row's source as a code into the sorted source names: `seed`, `self_instruct`, `evol_r<round>`
-    (by origin), the category, or `origin/category`. Column-wise: strings are built for distinct values only."""
+    (by origin), the category, `origin/category`, or the seed dataset (`dataset`). Column-wise: strings are
+    built for distinct values only."""
     n = len(df)
+    if source_by == "dataset":
+        if "dataset" not in df:
+            raise ValueError("mix.source_by is `dataset` but the rows have no `dataset` column (the seeds stage "
+                             "writes it: run the stages again from seeds)")
+        codes, names = _factorize(df["dataset"].fillna("unknown").astype(str))
+        return _sorted_names(codes, names.astype(str))
     if source_by != "category":
         o_codes, o_names = _factorize(df["origin"].astype(str) if "origin" in df else np.full(n, "unknown"))
         o_labels = o_names.astype(str)
@@ -123,7 +132,12 @@ def source_codes(df: pd.DataFrame, source_by: str) -> tuple[list[str], np.ndarra
         codes, pairs = _factorize(o_codes * len(c_labels) + c_codes)
         labels = np.array([f"{o_labels[p // len(c_labels)]}/{c_labels[p % len(c_labels)]}"
                            for p in pairs.astype(np.int64)], dtype=object)
-    order = np.argsort(labels.astype(str))  # sorted names: results do not depend on row order of first sight
+    return _sorted_names(codes, labels)
+
+
+def _sorted_names(codes: np.ndarray, labels: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Codes renumbered so that the names are sorted: results do not depend on row order of first sight."""
+    order = np.argsort(labels.astype(str))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return [str(x) for x in labels[order]], rank[codes]
@@ -179,11 +193,39 @@ def draw(codes: np.ndarray, counts: np.ndarray, rng: np.random.Generator, replac
 
 # --- the stage ----------------------------------------------------------------------------------------------
 
+# What the decisions read of a row (besides the score columns): the text columns other than the
+# instruction are never converted.
+DECISION_COLUMNS = ("id", "keep", "task_id", "root_id", "instruction", "origin", "round", "category",
+                    "evol_operation")
+
+
 @dataclass
 class Mixed:
-    train: pd.DataFrame
-    eval: pd.DataFrame
+    train: pd.DataFrame | pa.Table  # Arrow when the input was (mix_table), else a DataFrame (mix_rows)
+    eval: pd.DataFrame | pa.Table
     manifest: dict[str, Any]
+
+
+def _fold(texts: pd.Series) -> pd.Series:
+    """Whitespace runs to one space, ends trimmed, lowercase: Python's str.split() and str.lower()."""
+    return texts.fillna("").astype(str).str.split().str.join(" ").str.lower()
+
+
+def instruction_codes(instructions: pd.Series) -> np.ndarray:
+    """A code per row for its instruction with whitespace and case folded (`_fold`). Column-wise for the
+    rows of ASCII text without the separators \\x1c-\\x1f (which Python splits on and Arrow does not):
+    Arrow's ASCII split, join and lowercase are Python's there; the other rows are folded by `_fold`."""
+    text = pa.array(instructions.fillna("").astype(str), pa.large_string())  # pandas' strings are Arrow already
+    if isinstance(text, pa.ChunkedArray):
+        text = text.combine_chunks()
+    fast = pc.and_(pc.string_is_ascii(text), pc.invert(pc.match_substring_regex(text, "[\\x1c-\\x1f]")))
+    words = pc.ascii_split_whitespace(pc.ascii_trim_whitespace(text))
+    folded = pc.ascii_lower(pc.binary_join(words, pa.scalar(" ", pa.large_string())))
+    slow = np.flatnonzero(~np.asarray(fast))
+    if len(slow):
+        by_python = _fold(instructions.iloc[slow]).to_numpy(dtype=object)
+        folded = pc.replace_with_mask(folded, pc.invert(fast), pa.array(by_python, pa.large_string()))
+    return np.asarray(pc.dictionary_encode(folded).indices, dtype=np.int64)
 
 
 def lineage_groups(df: pd.DataFrame) -> np.ndarray:
@@ -194,9 +236,8 @@ def lineage_groups(df: pd.DataFrame) -> np.ndarray:
     n = len(df)
     ids = df["id"].astype(str) if "id" in df else pd.Series(np.arange(n).astype(str), index=df.index)
     keys = [ids.where(df["task_id"].isna(), df["task_id"].astype(str)) if "task_id" in df else ids,
-            ids.where(df["root_id"].isna(), df["root_id"].astype(str)) if "root_id" in df else ids,
-            df["instruction"].fillna("").astype(str).str.split().str.join(" ").str.lower()]
-    codes = [_factorize(k.to_numpy(dtype=object))[0] for k in keys]
+            ids.where(df["root_id"].isna(), df["root_id"].astype(str)) if "root_id" in df else ids]
+    codes = [_factorize(k.to_numpy(dtype=object))[0] for k in keys] + [instruction_codes(df["instruction"])]
     label = np.arange(n, dtype=np.int64)
     while True:
         before = label
@@ -240,7 +281,9 @@ def split_eval(codes: np.ndarray, names: list[str], groups: np.ndarray, cfg: Mix
     return chosen[groups]
 
 
-def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
+def _draw_rows(df: pd.DataFrame, cfg: MixConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """The mix as row positions: (train rows in drawn order, eval rows, each row's source name, manifest).
+    `df` needs the columns the decisions read (DECISION_COLUMNS and the `quality_weight` column), not the text."""
     if "keep" not in df:
         raise MixError("mix reads the quality stage's output: the input has no `keep` column")
     kept_pos = np.flatnonzero(df["keep"].fillna(False).astype(bool).to_numpy())
@@ -292,14 +335,13 @@ def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
     name_array = np.asarray(names, dtype=object)
     train_rows = kept_pos[pool_pos[picked]]
     eval_rows = kept_pos[eval_mask]
-    train = df.iloc[train_rows].assign(source=name_array[all_codes[train_rows]], split="train")
-    evals = df.iloc[eval_rows].assign(source=name_array[all_codes[eval_rows]], split="eval")
-    n_train = max(len(train), 1)
+    n_train = max(len(train_rows), 1)
     n_cot = int(cot[picked].sum()) if cot is not None else None
+    ids = df["id"].astype(str) if "id" in df else pd.Series(np.arange(len(df)).astype(str))
     manifest = {
         "mode": cfg.mode, "source_by": cfg.source_by, "seed": cfg.seed, "kept": len(kept_pos),
         "total_requested": total,
-        "train": len(train), "eval": len(evals), "replace": cfg.replace, "cap": cfg.cap,
+        "train": len(train_rows), "eval": len(eval_rows), "replace": cfg.replace, "cap": cfg.cap,
         "temperature": cfg.temperature if cfg.mode == "temperature" else None,
         "sources": {s: {"requested_share": round(shares[s], 6), "achieved_share": round(int(counts[i]) / n_train, 6),
                         "rows": int(counts[i]), "available": available[s]}
@@ -308,9 +350,50 @@ def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
                 "achieved_share": None if n_cot is None else round(n_cot / n_train, 6),
                 "rows": n_cot, "available": None if cot is None else int(cot.sum())},
         "warnings": warnings,
-        "train_ids": train["id"].astype(str).tolist(), "eval_ids": evals["id"].astype(str).tolist(),
+        "train_ids": ids.iloc[train_rows].tolist(), "eval_ids": ids.iloc[eval_rows].tolist(),
     }
+    return train_rows, eval_rows, name_array[all_codes], manifest
+
+
+def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
+    """The mix of a DataFrame: the train rows in drawn order and the eval rows, each with `source` and `split`."""
+    train_rows, eval_rows, source, manifest = _draw_rows(df, cfg)
+    train = df.iloc[train_rows].assign(source=source[train_rows], split="train")
+    evals = df.iloc[eval_rows].assign(source=source[eval_rows], split="eval")
     return Mixed(train, evals, manifest)
+
+
+def _with_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    """`table` with column `name` set to `values`: in place if it has one (as DataFrame.assign does), else last."""
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+def _as_pandas_types(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Strings as large_string, the type pandas' strings come back as (the stage's output kept its types
+    through a DataFrame before it was column-wise)."""
+    return column.cast(pa.large_string()) if pa.types.is_string(column.type) else column
+
+
+def mix_table(table: pa.Table, cfg: MixConfig) -> tuple[pa.Table, Mixed]:
+    """The mix of an Arrow table, column-wise: the decisions read only DECISION_COLUMNS (and score columns),
+    each column is taken once in output order (train rows, then eval rows), and the splits are slices of
+    the result, so the text is copied once and never converted to Python strings. The same rows, order,
+    values and types as `mix_rows` on the table's DataFrame."""
+    light = [c for c in table.column_names if c in DECISION_COLUMNS or c.startswith("score_")
+             or c == cfg.quality_weight]
+    train_rows, eval_rows, source, manifest = _draw_rows(table.select(light).to_pandas(), cfg)
+    rows = pa.array(np.concatenate([train_rows, eval_rows]).astype(np.int64))
+    out = pa.table({name: _as_pandas_types(table.column(name)).take(rows) for name in table.column_names},
+                   metadata=table.schema.metadata)
+    n_train = len(train_rows)
+    # large_string: what pa.Table.from_pandas gives pandas' strings
+    sources = np.concatenate([source[train_rows], source[eval_rows]])
+    out = _with_column(out, "source", pa.array(sources, pa.large_string()))
+    split = np.where(np.arange(len(rows)) < n_train, "train", "eval")
+    out = _with_column(out, "split", pa.array(split, pa.large_string()))
+    return out, Mixed(out.slice(0, n_train), out.slice(n_train), manifest)
 
 
 def _cot_split(cot: np.ndarray, total: int, cfg: MixConfig) -> list[tuple[np.ndarray, int]]:
@@ -344,13 +427,17 @@ def _check_weights(cfg: MixConfig, names: list[str]) -> list[str]:
     return [message]
 
 
-def mix(df: pd.DataFrame, cfg: MixConfig) -> tuple[pd.DataFrame, dict[str, Any], Mixed]:
-    """The stage: train and eval rows in one table (column `split`), the stats, and the parts to export."""
-    mixed = mix_rows(df, cfg)
-    out = pd.concat([mixed.train, mixed.eval], ignore_index=True)
+def mix(data: pd.DataFrame | pa.Table, cfg: MixConfig) -> tuple[pd.DataFrame | pa.Table, dict[str, Any], Mixed]:
+    """The stage: train and eval rows in one table (column `split`), the stats, and the parts to export.
+    An Arrow table stays Arrow (`mix_table`); a DataFrame stays a DataFrame (`mix_rows`)."""
+    if isinstance(data, pa.Table):
+        out, mixed = mix_table(data, cfg)
+    else:
+        mixed = mix_rows(data, cfg)
+        out = pd.concat([mixed.train, mixed.eval], ignore_index=True)
     m = mixed.manifest
     kept = m["kept"]
     stats = {"rows_in_kept": kept, "train": m["train"], "eval": m["eval"], "mode": m["mode"], "seed": m["seed"],
              "sources": m["sources"], "cot": m["cot"], "warnings": m["warnings"],
-             "dropped": {"not_kept": len(df) - kept, "not_sampled": kept - m["eval"] - len(set(m["train_ids"]))}}
+             "dropped": {"not_kept": len(data) - kept, "not_sampled": kept - m["eval"] - len(set(m["train_ids"]))}}
     return out, stats, mixed

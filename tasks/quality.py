@@ -184,21 +184,37 @@ def model_based_scores(df: pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | No
     return pd.concat(columns, axis=1), stats
 
 
-def _dedup_text(df: pd.DataFrame, fields: list[str]) -> pa.Array:
-    columns = [_column(df, f) for f in fields]
-    return columns[0] if len(columns) == 1 else pc.binary_join_element_wise(*columns, pa.scalar("\n", pa.large_string()))
+def _raw(data: pa.Table | pd.DataFrame, name: str) -> pa.Array | pa.ChunkedArray:
+    """A string column as Arrow, missing values kept."""
+    if isinstance(data, pa.Table):
+        column = data.column(name)
+    else:
+        column = pa.array(data[name].to_numpy(dtype=object), from_pandas=True)
+    return column.cast(pa.large_string())
 
 
-def decide(scored: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Add `keep`, `drop_reason` and `duplicate_of`; return the near-duplicate figures too."""
-    out = scored.copy()
+def _task_groups(data: pa.Table | pd.DataFrame) -> np.ndarray:
+    """A code per row for its task: `task_id` (else `id`) and the instruction; -1 without an instruction."""
+    key = pc.binary_join_element_wise(pc.coalesce(_raw(data, "task_id"), _raw(data, "id")),
+                                      _raw(data, "instruction"), pa.scalar("\x00", pa.large_string()))
+    if isinstance(key, pa.ChunkedArray):
+        key = key.combine_chunks()
+    return np.asarray(pc.dictionary_encode(key).indices.fill_null(-1), dtype=np.int64)
+
+
+def _decisions(data: pa.Table | pd.DataFrame, scores: dict[str, np.ndarray],
+               cfg: QualityConfig) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Per row, the drop reason ("" when kept) and the id of the row it duplicates (None); the
+    near-duplicate figures. `scores` holds the score columns by name; the text comes from `data`."""
+    n = len(data)
+    columns = data.column_names if isinstance(data, pa.Table) else data.columns
 
     def col(name: str) -> np.ndarray:
-        return out[name].to_numpy(dtype=float) if name in out else np.full(len(out), np.nan)
+        return scores[name] if name in scores else np.full(n, np.nan)
 
     j, d, i = cfg.judge, cfg.deita, cfg.ifd
     rules = [
-        ("empty_output", (out["output"].fillna("").str.strip() == "").to_numpy()),
+        ("empty_output", np.asarray(pc.equal(pc.utf8_trim_whitespace(_column(data, "output")), ""))),
         ("unsafe", col("score_safety") < 1.0),
         ("judge_unparsed", np.isnan(col("score_judge")) if j.enabled and j.drop_unparsed else None),
         ("low_judge", col("score_judge") < j.min_score if j.enabled and j.min_score is not None else None),
@@ -214,12 +230,13 @@ def decide(scored: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.DataFrame, dict
     reason = reason.astype(object)
 
     figures: dict[str, Any] = {}
-    duplicate_of = np.full(len(out), None, dtype=object)
-    if cfg.dedup.enabled and len(out):
+    duplicate_of = np.full(n, None, dtype=object)
+    if cfg.dedup.enabled and n:
         groups = None
-        if not cfg.dedup.same_task_instances and "task_id" in out:
-            groups = pd.factorize(out["task_id"].fillna(out["id"]) + "\x00" + out["instruction"])[0]
-        found = dedup.near_duplicates(_dedup_text(out, list(cfg.dedup.fields)), cfg.dedup.threshold,
+        if not cfg.dedup.same_task_instances and "task_id" in columns:
+            groups = _task_groups(data)
+        text = [_column(data, f) for f in cfg.dedup.fields]  # joined per row with a newline, chunk by chunk
+        found = dedup.near_duplicates(text, cfg.dedup.threshold,
                                       cfg.dedup.shingle_size, cfg.dedup.num_perm, groups=groups)
         target = dedup.pick_representatives(found.label, reason == "", col(cfg.dedup.rank_by))
         if groups is not None:  # an instance of the kept row's own task stays (clusters are transitive)
@@ -227,14 +244,30 @@ def decide(scored: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.DataFrame, dict
             target[linked & (groups == groups[np.where(linked, target, 0)])] = -1
         is_dup = target >= 0
         reason[is_dup] = "near_duplicate"
-        duplicate_of[is_dup] = out["id"].to_numpy()[target[is_dup]]
+        ids = data.column("id").take(pa.array(target[is_dup])).to_pylist() if isinstance(data, pa.Table) \
+            else data["id"].to_numpy()[target[is_dup]]
+        duplicate_of[is_dup] = ids
         sizes = np.bincount(found.label)
         figures = {"clusters": int((sizes > 1).sum()), "rows_in_clusters": int(sizes[sizes > 1].sum()),
                    "largest_cluster": int(sizes.max()), "candidate_pairs": found.candidates,
                    "linked_pairs": len(found.pairs), "bands": found.bands, "rows_per_band": found.per_band}
     if i.enabled and i.keep_share is not None:  # Cherry-style: the highest-IFD share of what is left
         figures["ifd_selection"] = _select_by_ifd(reason, col("score_ifd"), i.keep_share)
-    out["drop_reason"] = pd.Series(np.where(reason == "", None, reason), index=out.index, dtype=object)
+    return np.where(reason == "", None, reason), duplicate_of, figures
+
+
+def _score_columns(data: pa.Table | pd.DataFrame) -> dict[str, np.ndarray]:
+    if isinstance(data, pa.Table):
+        return {c: np.asarray(data.column(c).to_numpy(), dtype=float) for c in data.column_names
+                if c.startswith("score_")}
+    return {c: data[c].to_numpy(dtype=float) for c in data.columns if c.startswith("score_")}
+
+
+def decide(scored: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Add `keep`, `drop_reason` and `duplicate_of`; return the near-duplicate figures too."""
+    out = scored.copy()
+    reason, duplicate_of, figures = _decisions(out, _score_columns(out), cfg)
+    out["drop_reason"] = pd.Series(reason, index=out.index, dtype=object)
     out["keep"] = out["drop_reason"].isna()
     out["duplicate_of"] = pd.Series(duplicate_of, index=out.index, dtype=object)
     return out, figures
@@ -249,14 +282,14 @@ def _select_by_ifd(reason: np.ndarray, ifd: np.ndarray, share: float) -> dict[st
     reason[kept[order[n_keep:]]] = "low_ifd"
     chosen = ifd[kept[order[:n_keep]]]
     return {"ranked": len(kept), "kept": n_keep, "keep_share": share,
-            "lowest_kept_ifd": None if not len(chosen) or np.isnan(chosen).all() else round(float(np.nanmin(chosen)), 4)}
+            "lowest_kept_ifd": None if not len(chosen) or np.isnan(chosen).all()
+            else round(float(np.nanmin(chosen)), 4)}
 
 
-def score_summary(df: pd.DataFrame) -> dict[str, dict[str, float | int]]:
+def score_summary(data: pa.Table | pd.DataFrame) -> dict[str, dict[str, float | int]]:
     """Per score column: rows with a value, and its mean and quantiles."""
     summary = {}
-    for name in (c for c in df.columns if c.startswith("score_")):
-        values = df[name].to_numpy(dtype=float)
+    for name, values in _score_columns(data).items():
         values = values[~np.isnan(values)]
         if not len(values):
             summary[name] = {"rows": 0}
@@ -267,32 +300,69 @@ def score_summary(df: pd.DataFrame) -> dict[str, dict[str, float | int]]:
     return summary
 
 
+def _set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """`table` with column `name` set to `values`: in place if it has one (as DataFrame.assign does), else last."""
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+def _counts(values: pd.Series) -> dict[str, int]:
+    return {k: int(v) for k, v in values.value_counts().items()}
+
+
 def run_quality(data: pa.Table | pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None = None, scorer=None,
-                parts: PartWriter | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Score and decide; `judge_llm` and `scorer` are needed when the judge or DEITA/IFD are enabled."""
+                parts: PartWriter | None = None) -> tuple[pa.Table | pd.DataFrame, dict[str, Any]]:
+    """Score and decide; `judge_llm` and `scorer` are needed when the judge or DEITA/IFD are enabled.
+
+    An Arrow table gives an Arrow table: its columns with the score and decision columns appended (as
+    `pa.Table.from_pandas` would type them), the text never copied or converted to Python strings. A
+    DataFrame gives a DataFrame."""
     if cfg.judge.enabled and judge_llm is None:
         raise ValueError("quality.judge.enabled needs an LLM")
     if (cfg.deita.enabled or cfg.ifd.enabled) and scorer is None:
         raise ValueError("quality.deita / quality.ifd need a local scoring model")
+    arrow = isinstance(data, pa.Table)
+    if not arrow:
+        data = data.reset_index(drop=True)
     heuristics = heuristic_scores(data, cfg)
-    df = data.to_pandas() if isinstance(data, pa.Table) else data.reset_index(drop=True)
-    df = df.assign(**heuristics)
-    extra, model_stats = model_based_scores(df, cfg, judge_llm, scorer, parts)
+    texts = data.select(["instruction", "input", "output"]).to_pandas() if arrow else data
+    extra, model_stats = model_based_scores(texts, cfg, judge_llm, scorer, parts)
+    del texts
     if extra is not None:
-        df = df.join(extra)
-    decided, dedup_figures = decide(df, cfg)
+        extra = extra.reindex(pd.RangeIndex(len(data)))  # as a left join on the row position
+    if arrow:
+        decided = data
+        for name, values in heuristics.items():
+            decided = _set_column(decided, name, pa.array(values, from_pandas=True))
+        if extra is not None:
+            for name, column in zip(extra.columns, pa.Table.from_pandas(extra, preserve_index=False).columns):
+                decided = _set_column(decided, name, column)
+        reason, duplicate_of, dedup_figures = _decisions(decided, _score_columns(decided), cfg)
+        keep = pd.isna(reason)
+        decided = _set_column(decided, "drop_reason", pa.array(reason, from_pandas=True))
+        decided = _set_column(decided, "keep", pa.array(keep))
+        decided = _set_column(decided, "duplicate_of", pa.array(duplicate_of, from_pandas=True))
+        origin = decided.column("origin").filter(pa.array(keep)).to_pandas()
+    else:
+        df = data.assign(**heuristics)
+        if extra is not None:
+            df = df.join(extra)
+        decided, dedup_figures = decide(df, cfg)
+        reason, keep = decided["drop_reason"].to_numpy(dtype=object), decided["keep"].to_numpy(dtype=bool)
+        origin = decided.loc[decided["keep"], "origin"]
     stats: dict[str, Any] = {
-        "kept": int(decided["keep"].sum()),
-        "dropped": {k: int(v) for k, v in decided["drop_reason"].value_counts().items()},
+        "kept": int(keep.sum()),
+        "dropped": _counts(pd.Series(reason, dtype=object)),
         "scores": score_summary(decided),
-        "kept_by_origin": {k: int(v) for k, v in decided.loc[decided["keep"], "origin"].value_counts().items()},
+        "kept_by_origin": _counts(origin),
         **model_stats,
     }
     if cfg.judge.enabled:
-        errors = decided["judge_error"].dropna()
-        stats["judge_errors"] = {k: int(v) for k, v in errors.str.split(":").str[0].value_counts().items()}
+        errors = extra["judge_error"].dropna()
+        stats["judge_errors"] = _counts(errors.str.split(":").str[0])
     if cfg.ifd.enabled:  # over-long outputs: scored on the head that fits (truncated) or not at all (dropped)
-        stats["ifd_truncation"] = {k: int(v) for k, v in decided["ifd_truncation"].dropna().value_counts().items()}
+        stats["ifd_truncation"] = _counts(extra["ifd_truncation"].dropna())
     if dedup_figures:
         stats["dedup"] = dedup_figures
     return decided, stats

@@ -81,12 +81,14 @@ def _run_quality(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     rows = inputs["evol_instruct"].read_table()
     q = cfg.quality
     scorer = _scorer_llm(cfg)
+    # Arrow in, Arrow out: the score and decision columns are appended to the rows, nothing copied.
     decided, stats = quality.run_quality(rows, q, judge_llm=get_llm(cfg.llm) if q.judge.enabled else None,
                                          scorer=get_llm(scorer) if scorer else None, parts=PartWriter(out.parts_dir))
     # The report beside the data: report.html for people, report.md for the Prefect UI.
     title = f"Data quality report ({cfg.run.name}, {out.path.name})"
+    frame = decided.to_pandas()  # pandas' strings stay in Arrow memory
     for name, render in (("report.html", report.html_report), ("report.md", report.markdown_report)):
-        atomic_write_text(out.path / name, render(decided, stats, q.dedup.rank_by, q.report_examples, title))
+        atomic_write_text(out.path / name, render(frame, stats, q.dedup.rank_by, q.report_examples, title))
     return decided, {"rows_in": rows.num_rows, **stats}
 
 
@@ -97,14 +99,14 @@ def _quality_key(c: Config) -> dict[str, Any]:
 
 
 def _run_mix(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
-    rows = _frame(inputs["quality"])
+    rows = inputs["quality"].read_table()  # Arrow throughout: the splits are slices of `table`
     table, stats, mixed = mix.mix(rows, cfg.mix)
     # Beside data.parquet (both splits, column `split`): each split alone, the manifest, the exports.
-    atomic_write_parquet(out.path / "train.parquet", _table(mixed.train))
-    atomic_write_parquet(out.path / "eval.parquet", _table(mixed.eval))
+    atomic_write_parquet(out.path / "train.parquet", mixed.train)
+    atomic_write_parquet(out.path / "eval.parquet", mixed.eval)
     atomic_write_json(out.path / "manifest.json", mixed.manifest)
     written = exports.export_all({"train": mixed.train, "eval": mixed.eval}, out.path, list(cfg.mix.exports))
-    return table, {"rows_in": len(rows), **stats, "exports": written}
+    return table, {"rows_in": rows.num_rows, **stats, "exports": written}
 
 
 def _tokens_root(cfg: Config) -> Path:
@@ -190,7 +192,7 @@ def _ablation(cfg: Config, inputs: Inputs, out: Artifact, heldout: pd.DataFrame,
 
 def _seeds_key(c: Config) -> dict[str, Any]:
     # The seed file is an input too: editing it must give a new key, not a stale cached table.
-    return {"seeds": c.section("seeds"), "source": source_hash(c.seeds.path)}
+    return {"seeds": c.section("seeds"), "source": [source_hash(src.path) for src in c.seeds.datasets()]}
 
 
 def _self_instruct_key(c: Config) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from tasks.mix import MixError, draw, largest_remainder, mix, source_labels, tar
 def table(counts, keep_all=True, **extra):
     rows = []
     for cat, n in counts.items():
-        rows += [{"id": f"{cat}-{i}", "category": cat, "keep": keep_all, "origin": "seed", "instruction": f"Do {cat} {i}.",
-                  "input": "", "output": f"Done {i}.", **extra} for i in range(n)]
+        rows += [{"id": f"{cat}-{i}", "category": cat, "keep": keep_all, "origin": "seed",
+                  "instruction": f"Do {cat} {i}.", "input": "", "output": f"Done {i}.", **extra} for i in range(n)]
     return pd.DataFrame(rows)
 
 
@@ -95,6 +95,22 @@ def test_sources_by_origin_and_evol_round():
     both = pd.concat([df, evol], ignore_index=True)
     assert list(source_labels(both, "origin")) == ["seed"] * 4 + ["evol_r1"] * 2 + ["evol_r2"] * 2
     assert source_labels(both, "origin_category").iloc[-1] == "evol_r2/qa"
+
+
+def test_datasets_are_sources_with_exact_weights():
+    """Rows from three seed datasets (and the tasks Self-Instruct made) mixed 2 : 1 : 1 : 0 by dataset."""
+    df = pd.concat([table({"qa": 30, "math": 30}).assign(dataset="alpaca"), table({"qa": 40}).assign(dataset="dolly"),
+                    table({"coding": 20}).assign(dataset="ours"),
+                    table({"qa": 10}).assign(dataset="self_instruct", origin="self_instruct")], ignore_index=True)
+    df["id"] = df["dataset"] + "/" + df["id"]
+    assert list(source_labels(df, "dataset").unique()) == ["alpaca", "dolly", "ours", "self_instruct"]
+    out, stats, _ = mix(df, MixConfig(mode="weights", source_by="dataset", total=40, min_eval=4, seed=1,
+                                      weights={"alpaca": 2, "dolly": 1, "ours": 1, "self_instruct": 0}, **NO_COT))
+    train = out[out["split"] == "train"]
+    assert train["dataset"].value_counts().to_dict() == {"alpaca": 20, "dolly": 10, "ours": 10}
+    assert stats["sources"]["alpaca"]["requested_share"] == 0.5
+    with pytest.raises(ValueError, match="no `dataset` column"):
+        mix(table({"qa": 10}), MixConfig(source_by="dataset", min_eval=2))
 
 
 def test_quality_weight_prefers_high_scores():
@@ -213,3 +229,51 @@ def test_eval_split_shares_no_task_root_or_instruction_with_train(seed):
     assert not set(train["root_id"].dropna()) & roots(evals) and not set(evals["root_id"].dropna()) & roots(train)
     assert not norm(train["instruction"]) & norm(evals["instruction"])
     assert set(evals["category"]) == {"qa", "math", "coding"}  # still stratified by source
+
+
+@pytest.mark.parametrize("cfg", [
+    MixConfig(min_eval=4, seed=1),
+    MixConfig(mode="weights", weights={"qa": 2, "math": 1, "coding": 1}, total=20, min_eval=4, seed=2),
+    MixConfig(mode="temperature", source_by="origin_category", cap=6, quality_weight="score_total", min_eval=4),
+    MixConfig(mode="proportional", source_by="origin", replace=True, total=50, min_eval=4, cot_share=0.2),
+])
+def test_an_arrow_table_mixes_exactly_as_its_dataframe(cfg):
+    """The stage mixes the quality artifact as Arrow: the same rows in the same order, the same values and
+    types as the DataFrame path, and the splits are slices of the stage's table."""
+    import pyarrow as pa
+
+    df = lineage_table()
+    rng = np.random.default_rng(0)
+    df = df.assign(keep=rng.random(len(df)) < 0.9, score_total=rng.random(len(df)),
+                   input=df["input"].where(rng.random(len(df)) < 0.8, None),
+                   round=pd.array(np.where(df["origin"] == "evol", 1, None), dtype="Int64"),
+                   evol_operation=np.where(rng.random(len(df)) < 0.3, "increase_reasoning", None),
+                   drop_reason=pd.Series([None] * len(df), dtype=object))
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.set_column(table.column_names.index("drop_reason"), "drop_reason",  # as quality writes it
+                             pa.array([None] * len(df), pa.string()))
+    out_t, stats_t, mixed_t = mix(table, cfg)
+    out_d, stats_d, mixed_d = mix(table.to_pandas(), cfg)
+    assert isinstance(out_t, pa.Table) and stats_t == stats_d and mixed_t.manifest == mixed_d.manifest
+    assert out_t.equals(pa.Table.from_pandas(out_d, preserve_index=False))
+    assert out_t.column_names == list(out_d.columns) and out_t.schema.field("round").type == pa.int64()
+    pd.testing.assert_frame_equal(out_t.to_pandas(), out_d)
+    assert mixed_t.train.equals(out_t.slice(0, stats_t["train"])) and mixed_t.eval.num_rows == stats_t["eval"]
+
+
+def test_instruction_codes_fold_as_python_does():
+    """Column-wise folding (ASCII rows) and Python's split/join/lower (the rest) group the same rows as
+    Python's own folding of every row."""
+    from tasks.mix import _fold, instruction_codes
+
+    rng = np.random.default_rng(0)
+    pieces = ["Task", "task", "TASK", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\xa0", "\u2003",
+              "İ", "ß", "Straße", "ǅ", "Σ", "é", "x", "", "\x85", "\u3000"]
+    texts = ["".join(rng.choice(pieces, rng.integers(0, 6))) for _ in range(3000)] + [None, None]
+    series = pd.Series(texts, dtype=object)
+    codes = instruction_codes(series)
+    expected = pd.factorize(_fold(series).to_numpy(dtype=object))[0]
+    pairs = rng.integers(0, len(texts), (20000, 2))
+    same = codes[pairs[:, 0]] == codes[pairs[:, 1]]
+    assert (same == (expected[pairs[:, 0]] == expected[pairs[:, 1]])).all()
+    assert len(set(codes)) == len(set(expected))

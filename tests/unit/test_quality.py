@@ -317,3 +317,56 @@ def test_rank_by_must_be_a_score_that_is_computed():
         QualityConfig.model_validate({"dedup": {"rank_by": "output"}})
     with pytest.raises(ValidationError, match="needs its scorer enabled"):
         QualityConfig.model_validate({"dedup": {"rank_by": "score_judge"}})
+
+
+@pytest.mark.parametrize("models", [False, True])
+def test_an_arrow_table_is_decided_exactly_as_its_dataframe(tmp_path, models):
+    """The stage reads its input as Arrow and gets Arrow back: the same rows, values, types, decisions and
+    stats as the DataFrame path (what the stage wrote before, through pa.Table.from_pandas)."""
+    from tests.conftest import ScriptedLLM
+
+    label = "Botanically speaking, is the item a fruit or a vegetable? Labels: Fruit, Vegetable."
+    df = frame([(label, "tomato", "Fruit is the answer here."), (label, "carrot", "Vegetable is the answer here."),
+                (label + "!", "carrot", "Vegetable is the answer here."), ("Name a colour.", "", "   "),
+                ("Explain how a bomb works.", "", "It explodes when lit, as they say."),
+                ("Describe the water cycle in detail.", "", "Water evaporates, condenses and falls as rain."),
+                ("Describe the water cycle in detail!", "", "Water evaporates, condenses and falls as rain!"),
+                ("Say hi.", None, "Hi ünïcode.")])
+    df["task_id"] = ["t104", "t104", "si-7", None, "t1", "t2", "t3", "t4"]
+    df["round"] = pd.array([None, 1, None, None, 2, None, None, None], dtype="Int64")
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    cfg = {"min_total": 0.3, "checkpoint_every": 3}
+    if models:
+        cfg.update(judge={"enabled": True}, deita={"enabled": True}, ifd={"enabled": True, "keep_share": 0.8})
+    cfg = QualityConfig.model_validate(cfg)
+    answers = ["Rating: 8/10", "7", "no idea", "[[9]]", "11/10", "5", "6", "2"]
+    runs = []
+    for data, where in ((table.to_pandas(), "frame"), (table, "table")):
+        llm = ScriptedLLM(lambda prompt, params, it=iter(answers): next(it)) if models else None
+        runs.append(run_quality(data, cfg, judge_llm=llm, scorer=FakeScorer() if models else None,
+                                parts=PartWriter(tmp_path / where) if models else None))
+    (frame_out, frame_stats), (table_out, table_stats) = runs
+    assert isinstance(table_out, pa.Table) and table_stats == frame_stats
+    expected = pa.Table.from_pandas(frame_out, preserve_index=False)
+    assert table_out.schema.remove_metadata() == expected.schema.remove_metadata()
+    assert table_out.equals(expected)
+    assert table_stats["dropped"]["near_duplicate"] == 2 and table_stats["dropped"]["empty_output"] == 1
+    assert table_out.column("duplicate_of").to_pylist()[1:3] == [None, "r1"]
+
+
+def test_signatures_of_joined_fields_chunk_by_chunk_equal_the_whole_joined_text(monkeypatch):
+    """MinHash shingles the rows a chunk at a time, joining the fields per chunk: the signatures are those
+    of the whole joined column in one pass."""
+    from tasks import dedup
+
+    rng = np.random.default_rng(1)
+    words = np.array(["alpha", "beta", "gamma", "delta", "ünï", "東京", "x1"])
+    fields = [pa.chunked_array([pa.array([" ".join(rng.choice(words, rng.integers(0, 9))) for _ in range(57)],
+                                         pa.large_string())]) for _ in range(3)]
+    joined = pa.compute.binary_join_element_wise(*fields, pa.scalar("\n", pa.large_string()))
+    whole = dedup.signatures(joined, 2, 32, 0)
+    monkeypatch.setattr(dedup, "SIGNATURE_ROWS", 10)
+    for text in (fields, joined):
+        sig, has = dedup.signatures(text, 2, 32, 0)
+        assert (sig == whole[0]).all() and (has == whole[1]).all()
+    assert dedup.signatures([f.slice(0, 0) for f in fields], 2, 32, 0)[0].shape == (0, 32)
