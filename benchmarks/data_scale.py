@@ -27,8 +27,16 @@ Prints one JSON object.
 3. Targets (`targets`): seeds -> quality -> mix with all exports within 3 minutes in all (`met` judges the
    stages' wall time: their child processes, imports and artifact hashing included), peak RSS within 6 GB
    (the largest stage's).
-4. Training data (`training_data`): filled by `training_data()`, which reads the mix artifact
-   (`mix_artifact` in the JSON); `--skip-training-data` leaves it out.
+4. Training data (`training_data`): the finetune stage's data path on the mix's train split, with
+   configs/gpu.yaml's `max_length` (1024) and `row_tokens` (2048), in a child process: tokenize into token
+   arrays (tasks/tokenized.py, the bundled Gemma tokenizer), then plan one epoch (`finetune.plan_steps`:
+   shuffle, best-fit packing, micro-batches); `pack_s` is the packing alone. Then the same in a second
+   process, as a second epoch's or a resumed run's would be: it finds the arrays (`reused`) and tokenizes
+   nothing. Targets: tokenize + pack within 3 minutes, peak RSS within 4 GB, packing within 10 s. The
+   reference (`--skip-training-reference` leaves it out): `datasets.Dataset.map(batched=True)` with the
+   same tokenizer calls into its Arrow cache, then TRL's `pack_dataset(strategy="bfd")`, the way
+   `SFTTrainer` prepares packed data (trl installed once, without dependencies, under
+   ~/.cache/instructflow/bench-venvs/). `--skip-training-data` leaves the section out.
 5. References (`reference`): `code`: with `--reference REV`, the same stages on the same file with the
    code of git revision REV (exported with `git archive` into the work directory; nothing in this checkout
    changes), and `same_output`: whether the quality and mix artifacts hold the same table (columns both
@@ -293,12 +301,142 @@ def targets(run: dict[str, Any]) -> dict[str, Any]:
 
 # --- 4. training data ---------------------------------------------------------------------------------------
 
-def training_data(mix_artifact: Path) -> dict[str, Any]:
-    """Tokenize and pack one epoch of the mix's train split (`mix_artifact / "train.parquet"`) with
-    tasks/finetune.py's data API: the lead adds this section (seconds, peak RSS, examples, packed rows).
-    Until then it reports only where the split is."""
-    train = mix_artifact / "train.parquet"
-    return {"measured": False, "train_split": str(train), "train_rows": pq.ParquetFile(train).metadata.num_rows}
+TRAINING_TARGETS = {"seconds": 180.0, "peak_rss_gb": 4.0, "pack_seconds": 10.0}
+TRL_VERSION = "1.16.0"
+
+
+def prepare_child(mix_artifact: Path, workdir: Path, result: Path) -> None:
+    """In this (child) process: the finetune stage's data path for configs/gpu.yaml's settings. Tokenize the
+    mix's train split into token arrays (tasks/tokenized.py), then plan one epoch of packed steps
+    (finetune.plan_steps: a fresh order, best-fit packing into `row_tokens` rows, micro-batches). A second
+    call finds the arrays and tokenizes nothing."""
+    sys.path.insert(0, str(ROOT))
+    from tasks.config import load_config
+    from tasks.finetune import plan_steps
+    from tasks.llm.losses import pack
+    from tasks.llm.models import resolve_model
+    from tasks.llm.transformers_backend import load_tokenizer
+    from tasks.tokenized import prepare
+
+    cfg = load_config(ROOT / "configs" / "gpu.yaml", []).finetune
+    model_dir = resolve_model("bundled")
+    tokenizer = load_tokenizer(model_dir, padding_side="right")
+    train = pq.read_table(mix_artifact / "train.parquet", columns=["id", "instruction", "input", "output"])
+    t0 = time.perf_counter()
+    examples, info = prepare(tokenizer, train, cfg.max_length, cfg.truncation, workdir / "tokenized", model_dir)
+    tokenize_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    steps = plan_steps(examples.lengths, cfg.model_copy(update={"epochs": 1, "max_steps": None}), seed=0)
+    plan_s = time.perf_counter() - t0
+    order = np.random.default_rng(0).permutation(len(examples))
+    t0 = time.perf_counter()
+    rows = pack(examples.lengths[order], cfg.row_tokens, decreasing=False)
+    pack_s = time.perf_counter() - t0
+    result.write_text(json.dumps({
+        "reused": info["reused"], "tokenize_s": round(tokenize_s, 2), "plan_epoch_s": round(plan_s, 2),
+        "pack_s": round(pack_s, 3), "examples": len(examples), "tokens": int(examples.lengths.sum()),
+        "truncation": examples.truncation, "packed_rows": len(rows), "steps_per_epoch": len(steps),
+        "fill": round(float(examples.lengths.sum()) / (len(rows) * cfg.row_tokens), 4),
+        "max_length": cfg.max_length, "row_tokens": cfg.row_tokens, "arrays_mb": round(
+            sum(p.stat().st_size for p in Path(info["path"]).iterdir()) / 2**20, 1), "peak_rss_kb": peak_rss_kb()}))
+
+
+def reference_child(mix_artifact: Path, workdir: Path, result: Path, trl_dir: Path) -> None:
+    """What a good engineer would use instead: `datasets.Dataset.map(batched=True)` over the same rows with the
+    same tokenizer calls (tasks.tokenized.encode, so the examples are identical), written to its Arrow cache,
+    then TRL's `pack_dataset(strategy="bfd")` (best-fit decreasing, as SFTTrainer packs) into `row_tokens`."""
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(1, str(trl_dir))
+    import datasets
+    from trl.data_utils import pack_dataset
+
+    from tasks.config import load_config
+    from tasks.llm.models import resolve_model
+    from tasks.llm.transformers_backend import load_tokenizer
+    from tasks.tokenized import encode
+
+    cfg = load_config(ROOT / "configs" / "gpu.yaml", []).finetune
+    tokenizer = load_tokenizer(resolve_model("bundled"), padding_side="right")
+    train = datasets.Dataset(pq.read_table(mix_artifact / "train.parquet", columns=["instruction", "input", "output"]))
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        enc = encode(tokenizer, batch["instruction"], batch["input"], batch["output"], cfg.max_length, cfg.truncation)
+        kept = np.zeros(len(batch["instruction"]), dtype=bool)
+        kept[enc.kept] = True
+        ids = np.split(enc.tokens, np.cumsum(enc.lengths)[:-1]) if len(enc.lengths) else []
+        out, k = {"input_ids": [], "prompt_tokens": []}, 0
+        for row in range(len(kept)):  # datasets.map keeps one output row per input row unless told otherwise
+            if kept[row]:
+                out["input_ids"].append(ids[k].tolist())
+                out["prompt_tokens"].append(int(enc.prompt[k]))
+                k += 1
+        return out
+
+    cache = workdir / "reference-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    t0 = time.perf_counter()
+    tokenized = train.map(tokenize, batched=True, batch_size=4096, remove_columns=train.column_names,
+                          cache_file_name=str(cache / "tokenized.arrow"))
+    tokenize_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    packed = pack_dataset(tokenized.select_columns(["input_ids"]), cfg.row_tokens, strategy="bfd",
+                          map_kwargs={"cache_file_name": str(cache / "packed.arrow")})
+    pack_s = time.perf_counter() - t0
+    result.write_text(json.dumps({"tokenize_s": round(tokenize_s, 2), "pack_s": round(pack_s, 2),
+                                  "examples": len(tokenized), "packed_rows": len(packed),
+                                  "peak_rss_kb": peak_rss_kb()}))
+
+
+def trl_package(cache: Path) -> Path:
+    """TRL, installed once without its dependencies (this venv has them) beside the benchmark's other peers."""
+    target = cache / f"trl-{TRL_VERSION}"
+    if not (target / "trl").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                        f"trl=={TRL_VERSION}"], check=True)
+    return target
+
+
+def _child_run(args: list[str], result: Path) -> tuple[dict[str, Any], float, float]:
+    """Run this script with `args` in a child process; what it wrote, its wall seconds and peak RSS (GB)."""
+    result.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args, "--result", str(result)], cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} failed (exit {done.returncode}); see its traceback above")
+    made = json.loads(result.read_text())
+    return made, time.perf_counter() - t0, made.pop("peak_rss_kb") / 2**20
+
+
+def training_data(mix_artifact: Path, workdir: Path, reference: bool = True) -> dict[str, Any]:
+    """Tokenize + pack one epoch of the mix's train split (a child process, its peak RSS its own), then the
+    same again in a new process, as a second epoch's or a resumed run's process would: nothing is tokenized."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = ["--prepare", str(mix_artifact), "--tokens-dir", str(workdir)]
+    first, wall, rss = _child_run(args, workdir / ".prep.json")
+    again, _, rss2 = _child_run(args, workdir / ".prep.json")
+    ours = {**first, "wall_s": round(wall, 2), "peak_rss_gb": round(rss, 2),
+            "second_process": {"reused": again["reused"], "prepare_s": again["tokenize_s"],
+                               "plan_epoch_s": again["plan_epoch_s"], "peak_rss_gb": round(rss2, 2)}}
+    prep_s = first["tokenize_s"] + first["plan_epoch_s"]
+    out: dict[str, Any] = {
+        "ours": ours,
+        "targets": {"seconds": {"target": TRAINING_TARGETS["seconds"], "measured": round(prep_s, 2),
+                                "met": prep_s <= TRAINING_TARGETS["seconds"]},
+                    "peak_rss_gb": {"target": TRAINING_TARGETS["peak_rss_gb"], "measured": round(rss, 2),
+                                    "met": rss <= TRAINING_TARGETS["peak_rss_gb"]},
+                    "pack_seconds": {"target": TRAINING_TARGETS["pack_seconds"], "measured": first["pack_s"],
+                                     "met": first["pack_s"] <= TRAINING_TARGETS["pack_seconds"]},
+                    "second_epoch_or_resume_retokenizes_nothing": {"met": bool(again["reused"])}}}
+    if reference:
+        trl_dir = trl_package(Path.home() / ".cache" / "instructflow" / "bench-venvs")
+        ref, ref_wall, ref_rss = _child_run(["--reference-prepare", str(mix_artifact), "--tokens-dir", str(workdir),
+                                             "--trl", str(trl_dir)], workdir / ".ref.json")
+        out["reference"] = {**ref, "wall_s": round(ref_wall, 2), "peak_rss_gb": round(ref_rss, 2),
+                            "what": f"datasets.Dataset.map(batched=True, batch_size=4096) with the same tokenizer "
+                                    f"calls into its Arrow cache, then trl {TRL_VERSION} pack_dataset(strategy='bfd') "
+                                    f"(packs within each map batch of 1000 and writes the packed rows; ours plans "
+                                    f"rows over the whole epoch and builds each row when its micro-batch is trained)"}
+    return out
 
 
 # --- 5. references ------------------------------------------------------------------------------------------
@@ -345,15 +483,26 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     ap.add_argument("--reference", default=None, help="git revision to run the same stages with (e.g. HEAD)")
     ap.add_argument("--skip-training-data", action="store_true")
+    ap.add_argument("--skip-training-reference", action="store_true", help="ours only (no datasets.map + TRL run)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--code", type=Path, default=ROOT, help=argparse.SUPPRESS)
     ap.add_argument("--overrides-json", help=argparse.SUPPRESS)
     ap.add_argument("--inputs-json", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--reference-prepare", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--tokens-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--trl", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.code, args.overrides_json, args.inputs_json, args.result)
+        return
+    if args.prepare:
+        prepare_child(args.prepare, args.tokens_dir, args.result)
+        return
+    if args.reference_prepare:
+        reference_child(args.reference_prepare, args.tokens_dir, args.result, args.trl)
         return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="data_scale-"))
@@ -367,7 +516,8 @@ def main() -> None:
                                "stages": ours["stages"], "total_seconds": ours["total_seconds"],
                                "total_wall_s": ours["total_wall_s"], "peak_rss_mb": ours["peak_rss_mb"],
                                "targets": targets(ours), "mix_artifact": ours["mix_artifact"]}
-        out["training_data"] = None if args.skip_training_data else training_data(Path(ours["mix_artifact"]))
+        out["training_data"] = None if args.skip_training_data else training_data(
+            Path(ours["mix_artifact"]), workdir / "training", reference=not args.skip_training_reference)
         reference: dict[str, Any] = {"jsonl_export": jsonl_reference(Path(ours["mix_artifact"]))}
         if args.reference:
             code = export_code(args.reference, workdir / f"code-{args.reference}")
