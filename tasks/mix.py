@@ -196,7 +196,7 @@ def draw(codes: np.ndarray, counts: np.ndarray, rng: np.random.Generator, replac
 # What the decisions read of a row (besides the score columns): the text columns other than the
 # instruction are never converted.
 DECISION_COLUMNS = ("id", "keep", "task_id", "root_id", "instruction", "origin", "round", "category",
-                    "evol_operation")
+                    "evol_operation", "dataset")
 
 
 @dataclass

@@ -230,3 +230,38 @@ def test_an_alpaca_file_with_generation_off_stops_until_mix_and_a_full_run_train
     assert full["status"] == "completed" and full["until"] is None
     assert {s: r["reused"] for s, r in full["stages"].items()} == {
         **{s: True for s in list(STAGES)[:5]}, "finetune": False, "evaluate": False}
+
+
+def test_two_datasets_are_weighted_sources_of_one_mix(harness, tmp_path, capsys):
+    """An Alpaca JSON file and a Parquet table, generation off: each row keeps the dataset it came from
+    through every stage, and the mix draws them 3 : 1 by dataset."""
+    from flows.cli import main
+
+    words = ["rivers", "volcanoes", "bridges", "glaciers", "deserts", "forests", "harbors", "canyons", "islands",
+             "lakes", "meadows", "caves", "reefs", "valleys", "dunes", "marshes", "fjords", "plains", "comets", "tides"]
+    (tmp_path / "alpaca.json").write_text(json.dumps([
+        {"instruction": f"Explain how {w} form, in two sentences.", "input": "",
+         "output": f"Most {w} form slowly through natural processes over long periods; many atlases describe one."}
+        for w in words]))
+    pd.DataFrame({"instruction": [f"Write a short poem about {w} at dawn." for w in words],
+                  "input": [""] * 20, "category": ["creative"] * 20,
+                  "output": [f"Quiet {w} wake in light, a soft and silver song that greets the rising day."
+                             for w in words]}).to_parquet(tmp_path / "poems.parquet")
+    sources = json.dumps([{"path": str(tmp_path / "alpaca.json"), "name": "alpaca"},
+                          {"path": str(tmp_path / "poems.parquet")}])
+    sets = [f"seeds.sources={sources}", "seeds.limit=null", "self_instruct.enabled=false",
+            "evol_instruct.enabled=false", "quality.judge.enabled=false", "quality.dedup.enabled=false",
+            "mix.source_by=dataset", "mix.mode=weights", "mix.weights={alpaca: 3, poems: 1}", "mix.total=16",
+            "mix.cot_share=null", "mix.min_eval=4", f"run.artifacts_dir={tmp_path / 'artifacts'}",
+            f"run.runs_dir={tmp_path / 'runs'}"]
+    args = ["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--until", "mix"]
+    assert main(args + [x for s in sets for x in ("--set", s)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    seeds_stats = json.loads((Path(stages["seeds"]["path"]) / "stats.json").read_text())
+    assert {k: v["rows"] for k, v in seeds_stats["datasets"].items()} == {"alpaca": 20, "poems": 20}
+    quality = pd.read_parquet(Path(stages["quality"]["path"]) / "data.parquet")
+    assert quality.groupby("dataset")["id"].apply(lambda ids: ids.str.startswith("alpaca/").all()).to_dict() == {
+        "alpaca": True, "poems": False}
+    train = pd.read_parquet(Path(stages["mix"]["path"]) / "train.parquet")
+    assert train["dataset"].value_counts().to_dict() == {"alpaca": 12, "poems": 4}
