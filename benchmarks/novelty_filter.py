@@ -28,19 +28,28 @@ stop words from the templates (the, of and a are 20% of tokens), 5-40 tokens, an
 of earlier texts at a measured ROUGE-L F1 (quartiles 0.63 / 0.74 / 0.86; 59% of them above 0.7). Prints one JSON.
 
 `--scale` on realistic_instructions(100000), 2 cores (AMD EPYC, Python 3.11, rouge_score 0.1.2, rapidfuzz
-3.14), on a machine shared with other agents (1-minute load average 2.0 before, 3.7 after: the figures are
-inflated, by an amount that varies; an earlier run of ours at n=100000 at load ~1.5 took 87.6 s):
+3.14), on a machine shared with other agents (1-minute load average 0.6 before, 1.8 after, most of it from
+the rouge_score check's two processes at the end):
 
     n        kept     ours                      old_cdist        rouge_score_check
-    5,000    3,716    -                         -                same_kept true (4.94M pairs, 2 processes, 202 s)
-    20,000   14,325   10.8 s                    41.5 s           (same_kept true with old_cdist)
-    100,000  67,021   120.3 s (1.20 ms/check)   -                (at a 67K pool: ~1.3-1.5 ms a check)
+    5,000    3,716    -                         -                same_kept true (4.94M pairs, 2 processes, 105 s)
+    20,000   14,325   4.65 s                    27.7 s           (same_kept true with old_cdist)
+    100,000  67,021   51.8 s (0.52 ms/check)    -                -
 
-Ours grows with the postings of the query's rarer token lists, not with the pool as such, but for queries
-with a low best F1 and many stop words those lists are a good share of the pool: at a 66K pool a check
-visits ~20K postings on average (numpy; no Python pass over entries), ~1.3 ms. On 2 shared cores the 100K
-run takes 88-120 s, over the issue's 60 s target. On the seeds' data (tiny vocabulary), n=5000: ours 1.02 s,
-old_cdist 1.38 s, same_kept true.
+The previous version of ours (a first round of 65,536 postings with no best F1 to prune with, batched LCS
+on per-query code strings) took 89.4 s at 100K (load 1.9-2.2) and 10.8 s at 20K (load 2-3.7); run back to
+back on the same 100K (load 0.5-0.95) it took 79.7 s and this one 50.1 s, keeping the same candidates; on
+the same 1,500 queries against the pool at 90K candidates (61K entries) it takes ~1.16 ms a check, this one
+~0.70-0.73. What
+changed: a small first round (8,192 postings of the rarest lists) gives a best F1 from the 32 entries most
+in common, so the second round counts only the lists that best still needs (at a 61K pool ~52K postings
+sorted per check before); membership of the candidates in the frequent lists not counted is one bool per
+entry (`_marks`) instead of a binary search; and the exact LCS is one rapidfuzz call per entry on token
+id lists, with the F1 in Python floats (the same IEEE operations as rouge_score), instead of building
+code strings for a batch. Leaving out, list by list, entries too long to reach the best saved fewer
+postings than the filter cost. Ours grows with the postings of the query's rarer token lists, not with the
+pool as such. On the seeds' data (tiny vocabulary), n=5000: ours 0.49 s, old_cdist 1.78 s,
+same_kept true (load 0.5).
 
 Earlier figures on the seeds' data, measured when `old_cdist` was ours (load average 6-8), seconds:
 
@@ -54,7 +63,7 @@ Alpaca's way is dominated by opening a process pool per candidate (~80-200 ms ea
 grows with the pairs compared (~100 us a pair), so at n=5000 it would take over ten minutes.
 
     python benchmarks/novelty_filter.py                      # n=800: ours, old_cdist, alpaca, serial (~3 min)
-    python benchmarks/novelty_filter.py --scale              # the table above (~7 minutes)
+    python benchmarks/novelty_filter.py --scale              # the table above (~4 minutes)
     python benchmarks/novelty_filter.py --n 20000 --data realistic --references old
     python benchmarks/novelty_filter.py --n 2000 --references serial
     python benchmarks/novelty_filter.py --input texts.json --no-seeds --kept-out kept.json

@@ -3,9 +3,10 @@
 ROUGE-L follows `rouge_score`'s default tokenizer (lowercase, every run of characters outside [a-z0-9]
 is a separator, no stemming) and its F1, which for an LCS of length l between token lists of length m and
 n is 2l / (m + n). F1 itself is computed with rouge_score's own float operations, so decisions at a
-threshold match it exactly. LCS lengths come from rapidfuzz (C++) on short strings: the tokens of the query
-get the code points 1, 2, ... and every other token one filler code the query does not hold, which leaves
-every LCS unchanged, so there is no vocabulary-wide alphabet and no limit on the number of distinct tokens.
+threshold match it exactly. LCS lengths come from rapidfuzz (C++): `RougeIndex.most_similar` on lists of
+token ids, `RougeIndex.scores` on short strings where the tokens of the queries get the code points 1, 2, ...
+and every other token one filler code no query holds, which leaves every LCS unchanged. Neither needs a
+vocabulary-wide alphabet, so there is no limit on the number of distinct tokens.
 """
 
 from __future__ import annotations
@@ -41,28 +42,34 @@ def rouge_l_f1(a: str, b: str) -> float:
 class RougeIndex:
     """Instructions kept so far, for "which of them is closest to this new one?" queries (ROUGE-L F1).
 
-    Entries are stored as token ids end to end (numpy), with an inverted index: for each token, the entries
-    holding it, in order; for a token an entry holds k > 1 times, also a list per occurrence number k, so
-    that counting an entry in the query's lists gives the multiset overlap of their tokens. Token ids are
+    Entries are stored as token ids end to end (numpy), and as one list of ids per entry for the exact LCS,
+    with an inverted index: for each token, the entries holding it, in order; for a token an entry holds
+    k > 1 times, also a list per occurrence number k, so that counting an entry in the query's lists gives
+    the multiset overlap of their tokens. Token ids are
     int32: no limit on the number of distinct tokens that matters.
 
     `most_similar` is exact: the F1 `scores` gives, and the lowest index among ties, as `np.argmax` would.
     An entry's LCS with a query of m tokens is at most their overlap, so its F1 is at most
-    2 * overlap / (m + n). The query's lists are visited rarest first, in rounds of growing size; the entries
-    met are counted (numpy sort), the few with the most in common are scored exactly to get a best F1, and
-    the rest are kept only while their bound can still reach it: each list not visited may add one token
-    (binary search in it decides), and an entry first met in list i shares at most L - i tokens, which rules
-    out the long entries of the later lists. The survivors get an exact LCS in decreasing order of their
-    bound, in batches, until no bound reaches the best. An entry in none of the visited lists shares at most
+    2 * overlap / (m + n). The query's lists are visited rarest first, in two rounds: the entries of the
+    rarest (FIRST_ROUND postings) are counted (numpy sort), the few with the most in common are scored
+    exactly to get a best F1, then the entries of the lists that best still needs (below) are counted the
+    same way, and kept only while their bound can still reach the best: each list not visited may add one
+    token (binary search in it decides). For the most frequent lists (stop words), "which of these
+    entries does it hold?" reads one bool per entry (`_marks`) instead of a binary search per entry. The
+    survivors get an exact LCS (rapidfuzz on the lists of token ids) in decreasing order of their bound, in
+    batches, until no bound reaches the best. An entry in none of the visited lists shares at most
     r tokens (r lists not visited), F1 <= 2r / (m + r): the most frequent lists (stop words) are visited only
-    while that can still reach the best. No Python loop runs over entries or postings; what numpy touches
+    while that can still reach the best. No Python loop runs over postings, and the only one over entries
+    is the exact LCS of the few verified (~50 a check at a 60K pool); what numpy touches
     is the postings of the query's rarer lists, which for a long query with a low best F1 can still be a
     good share of the pool (see benchmarks/novelty_filter.py).
     """
 
-    FIRST_ROUND = 65536  # postings gathered (rarest lists first) in the first round; the next rounds 4x more
+    FIRST_ROUND = 8192  # postings counted (rarest lists first) for a first best F1; the next round: the rest
     SEED = 32  # entries with the most in common scored first, for a best F1 to prune the others with
-    BATCH = 32  # exact LCS per rapidfuzz call at first; doubles while bounds keep reaching the best
+    BATCH = 32  # entries given an exact LCS at first; doubles while bounds keep reaching the best
+    MARKED = 32  # a list holding at least 1/MARKED of the entries (and MARKED_MIN) also gets a mark per entry
+    MARKED_MIN = 1024
 
     def __init__(self, texts: Iterable[str] = ()):
         self.texts: list[str] = []
@@ -74,6 +81,11 @@ class RougeIndex:
         self._starts = np.zeros(1 << 10, dtype=np.int64)  # entry e: _tokens[_starts[e]:_starts[e] + _lengths[e]]
         self._lengths = np.zeros(1 << 10, dtype=np.int64)
         self._n_tokens = 0
+        self._token_lists: list[list[int]] = []  # entry -> its token ids, for the exact LCS
+        # list id -> one bool per entry, True for those in the list: "is it in this list?" for many entries is
+        # then one gather, not a binary search each. Only for frequent lists: the total of all list sizes is
+        # the number of tokens, so at most MARKED * (tokens per entry) lists have marks.
+        self._marks: dict[int, np.ndarray] = {}
         for text in texts:
             self.add(text)
 
@@ -106,6 +118,7 @@ class RougeIndex:
         self._tokens[self._n_tokens:end] = ids
         self._starts[entry], self._lengths[entry] = self._n_tokens, len(ids)
         self._n_tokens = end
+        self._token_lists.append(ids)
         self.texts.append(text)
 
     def _new_list(self) -> int:
@@ -121,6 +134,21 @@ class RougeIndex:
             entries = self._lists[list_id] = _grown(entries, size + 1)
         entries[size] = entry
         self._list_sizes[list_id] = size + 1
+        marks = self._marks.get(list_id)
+        if marks is not None:
+            if entry >= len(marks):
+                marks = self._marks[list_id] = _grown(marks, entry + 1)
+            marks[entry] = True
+        elif size + 1 >= self.MARKED_MIN and self.MARKED * (size + 1) >= entry + 1:
+            marks = self._marks[list_id] = np.zeros(2 * (entry + 1), dtype=bool)
+            marks[entries[:size + 1]] = True
+
+    def _marks_of(self, list_id: int) -> np.ndarray | None:
+        """The list's marks, one for every entry in the index, or None if it has none."""
+        marks = self._marks.get(list_id)
+        if marks is not None and len(marks) < len(self.texts):
+            marks = self._marks[list_id] = _grown(marks, len(self.texts))
+        return marks
 
     def _entries(self, list_id: int) -> np.ndarray:
         return self._lists[list_id][:self._list_sizes[list_id]]
@@ -135,7 +163,7 @@ class RougeIndex:
             return 0.0, 0
         lists, m = search.lists, len(search.tokens)
         sizes = np.cumsum([len(p) for p in lists])
-        visited, budget = 0, self.FIRST_ROUND
+        visited, budget = 0, self.FIRST_ROUND  # the first round finds a best F1; the next, what it leaves
         while True:
             # An entry in none of the visited lists shares at most r = (lists left) tokens with the query:
             # F1 <= 2r / (m + r). Leave out the longest lists while that cannot reach the best F1.
@@ -146,7 +174,7 @@ class RougeIndex:
             done = sizes[visited - 1] if visited else 0
             target = min(needed, max(visited + 1, int(np.searchsorted(sizes, done + budget, side="right"))))
             search.score(visited, target)
-            visited, budget = target, 4 * budget
+            visited, budget = target, int(sizes[-1])
         return float(search.best), int(search.nearest)
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
@@ -176,11 +204,12 @@ class RougeIndex:
 
 
 class _Search:
-    """One `most_similar` query: its tokens as codes local to it, its lists of entries, the best entry so far."""
+    """One `most_similar` query: its token ids, its lists of entries (rarest first) and their marks where the
+    index keeps them, the best entry so far."""
 
     def __init__(self, index: RougeIndex, tokens: list[str]):
         self.index, self.tokens = index, tokens
-        self.lists: list[np.ndarray] = []  # one per (token, occurrence number) some entry also holds
+        ids: list[int] = []  # one list per (token, occurrence number) some entry also holds
         held: dict[str, int] = {}
         for token in tokens:
             k = held.get(token, 0) + 1
@@ -188,67 +217,50 @@ class _Search:
             t = index._token_ids.get(token)
             list_id = t if k == 1 or t is None else index._repeat_ids.get((t, k))
             if list_id is not None:
-                self.lists.append(index._entries(list_id))
-        self.lists.sort(key=len)
-        # Codes: the query's known tokens 1..K in id order, its unknown ones K + 1, any other token 0.
-        known = sorted({index._token_ids[t] for t in held if t in index._token_ids})
-        self.ids = np.array(known, dtype=np.int32)
-        self.codes = np.arange(1, len(known) + 1, dtype=np.int64)
-        code = dict(zip(known, range(1, len(known) + 1)))
-        query_codes = np.array([code.get(index._token_ids.get(t, -1), len(known) + 1) for t in tokens], dtype=np.int64)
-        self.as_text = len(known) + 1 < _MAX_CODE
-        self.query = _sequences(query_codes, np.array([0]), np.array([len(tokens)]), self.as_text)[0]
+                ids.append(list_id)
+        ids.sort(key=lambda i: index._list_sizes[i])
+        self.lists = [index._entries(i) for i in ids]  # rarest first
+        self.marks = [index._marks_of(i) for i in ids]
+        # The query as token ids, -1 for a token no entry holds (it matches nothing, as it should).
+        self.query = [index._token_ids.get(t, -1) for t in tokens]
         self.best, self.nearest = -1.0, 0
 
     def score(self, start: int, stop: int) -> None:
         """Exact F1, in decreasing order of their bound, for the entries of lists[start:stop] that could
         reach the best so far; updates the best and its entry.
 
-        An entry of n tokens first met in list i (absent from the lists before it) shares at most L - i
-        tokens with the query, so it can only reach the best F1 b if 2 (L - i) >= b (m + n): in list i, the
-        entries longer than that are left out, and their count of lists holding them stops at list k(n).
-        An entry met in an earlier round may come again here with a lower count: it was already scored, or
-        its bound was below the best, which only grew since, so that loses nothing.
+        An entry met in an earlier round comes again here with a count that leaves those lists out: it was
+        already scored, or its bound was below the best, which only grew since, so that loses nothing.
+        (Leaving out, list by list, the entries too long to reach the best from that list on saved fewer
+        postings than the filter cost to run.)
         """
-        index, lists, m = self.index, self.lists, len(self.tokens)
-        L, lengths, b = len(lists), index._lengths, self.best - _EPS
-        parts = []
-        for i in range(start, stop):
-            p = lists[i]
-            parts.append(p[2 * (L - i) >= b * (m + lengths[p])] if b > 0 else p)
-        entries, overlap = _count(parts)
-        n = lengths[entries]
+        index, lists, m, L = self.index, self.lists, len(self.tokens), len(self.lists)
+        entries, overlap = _count(lists[start:stop])
+        n = index._lengths[entries]
         if self.best < 0 and len(entries) > index.SEED:
             # No best yet to prune with: take one from the entries most in common so far.
             self._verify(entries[np.argpartition(overlap / (m + n), -index.SEED)[-index.SEED:]])
         # F1 <= 2 * overlap / (m + n) reaches the best only with (best (m + n) / 2) tokens in common (the float
-        # division is within an ulp of the exact value, far inside _EPS). Lists start..k-1 are counted for an
-        # entry, each list from k on may add one token more; `room`: how many more of those it may miss.
+        # division is within an ulp of the exact value, far inside _EPS). Lists start..stop-1 are counted for
+        # an entry, each list from stop on may add one token more; `room`: how many more of those it may miss.
         # An entry whose room is below 0 cannot reach the best.
-        if b > 0:
-            # k: start + the number of lists i in start..stop-1 that kept the entry, 2 (L - i) >= b (m + n),
-            # with the very float comparison that kept it (any other arithmetic could disagree at the edge).
-            k = start + stop - start - np.searchsorted(2.0 * (L - np.arange(stop - 1, start - 1, -1)),
-                                                       b * (m + n), side="left")
-            order = np.argsort(k, kind="stable")  # the entries list j is checked for: those with k <= j, a prefix
-            entries, overlap, n, k = entries[order], overlap[order], n[order], k[order]
-        else:
-            k = np.full(len(entries), stop)
-        room = overlap + (L - k) - (self.best - _EPS) / 2 * (m + n)
-        for j in range(int(k[0]) if len(k) else L, L):
+        room = overlap + (L - stop) - (self.best - _EPS) / 2 * (m + n)
+        for j in range(stop, L):
             keep = room >= 0
             if 3 * np.count_nonzero(keep) < 2 * len(keep):
-                entries, overlap, k, room = entries[keep], overlap[keep], k[keep], room[keep]
-            at = int(np.searchsorted(k, j, side="right"))
-            if not at:
-                continue
-            p = lists[j]  # ascending
-            hit = p[np.minimum(np.searchsorted(p, entries[:at]), len(p) - 1)] == entries[:at]
-            overlap[:at] += hit
-            room[:at] += hit - 1.0
+                entries, overlap, room = entries[keep], overlap[keep], room[keep]
+            if not len(entries):
+                break
+            if self.marks[j] is not None:
+                hit = self.marks[j][entries]
+            else:
+                p = lists[j]  # ascending
+                hit = p[np.minimum(np.searchsorted(p, entries), len(p) - 1)] == entries
+            overlap += hit
+            room += hit - 1.0
         keep = room >= 0
         entries, overlap = entries[keep], overlap[keep]
-        n = lengths[entries]
+        n = index._lengths[entries]
         bound = 2 * overlap / (m + n)
         order = np.argsort(-bound, kind="stable")
         entries, bound = entries[order], bound[order]
@@ -259,21 +271,24 @@ class _Search:
             start, batch = stop, 2 * batch
 
     def _verify(self, entries: np.ndarray) -> None:
-        """Exact F1 of `entries`; the best of them replaces the best so far if higher, or equal and earlier."""
-        f1 = rouge_f1_from_lcs(self._lcs(entries), len(self.tokens), self.index._lengths[entries])
-        top = f1.max()
-        winner = int(entries[f1 == top].min())
-        if top > self.best or (top == self.best and winner < self.nearest):
-            self.best, self.nearest = float(top), winner
+        """Exact F1 of `entries`; the best of them replaces the best so far if higher, or equal and earlier.
 
-    def _lcs(self, entries: np.ndarray) -> np.ndarray:
-        index = self.index
-        starts, lengths = index._starts[entries], index._lengths[entries]
-        offsets = np.cumsum(lengths) - lengths
-        positions = np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))
-        codes = _local_codes(index._tokens[positions], self.ids, self.codes)
-        choices = _sequences(codes, offsets, lengths, self.as_text)
-        return process.cdist([self.query], choices, scorer=LCSseq.similarity, dtype=np.int32, workers=1)[0]
+        One rapidfuzz LCS per entry on the token id lists (a few hundred ns each for instruction-length
+        texts: less than building a batch for one `cdist` call), and F1 in Python floats with
+        `rouge_f1_from_lcs`'s operations in its order: IEEE doubles, the very same values."""
+        lcs, token_lists, query, m = LCSseq.similarity, self.index._token_lists, self.query, len(self.query)
+        best, nearest = self.best, self.nearest
+        for e in entries.tolist():
+            tokens = token_lists[e]
+            common = lcs(query, tokens)
+            if common:
+                p, r = common / len(tokens), common / m
+                f1 = 2 * p * r / (p + r)
+            else:
+                f1 = 0.0
+            if f1 > best or (f1 == best and e < nearest):
+                best, nearest = f1, e
+        self.best, self.nearest = best, nearest
 
 
 def _count(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -150,12 +150,16 @@ def instruction_like(n: int, seed: int) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("tiny_rounds", [False, True])
-def test_most_similar_equals_brute_force(tiny_rounds):
+@pytest.mark.parametrize("tiny_rounds,marks", [(False, "default"), (True, "default"), (True, "none"), (False, "all")])
+def test_most_similar_equals_brute_force(tiny_rounds, marks):
     texts = instruction_like(4000, seed=3)
     index = RougeIndex()
-    if tiny_rounds:  # many rounds, a seed from few entries, batches of 2: every pruning path
+    if tiny_rounds:  # a first round of a few postings, a seed from few entries, batches of 2: every pruning path
         index.FIRST_ROUND, index.SEED, index.BATCH = 8, 2, 2
+    if marks == "none":  # membership in the later lists by binary search only
+        index.MARKED_MIN = 10**9
+    elif marks == "all":  # every list gets marks from its first entry on (grown as the index grows)
+        index.MARKED, index.MARKED_MIN = 10**9, 1
     brute = BruteForce()
     mismatches = []
     for i, text in enumerate(texts):
