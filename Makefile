@@ -29,8 +29,11 @@ run: $(STAMP)
 	$(BIN)/instructflow run --config $(CONFIG)
 
 # The llama.cpp server (extra `serve`) is the real peer of the openai backend's tests; `make run` skips it.
+# pip compiles llama.cpp here, portably (no -march=native): a native build crashed at its first completion
+# on an Intel Xeon VM with AVX-512 and AMX (a general protection fault in libggml-cpu; the portable build
+# runs), and pip's wheel cache can carry a build to another machine. CMAKE_ARGS set by you wins.
 $(SERVE): $(STAMP)
-	$(PIP) install -e '.[dev,serve]'
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PIP) install -e '.[dev,serve]'
 	touch $(SERVE)
 
 system-deps:
