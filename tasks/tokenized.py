@@ -60,11 +60,14 @@ class Encoded:
 
 def token_ids(tokenizer, texts: list[str], special_tokens: bool) -> list[list[int]]:
     """What `tokenizer(texts)["input_ids"]` gives, through the Rust tokenizer's batch call that skips
-    character offsets where there is one (a quarter faster: the offsets are never used here)."""
+    character offsets where there is one (a quarter faster: the offsets are never used here). Only when that
+    tokenizer pads and truncates nothing: transformers leaves the padding and truncation of its last call
+    set on it (a generation backend's tokenizer pads), and those would change the ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
+    if (backend is not None and hasattr(backend, "encode_batch_fast") and backend.padding is None
+            and backend.truncation is None):
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=special_tokens)]
-    return tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]
+    return tokenizer(texts, add_special_tokens=special_tokens, padding=False, truncation=False)["input_ids"]
 
 
 def encode(tokenizer, instructions: list[str], inputs: list[str], outputs: list[str], max_length: int,

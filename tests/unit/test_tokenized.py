@@ -108,3 +108,16 @@ def test_finetune_tokenizes_once_across_runs_with_a_shared_root(tiny_model_dir, 
     assert len(list(shared.glob("*/_SUCCESS"))) == 2  # train and eval; kept for the next run
     assert not (tmp_path / "a" / "tokenized").exists()
     assert first["mask"] == second["mask"] and first["train_tokens"] == second["train_tokens"]
+
+
+def test_a_tokenizer_left_padding_by_generation_gives_the_same_examples(gemma_tokenizer_dir):
+    """A generation backend's tokenizer keeps the padding and truncation of its last call on its Rust
+    tokenizer; examples built with it (the held-out loss does) must not carry them."""
+    tok = AutoTokenizer.from_pretrained(gemma_tokenizer_dir)
+    tok.padding_side, tok.truncation_side = "left", "left"
+    rows_in = ["Say hi.", "Explain every step of long division with an example."]
+    expected = tokenized.encode(tok, rows_in, ["", ""], ["Hi.", "Divide, multiply, subtract, bring down."], 64)
+    tok(["a", "a much longer prompt than the first"], padding=True, truncation=True, max_length=8)
+    assert tok.backend_tokenizer.padding is not None  # what generation leaves behind
+    again = tokenized.encode(tok, rows_in, ["", ""], ["Hi.", "Divide, multiply, subtract, bring down."], 64)
+    assert np.array_equal(again.tokens, expected.tokens) and np.array_equal(again.lengths, expected.lengths)
