@@ -232,9 +232,11 @@ def _pseudo_words(n: int, rng: np.random.Generator) -> list[str]:
     return words
 
 
-def ours_kept(pool_texts: Sequence[str], candidates: Sequence[str], threshold: float) -> list[int]:
-    """The pipeline's check (tasks/self_instruct.py, `generate_tasks`): the indices of kept candidates."""
-    pool = RougeIndex(pool_texts)
+def ours_kept(pool_texts: Sequence[str], candidates: Sequence[str], threshold: float,
+              index=RougeIndex) -> list[int]:
+    """The pipeline's check (tasks/self_instruct.py, `generate_tasks`) with `index`: the indices of kept
+    candidates."""
+    pool = index(pool_texts)
     kept = []
     for i, item in enumerate(candidates):
         score, nearest = pool.most_similar(item)
@@ -285,16 +287,7 @@ class OldCdistIndex:
 
 def old_kept(pool_texts: Sequence[str], candidates: Sequence[str], threshold: float) -> list[int]:
     """The same loop as `ours_kept` over the previous implementation."""
-    pool = OldCdistIndex(pool_texts)
-    kept = []
-    for i, item in enumerate(candidates):
-        score, nearest = pool.most_similar(item)
-        if score > threshold:
-            continue
-        _ = pool.texts[nearest] if nearest >= 0 else ""
-        kept.append(i)
-        pool.add(item)
-    return kept
+    return ours_kept(pool_texts, candidates, threshold, index=OldCdistIndex)
 
 
 def alpaca_kept(pool_texts: Sequence[str], candidates: Sequence[str], threshold: float,
