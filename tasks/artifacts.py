@@ -247,7 +247,12 @@ class Artifact:
 
 
 class PartWriter:
-    """Checkpoints of a long stage: numbered Parquet parts, each written atomically."""
+    """Checkpoints of a long stage: numbered Parquet parts, each written atomically.
+
+    A stage whose work is split into shards (run.executor: ray) gives each shard a writer of its own,
+    `shard(k)`, in a subdirectory, so that shards on different machines never write the same name; the
+    stage's own writer reads its parts and every shard's (`read_all`), so a resumed stage, on one machine
+    or sharded again, finds everything that was finished."""
 
     def __init__(self, parts_dir: Path):
         self.parts_dir = parts_dir
@@ -257,13 +262,41 @@ class PartWriter:
             return []
         return sorted(self.parts_dir.glob("part-*.parquet"))
 
+    def shard(self, index: int) -> "PartWriter":
+        return PartWriter(self.parts_dir / f"shard-{index:04d}")
+
     def read_all(self) -> list[pa.Table]:
-        return [pq.read_table(p) for p in self.existing()]
+        """This writer's parts, then each shard's, in order."""
+        shards = sorted(self.parts_dir.glob("shard-*/part-*.parquet")) if self.parts_dir.is_dir() else []
+        return [pq.read_table(p) for p in self.existing() + shards]
 
     def write(self, table: pa.Table) -> Path:
         path = self.parts_dir / f"part-{len(self.existing()):05d}.parquet"
         atomic_write_parquet(path, table)
+        _drill_after_part(self.parts_dir)
         return path
+
+
+DRILL_ENV = "INSTRUCTFLOW_DRILL_KILL"
+
+
+def _drill_after_part(parts_dir: Path) -> None:
+    """A failure drill, for rehearsing recovery (and for the tests): with INSTRUCTFLOW_DRILL_KILL set to
+    `<pattern>@<n>`, the process that has just written the n-th part into a parts directory whose path
+    matches the glob `pattern` kills itself with SIGKILL, once (a `.drilled` marker there says it was done).
+    A Ray worker running a shard dies mid-way, as a lost node would leave it."""
+    spec = os.environ.get(DRILL_ENV)
+    if not spec:
+        return
+    import fnmatch
+    import signal
+
+    pattern, _, n = spec.rpartition("@")
+    marker = parts_dir / ".drilled"
+    if (fnmatch.fnmatch(str(parts_dir), pattern) and len(list(parts_dir.glob("part-*.parquet"))) >= int(n)
+            and not marker.exists()):
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def encode_counts(counts: Counter) -> str:

@@ -52,6 +52,7 @@ FIXED_FOR_CALLERS: dict[str, str] = {
     "run.artifacts_dir": "a place on the worker's disk: fixed by the profile",
     "run.runs_dir": "a place on the worker's disk: fixed by the profile",
     "run.overridable": "what callers may change is the profile's to say",
+    "run.ray_address": "a cluster on the worker's network: fixed by the profile",
 }
 
 # What a caller may change when the profile does not say: the data and training settings. Not `llm.*`
@@ -71,6 +72,23 @@ class RunConfig(Section):
     # Keys (`mix.seed`) or sections (`mix.*`) that a deployment's caller may override with the flow
     # parameter `overrides`; the keys in FIXED_FOR_CALLERS never. `[]`: callers change nothing.
     overridable: list[str] = Field(default_factory=lambda: list(DEFAULT_OVERRIDABLE))
+    # Where in-process model work runs (Evol-Instruct and the judge on an in-process model, DEITA and IFD
+    # scoring): `local`, in the stage's own process; `ray`, split into shards, each a Prefect task on
+    # Prefect's Ray task runner (install the extra `ray`). Work through endpoints is not sharded: it scales
+    # by adding endpoints (llm.base_urls). Operational: the same artifacts either way.
+    executor: Literal["local", "ray"] = "local"
+    # ray: the cluster to join (`host:6379` on the cluster's network, or `ray://host:10001`); None starts a
+    # local cluster of `ray_local_cpus` CPUs for the run and stops it when the run's process ends.
+    ray_address: str | None = None
+    ray_local_cpus: int | None = Field(None, ge=1, description="a local cluster's CPUs (None: every core)")
+    # What one shard asks Ray for. A shard holding a model that asks for 1 GPU gets a GPU of its own, so N
+    # GPUs on M machines each hold one copy of the model.
+    ray_num_cpus: float = Field(1.0, gt=0)
+    ray_num_gpus: float = Field(0.0, ge=0)
+    # Shards per stage: None, two per shard the cluster can run at once (a slow shard does not hold the end).
+    ray_shards: int | None = Field(None, ge=1)
+    # A shard that fails, or whose worker dies, runs again alone (from its own checkpoints) this many times.
+    ray_shard_retries: int = Field(2, ge=0)
 
     @model_validator(mode="after")
     def _overridable(self) -> "RunConfig":
@@ -78,9 +96,6 @@ class RunConfig(Section):
             if pattern in FIXED_FOR_CALLERS:
                 raise ValueError(f"overridable: `{pattern}` cannot be opened to callers: {FIXED_FOR_CALLERS[pattern]}")
         return self
-    # Two runs that need the same artifact at once: the second waits for the first and reuses its result
-    # (true), or stops at once naming the artifact and the run computing it (false).
-    wait_for_artifacts: bool = True
 
 
 class LLMConfig(Section):
@@ -338,6 +353,11 @@ class QualityConfig(Section):
     # The model for DEITA and IFD: a local Hugging Face model (`bundled` or a directory). None: `llm.model`
     # when the llm backend is transformers, else `finetune.base_model`.
     scorer_model: str | None = None
+    # Where DEITA and IFD read their log-probabilities: `local`, the scorer model in process (or in Ray
+    # shards, run.executor: ray); `endpoint`, the run's `llm` endpoints (llm.backend: openai, completions
+    # mode), which must return prompt log-probabilities (`echo` with `logprobs`, as vLLM does), so scoring
+    # uses the same fleet as generation. The scores then come from the endpoint's model, not `scorer_model`.
+    scorer: Literal["local", "endpoint"] = "local"
     checkpoint_every: int = Field(64, ge=1, description="rows per checkpoint of the model-based scores")
     checkpoint_seconds: float = Field(60.0, gt=0, description="and a judge part at least this often")
     report_examples: int = Field(5, ge=0, le=100, description="best and worst kept rows shown in the report")
@@ -433,6 +453,10 @@ class FinetuneConfig(Section):
     # Data-parallel processes on this machine, launched with torchrun (one per GPU; gloo on CPU). Each step
     # then holds batch_size x grad_accum x processes rows.
     processes: int = Field(1, ge=1)
+    # torchrun: `processes` processes on this machine. ray: `processes` workers of a Ray Train data-parallel
+    # job on the run's Ray cluster (run.ray_address), across machines, one GPU each when
+    # `run.ray_num_gpus` > 0 (NCCL), else on CPU (gloo). The same steps and weights either way.
+    launcher: Literal["torchrun", "ray"] = "torchrun"
     lora: LoraConfig = LoraConfig()
 
     # How the work is done, not what is learned: out of the artifact key, so that a run resumed with fewer
@@ -440,7 +464,7 @@ class FinetuneConfig(Section):
     # order depends on `batch_size` and on the micro-batches per step, `grad_accum x processes`, not on how
     # those micro-batches are shared between processes: the key holds that product (tests/unit/test_keys.py).
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "processes", "compile", "gradient_checkpointing",
-                                              "logit_chunk", "grad_accum")
+                                              "logit_chunk", "grad_accum", "launcher")
 
     def identity(self) -> dict[str, Any]:
         """The part of this section that decides the trained weights (artifact keys cover it)."""
@@ -496,6 +520,15 @@ class Config(Section):
         if self.llm.backend == "openai" and self.finetune.base_model is None:
             raise ValueError("finetune.base_model: with llm.backend `openai` the generating model is remote; "
                              "name the model to fine-tune (`bundled` or a local Hugging Face model directory)")
+        return self
+
+    @model_validator(mode="after")
+    def _endpoint_scorer(self) -> "Config":
+        q = self.quality
+        if q.scorer == "endpoint" and (q.deita.enabled or q.ifd.enabled) and (
+                self.llm.backend != "openai" or self.llm.mode != "completions"):
+            raise ValueError("quality.scorer: `endpoint` reads prompt log-probabilities from the run's endpoints; "
+                             "it needs llm.backend: openai and llm.mode: completions (or quality.scorer: local)")
         return self
 
     def section(self, name: str) -> dict[str, Any]:

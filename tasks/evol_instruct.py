@@ -25,6 +25,7 @@ import asyncio
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -354,22 +355,31 @@ async def _chain(evolver: Evolver, root: dict[str, Any], index: int, cfg: EvolIn
     return Finished(key=root["id"], rows=rows)
 
 
-def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
-           parts: PartWriter | None = None, batch_size: int = 16) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Evolve the rows (or `max_per_round` of them, drawn with `seed`) through `cfg.rounds` rounds, each
-    row a chain of its own, streamed through the work engine."""
-    records = rows.to_dict("records")
-    chosen = list(range(len(records)))
+def chosen_rows(rows: pd.DataFrame, cfg: EvolInstructConfig, seed: int) -> list[int]:
+    """The positions of the rows to evolve: all, or `max_per_round` of them drawn with `seed`."""
+    chosen = list(range(len(rows)))
     if cfg.max_per_round is not None and len(chosen) > cfg.max_per_round:
-        chosen = sorted(np.random.default_rng([seed, 0]).choice(len(records), cfg.max_per_round, replace=False))
+        chosen = sorted(np.random.default_rng([seed, 0]).choice(len(rows), cfg.max_per_round, replace=False))
+    return chosen if cfg.rounds else []
+
+
+def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
+           parts: PartWriter | None = None, batch_size: int = 16,
+           only: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Evolve the rows (or `max_per_round` of them, drawn with `seed`) through `cfg.rounds` rounds, each
+    row a chain of its own (its key: the row's id), streamed through the work engine. `only`: a shard's
+    chains; the others are left to other shards (see evolve_shard)."""
+    records = rows.to_dict("records")
+    chosen = chosen_rows(rows, cfg, seed)
     parallel = parallelism(llm, batch_size)
     engine = Engine(llm, parts, ATTEMPT_SCHEMA, max_open=2 * parallel, checkpoint_every=cfg.checkpoint_every,
                     checkpoint_s=cfg.checkpoint_seconds, batch_size=batch_size, desc="evol_instruct",
-                    total=len(chosen) if cfg.rounds else 0)
+                    total=len(chosen) if cfg.rounds else 0, only=only)
     evolver = Evolver(cfg, engine.model, [r["instruction"] for r in records])
 
     async def stage(engine: Engine) -> None:
-        if cfg.rounds == 0 or not chosen:
+        # Nothing left to run here (a sharded stage's own pass): no model call at all, not even calibration.
+        if not engine.has_work([records[i]["id"] for i in chosen]):
             return
         await evolver.calibrate()
         engine.part_meta["equality"] = evolver.equality_method
@@ -403,6 +413,22 @@ def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
              or ("off" if not cfg.equality_check else "not needed"),
              **engine.summary()}
     return out, stats
+
+
+def evolve_shard(source: str, cfg: dict[str, Any], llm: dict[str, Any], seed: int, batch_size: int,
+                 only: list[str], parts_dir: str) -> dict[str, Any]:
+    """A shard of the stage on a Ray worker: the chains `only` of the rows in `source` (the input artifact's
+    Parquet), checkpointed into `parts_dir`. Each chain draws its seeds from (seed, row, round) and the
+    in-process model samples each request with its own seed, so a chain comes out the same in any shard."""
+    import pyarrow.parquet as pq
+
+    from tasks.config import LLMConfig
+    from tasks.llm import get_llm
+
+    rows = pq.read_table(source).to_pandas()
+    _, stats = evolve(rows, EvolInstructConfig.model_validate(cfg), get_llm(LLMConfig.model_validate(llm)), seed,
+                      PartWriter(Path(parts_dir)), batch_size, only=only)
+    return {"items": len(only), "llm_calls": stats["llm_calls"]}
 
 
 def unevolved(rows: pd.DataFrame) -> pd.DataFrame:

@@ -17,6 +17,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 from tqdm import tqdm
 
+from tasks import ray_executor
 from tasks.config import Config
 from tasks.stages import execute
 
@@ -125,8 +126,11 @@ def _stage_task(stage: str, retries: int):
           result_serializer="json", log_prints=False)
     def run(key: str, config: dict[str, Any], inputs: dict[str, str], artifacts_dir: str,
             run_id: str | None = None) -> str:
+        cfg = Config.model_validate(config)
+        # run.executor: ray: the stage's in-process model work in shards, each a task run on the Ray cluster
+        sharding = ray_executor.sharding(cfg.run) if cfg.run.executor == "ray" else None
         with StageProgress(stage):
-            artifact = execute(stage, Config.model_validate(config), inputs, run_id=run_id)
+            artifact = execute(stage, cfg, inputs, run_id=run_id, sharding=sharding)
         if artifact.path.name != key:
             raise RuntimeError(f"{stage}: planned artifact {key} but wrote {artifact.path.name}; "
                                f"the stage's code changed during the run")

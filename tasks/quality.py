@@ -32,8 +32,10 @@ kept, that share with the highest IFD stays and the rest drop as low_ifd.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,8 @@ from tasks import dedup, judge, model_scores
 from tasks.artifacts import PartWriter, part_metadata
 from tasks.config import QualityConfig
 from tasks.engine import Engine, Finished, parallelism
+from tasks.shards import StageShards, plan, run_items
+from tasks.shards import summary as shard_summary
 from tasks.llm.base import LLM, UsageTally
 from tasks.textscan import heuristic_scan
 
@@ -114,13 +118,14 @@ JUDGE_SCHEMA = pa.schema([("row", pa.int64()), ("score_judge", pa.float64()), ("
                           ("judge_answer", pa.string())])
 
 
-def judge_scores(df: pd.DataFrame, cfg: QualityConfig, llm: LLM,
-                 parts: PartWriter | None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The judge's rating of every row (by position), each row an item of the work engine."""
+def judge_scores(df: pd.DataFrame, cfg: QualityConfig, llm: LLM, parts: PartWriter | None,
+                 only: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The judge's rating of every row (by position), each row an item of the work engine (key `row-<n>`;
+    `only`: a shard's rows)."""
     batch_size = getattr(llm, "batch_size", 16)
     engine = Engine(llm, parts, JUDGE_SCHEMA, max_open=2 * parallelism(llm, batch_size),
                     checkpoint_every=cfg.checkpoint_every, checkpoint_s=cfg.checkpoint_seconds,
-                    batch_size=batch_size, desc="quality judge", total=len(df))
+                    batch_size=batch_size, desc="quality judge", total=len(df), only=only)
     params = judge.judge_params(engine.model.mode, cfg.judge.max_new_tokens)
     texts = list(zip(df["instruction"].tolist(), df["input"].fillna("").tolist(), df["output"].fillna("").tolist()))
 
@@ -156,31 +161,98 @@ def _score_chunk(chunk: pd.DataFrame, cfg: QualityConfig, scorer) -> pd.DataFram
     return out
 
 
+def _score_chunks(df: pd.DataFrame, starts: list[int], cfg: QualityConfig, scorer, parts: PartWriter | None,
+                  done: dict[int, pa.Table]) -> dict[int, pa.Table]:
+    """DEITA and IFD for the chunks of `df` beginning at `starts` (rows `checkpoint_every` each), each chunk
+    written as a part; chunks in `done` are taken as they are."""
+    out = {}
+    for start in starts:
+        table = done.get(start)
+        if table is None:
+            table = pa.Table.from_pandas(_score_chunk(df.iloc[start:start + cfg.checkpoint_every], cfg, scorer),
+                                         preserve_index=False)
+            if parts:
+                parts.write(table.replace_schema_metadata({"start": str(start)}))
+        out[start] = table
+    return out
+
+
+def _chunks_done(parts: PartWriter | None) -> dict[int, pa.Table]:
+    return {int(part_metadata(t)["start"]): t for t in (parts.read_all() if parts else [])}
+
+
+def score_shard(source: str, starts: list[int], cfg: dict[str, Any], scorer: dict[str, Any],
+                parts_dir: str) -> dict[str, Any]:
+    """A shard of DEITA and IFD scoring on a Ray worker: the chunks beginning at `starts` of the rows in
+    `source` (the stage's input Parquet), each a part in `parts_dir`. A chunk is scored in the same
+    batches as in one process, so the scores are the same."""
+    import pyarrow.parquet as pq
+
+    from tasks.config import LLMConfig
+    from tasks.llm import get_llm
+
+    q = QualityConfig.model_validate(cfg)
+    rows = pq.read_table(source, columns=["instruction", "input", "output"]).to_pandas()
+    parts = PartWriter(Path(parts_dir))
+    _score_chunks(rows, starts, q, get_llm(LLMConfig.model_validate(scorer)), parts, _chunks_done(parts))
+    return {"items": sum(min(q.checkpoint_every, len(rows) - s) for s in starts)}
+
+
+def judge_shard(source: str, cfg: dict[str, Any], llm: dict[str, Any], only: list[str],
+                parts_dir: str) -> dict[str, Any]:
+    """A shard of the judge on an in-process model, on a Ray worker: the rows `only` (keys `row-<n>`)."""
+    import pyarrow.parquet as pq
+
+    from tasks.config import LLMConfig
+    from tasks.llm import get_llm
+
+    rows = pq.read_table(source, columns=["instruction", "input", "output"]).to_pandas()
+    _, summary = judge_scores(rows, QualityConfig.model_validate(cfg), get_llm(LLMConfig.model_validate(llm)),
+                              PartWriter(Path(parts_dir)), only=only)
+    return {"items": len(only), "llm_calls": summary["llm_calls"]}
+
+
 def model_based_scores(df: pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None, scorer,
-                       parts: PartWriter | None) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+                       parts: PartWriter | None, remote: StageShards | None = None
+                       ) -> tuple[pd.DataFrame | None, dict[str, Any]]:
     """The judge, DEITA and IFD columns (those enabled) by row position: the judge through the work
-    engine, DEITA and IFD in checkpointed chunks."""
+    engine, DEITA and IFD in checkpointed chunks. With `remote`, the work of the models it names (`judge`,
+    `scorer`) runs first in shards on the cluster; what is left then finds every item finished."""
     if not (cfg.judge.enabled or cfg.deita.enabled or cfg.ifd.enabled):
         return None, {}
+    remote = remote if parts is not None else None
     columns, stats = [], {"usage": {field: 0 for field in UsageTally.FIELDS}, "checkpoints": 0}
     if cfg.judge.enabled:
-        judged, summary = judge_scores(df, cfg, judge_llm, PartWriter(parts.parts_dir / "judge") if parts else None)
+        judge_parts = PartWriter(parts.parts_dir / "judge") if parts else None
+        if remote is not None and "judge" in remote.models:
+            results = run_items(remote.sharding, "quality", "tasks.quality:judge_shard",
+                                [f"row-{row}" for row in range(len(df))], judge_parts,
+                                {"source": remote.source, "cfg": cfg.model_dump(mode="json"),
+                                 "llm": remote.models["judge"]})
+            stats["judge_shards"] = shard_summary(results) if results else None
+        judged, summary = judge_scores(df, cfg, judge_llm, judge_parts)
         columns.append(judged)
         stats["usage"] = {field: summary[field] for field in UsageTally.FIELDS}
         stats["judge_checkpoints"] = summary["checkpoints"]
     if cfg.deita.enabled or cfg.ifd.enabled:
-        done = {int(part_metadata(t)["start"]): t for t in (parts.read_all() if parts else [])}
-        frames = []
-        for start in range(0, len(df), cfg.checkpoint_every):
-            table = done.get(start)
-            if table is None:
-                table = pa.Table.from_pandas(_score_chunk(df.iloc[start:start + cfg.checkpoint_every], cfg, scorer),
-                                             preserve_index=False)
-                if parts:
-                    parts.write(table.replace_schema_metadata({"start": str(start)}))
-            frames.append(table.to_pandas())
-        columns.append(pd.concat(frames, ignore_index=True).set_index("row"))
-        stats.update(checkpoints=len(frames), resumed_checkpoints=len(done))
+        done = _chunks_done(parts)
+        starts = list(range(0, len(df), cfg.checkpoint_every))
+        if remote is not None and "scorer" in remote.models:
+            todo = [s for s in starts if s not in done]
+            shards = plan("quality", "tasks.quality:score_shard", len(todo), remote.sharding.count(),
+                          lambda k, a, b: {"source": remote.source, "starts": todo[a:b],
+                                           "cfg": cfg.model_dump(mode="json"), "scorer": remote.models["scorer"],
+                                           "parts_dir": str(parts.shard(k).parts_dir)})
+            shards = [dataclasses.replace(s, first=todo[s.first], last=min(todo[s.last - 1] + cfg.checkpoint_every,
+                                                                           len(df))) for s in shards]
+            if shards:
+                stats["scorer_shards"] = shard_summary(remote.sharding.run(shards))
+            resumed, done = len(done), _chunks_done(parts)
+        else:
+            resumed = len(done)
+        scored = _score_chunks(df, starts, cfg, scorer, parts, done)
+        columns.append(pd.concat([scored[s].to_pandas() for s in starts], ignore_index=True).set_index("row"))
+        stats.update(checkpoints=len(starts), resumed_checkpoints=resumed)
     return pd.concat(columns, axis=1), stats
 
 
@@ -312,8 +384,10 @@ def _counts(values: pd.Series) -> dict[str, int]:
 
 
 def run_quality(data: pa.Table | pd.DataFrame, cfg: QualityConfig, judge_llm: LLM | None = None, scorer=None,
-                parts: PartWriter | None = None) -> tuple[pa.Table | pd.DataFrame, dict[str, Any]]:
-    """Score and decide; `judge_llm` and `scorer` are needed when the judge or DEITA/IFD are enabled.
+                parts: PartWriter | None = None, remote: StageShards | None = None
+                ) -> tuple[pa.Table | pd.DataFrame, dict[str, Any]]:
+    """Score and decide; `judge_llm` and `scorer` are needed when the judge or DEITA/IFD are enabled;
+    `remote`: shard the model work on a cluster (tasks/shards.py), `data` being the rows of `remote.source`.
 
     An Arrow table gives an Arrow table: its columns with the score and decision columns appended (as
     `pa.Table.from_pandas` would type them), the text never copied or converted to Python strings. A
@@ -327,7 +401,7 @@ def run_quality(data: pa.Table | pd.DataFrame, cfg: QualityConfig, judge_llm: LL
         data = data.reset_index(drop=True)
     heuristics = heuristic_scores(data, cfg)
     texts = data.select(["instruction", "input", "output"]).to_pandas() if arrow else data
-    extra, model_stats = model_based_scores(texts, cfg, judge_llm, scorer, parts)
+    extra, model_stats = model_based_scores(texts, cfg, judge_llm, scorer, parts, remote)
     del texts
     if extra is not None:
         extra = extra.reindex(pd.RangeIndex(len(data)))  # as a left join on the row position

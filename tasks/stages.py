@@ -17,15 +17,17 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks import evaluate, evol_instruct, exports, finetune, mix, multigpu, quality, report, seeds, self_instruct
+from tasks import (evaluate, evol_instruct, exports, finetune, mix, multigpu, quality, report, seeds, self_instruct,
+                   shards)
 from tasks.artifacts import (KEY_LENGTH, Artifact, PartWriter, StorageError, artifact_key, atomic_write_json,
                              atomic_write_parquet, atomic_write_text, input_hashes, source_hash, storage_refusal)
 from tasks.codehash import code_hash
 from tasks.config import Config, LLMConfig
 from tasks.llm import get_llm
-from tasks.llm.factory import model_identity
+from tasks.llm.factory import DeferredLLM, model_identity
 from tasks.llm.models import fingerprint
 from tasks.locks import holding, me
+from tasks.shards import Sharding
 
 Inputs = dict[str, Artifact]
 StageOutput = tuple[pd.DataFrame | pa.Table, dict[str, Any]]
@@ -54,13 +56,25 @@ def _run_self_instruct(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutpu
     return rows, {"rows_in": seed_table.num_rows, "seed_examples": len(examples), **stats}
 
 
-def _run_evol(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
+def _run_evol(cfg: Config, inputs: Inputs, out: Artifact, sharding: Sharding | None = None) -> StageOutput:
     rows = _frame(inputs["self_instruct"])
     if not cfg.evol_instruct.enabled:  # evolution off: the rows go on as they are (with the evol columns)
         return evol_instruct.unevolved(rows), {"rows_in": len(rows), "enabled": False}
-    evolved, stats = evol_instruct.evolve(rows, cfg.evol_instruct, get_llm(cfg.llm), cfg.run.seed,
-                                          PartWriter(out.parts_dir), batch_size=cfg.llm.batch_size)
-    return evolved, {"rows_in": len(rows), **stats}
+    parts, extra = PartWriter(out.parts_dir), {}
+    if sharding is not None and cfg.llm.backend == "transformers":  # chains in shards on the cluster first
+        chosen = evol_instruct.chosen_rows(rows, cfg.evol_instruct, cfg.run.seed)
+        results = shards.run_items(sharding, "evol_instruct", "tasks.evol_instruct:evolve_shard",
+                                   [rows["id"].iat[i] for i in chosen], parts,
+                                   {"source": str(inputs["self_instruct"].data_path),
+                                    "cfg": cfg.evol_instruct.model_dump(mode="json"),
+                                    "llm": cfg.llm.model_dump(mode="json"), "seed": cfg.run.seed,
+                                    "batch_size": cfg.llm.batch_size})
+        llm, extra = DeferredLLM(cfg.llm), {"shards": shards.summary(results) if results else None}
+    else:
+        llm = get_llm(cfg.llm)
+    evolved, stats = evol_instruct.evolve(rows, cfg.evol_instruct, llm, cfg.run.seed, parts,
+                                          batch_size=cfg.llm.batch_size)
+    return evolved, {"rows_in": len(rows), **stats, **extra}
 
 
 def _local_llm(cfg: Config, model: str | None = None) -> LLMConfig:
@@ -72,18 +86,36 @@ def _local_llm(cfg: Config, model: str | None = None) -> LLMConfig:
 
 
 def _scorer_llm(cfg: Config) -> LLMConfig | None:
-    """The local model for DEITA and IFD."""
+    """The model DEITA and IFD read log-probabilities from: a local one, or the run's endpoints."""
     q = cfg.quality
-    return _local_llm(cfg, q.scorer_model) if q.deita.enabled or q.ifd.enabled else None
+    if not (q.deita.enabled or q.ifd.enabled):
+        return None
+    if q.scorer == "endpoint":  # an openai completions section (checked when the config is read)
+        return cfg.llm
+    return _local_llm(cfg, q.scorer_model)
 
 
-def _run_quality(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
+def _run_quality(cfg: Config, inputs: Inputs, out: Artifact, sharding: Sharding | None = None) -> StageOutput:
     rows = inputs["evol_instruct"].read_table()
     q = cfg.quality
     scorer = _scorer_llm(cfg)
+    judge_llm = cfg.llm if q.judge.enabled else None
+    # In shards on the cluster: the model work of in-process models (an endpoint's is not sharded).
+    local = {name: section for name, section in (("judge", judge_llm), ("scorer", scorer))
+             if section is not None and section.backend == "transformers"}
+    remote = None
+    if sharding is not None and local:
+        remote = shards.StageShards(sharding, str(inputs["evol_instruct"].data_path),
+                                    {name: section.model_dump(mode="json") for name, section in local.items()})
+
+    def model(section: LLMConfig | None):
+        if section is None:
+            return None
+        return DeferredLLM(section) if remote is not None and section.backend == "transformers" else get_llm(section)
+
     # Arrow in, Arrow out: the score and decision columns are appended to the rows, nothing copied.
-    decided, stats = quality.run_quality(rows, q, judge_llm=get_llm(cfg.llm) if q.judge.enabled else None,
-                                         scorer=get_llm(scorer) if scorer else None, parts=PartWriter(out.parts_dir))
+    decided, stats = quality.run_quality(rows, q, judge_llm=model(judge_llm), scorer=model(scorer),
+                                         parts=PartWriter(out.parts_dir), remote=remote)
     # The report beside the data: report.html for people, report.md for the Prefect UI.
     title = f"Data quality report ({cfg.run.name}, {out.path.name})"
     frame = decided.to_pandas()  # pandas' strings stay in Arrow memory
@@ -235,6 +267,7 @@ class Stage:
     key_config: Callable[[Config], dict[str, Any]]
     run: Callable[[Config, Inputs, Artifact], StageOutput]
     code: tuple[str, ...]  # the modules the stage calls; the project modules they import are followed
+    shardable: bool = False  # its run takes `sharding` (run.executor: ray)
 
     def version(self) -> str:
         """The hash of every piece of code the stage runs: its modules and their project imports, and its
@@ -250,9 +283,9 @@ _GEN = ("tasks.text", "tasks.prompts", "tasks.calibration", "tasks.llm.factory")
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("seeds", (), _seeds_key, _run_seeds, ("tasks.seeds",)),
     Stage("self_instruct", ("seeds",), _self_instruct_key, _run_self_instruct, ("tasks.self_instruct", *_GEN)),
-    Stage("evol_instruct", ("self_instruct",), _evol_key, _run_evol, ("tasks.evol_instruct", *_GEN)),
+    Stage("evol_instruct", ("self_instruct",), _evol_key, _run_evol, ("tasks.evol_instruct", *_GEN), shardable=True),
     Stage("quality", ("evol_instruct",), _quality_key, _run_quality,
-          ("tasks.quality", "tasks.report", "tasks.llm.losses", *_GEN)),
+          ("tasks.quality", "tasks.report", "tasks.llm.losses", *_GEN), shardable=True),
     Stage("mix", ("quality",), _mix_key, _run_mix, ("tasks.mix", "tasks.exports")),
     Stage("finetune", ("mix",), _finetune_key, _run_finetune, ("tasks.finetune", "tasks.multigpu", "tasks.llm.models")),
     Stage("evaluate", ("quality", "mix", "finetune"), _evaluate_key, _run_evaluate,
@@ -268,8 +301,10 @@ def plan(stage: str, cfg: Config, inputs: dict[str, str | Path]) -> Artifact:
     return Artifact.at(cfg.run.artifacts_dir, stage, key)
 
 
-def execute(stage: str, cfg: Config, inputs: dict[str, str | Path], run_id: str | None = None) -> Artifact:
-    """Run `stage` into its planned artifact unless that is already done; return the artifact.
+def execute(stage: str, cfg: Config, inputs: dict[str, str | Path], run_id: str | None = None,
+            sharding: Sharding | None = None) -> Artifact:
+    """Run `stage` into its planned artifact unless that is already done; return the artifact. With
+    `sharding` (run.executor: ray), a stage's in-process model work runs in shards on the cluster.
 
     One process computes an artifact at a time: it holds the artifact's lock while it computes, and
     another run that needs the same artifact waits for it (or, with `run.wait_for_artifacts: false`, stops
@@ -286,7 +321,9 @@ def execute(stage: str, cfg: Config, inputs: dict[str, str | Path], run_id: str 
         try:
             out.begin()
             t0 = time.perf_counter()
-            data, stats = spec.run(cfg, {name: Artifact(Path(inputs[name])) for name in spec.inputs}, out)
+            ins = {name: Artifact(Path(inputs[name])) for name in spec.inputs}
+            data, stats = (spec.run(cfg, ins, out, sharding) if spec.shardable and sharding is not None
+                           else spec.run(cfg, ins, out))
             table = _table(data)
             stats = {"stage": stage, "key": out.path.name, "inputs": {n: str(inputs[n]) for n in spec.inputs},
                      "rows_in": stats.pop("rows_in", None), "rows_out": table.num_rows,

@@ -66,3 +66,30 @@ def model_identity(cfg: LLMConfig) -> dict:
 
         identity["model"] = fingerprint(cfg.model)
     return identity
+
+
+class DeferredLLM:
+    """An in-process model (llm.backend: transformers) loaded on its first call, not before.
+
+    A sharded stage's own process assembles what its shards finished; when they finished everything, it
+    never asks the model anything and so never loads it. What the work engine reads without calling
+    (`mode`, `batch_size`, having log-probabilities) comes from the section."""
+
+    def __init__(self, cfg: LLMConfig):
+        if cfg.backend != "transformers":
+            raise ValueError(f"DeferredLLM is for in-process models; this section's backend is {cfg.backend}")
+        self.cfg = cfg
+        self.mode = cfg.mode
+        self.batch_size = cfg.batch_size
+
+    def generate(self, *args, **kwargs):
+        return get_llm(self.cfg).generate(*args, **kwargs)
+
+    def next_token_logprobs(self, *args, **kwargs):
+        return get_llm(self.cfg).next_token_logprobs(*args, **kwargs)
+
+    def truncations(self, *args, **kwargs):
+        return get_llm(self.cfg).truncations(*args, **kwargs)
+
+    def response_losses(self, *args, **kwargs):
+        return get_llm(self.cfg).response_losses(*args, **kwargs)
