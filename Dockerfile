@@ -20,7 +20,7 @@ RUN pip install torch --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md ./
 COPY flows ./flows
 COPY tasks ./tasks
-RUN pip install -e '.[lora]'
+RUN pip install -e '.[lora,ray]'
 COPY prefect.yaml Makefile ./
 COPY configs ./configs
 COPY data/seed_tasks.jsonl ./data/seed_tasks.jsonl

@@ -28,12 +28,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/instructflow run --config $(CONFIG)
 
-# The llama.cpp server (extra `serve`) is the real peer of the openai backend's tests; `make run` skips it.
+# The llama.cpp server (extra `serve`) is the real peer of the openai backend's tests, and the tests start a
+# local Ray cluster (extra `ray`); `make run` needs neither.
 # pip compiles llama.cpp here, portably (no -march=native): a native build crashed at its first completion
 # on an Intel Xeon VM with AVX-512 and AMX (a general protection fault in libggml-cpu; the portable build
 # runs), and pip's wheel cache can carry a build to another machine. CMAKE_ARGS set by you wins.
 $(SERVE): $(STAMP)
-	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PIP) install -e '.[dev,serve]'
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PIP) install -e '.[dev,serve,ray]'
 	touch $(SERVE)
 
 system-deps:

@@ -48,8 +48,8 @@ def prefect_api_url() -> str:
 
 
 def connect(run: RunConfig) -> dict[str, float]:
-    """Join the cluster at `run.ray_address`, or start a local one of `run.ray_local_cpus` CPUs, unless this
-    process is connected already; the cluster's resources (CPU, GPU, ...)."""
+    """Join the cluster at `run.ray_address` (else RAY_ADDRESS), or start a local one of `run.ray_local_cpus`
+    CPUs, unless this process is connected already; the cluster's resources (CPU, GPU, ...)."""
     try:
         import ray
     except ImportError as exc:
@@ -58,16 +58,24 @@ def connect(run: RunConfig) -> dict[str, float]:
     with _LOCK:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from offline machines
-            env = {"PREFECT_API_URL": prefect_api_url(), "RAY_USAGE_STATS_ENABLED": "0"}
+            # Workers report to this flow's Prefect API, get this process's INSTRUCTFLOW_* settings (the
+            # model cache, a failure drill), and keep quiet progress bars: Ray relays every worker's output
+            # here, and the shards' own bar in this process says how far they are.
+            env = {"PREFECT_API_URL": prefect_api_url(), "RAY_USAGE_STATS_ENABLED": "0", "TQDM_DISABLE": "1",
+                   **{k: v for k, v in os.environ.items() if k.startswith("INSTRUCTFLOW_")}}
             common = dict(runtime_env={"env_vars": env}, namespace="instructflow", configure_logging=False,
                           log_to_driver=True)
-            if run.ray_address:
-                log.info("joining the Ray cluster at %s", run.ray_address)
+            # The profile's address, else RAY_ADDRESS (Ray's own variable; the compose stack sets it).
+            address = run.ray_address or os.environ.get("RAY_ADDRESS") or None
+            if address:
+                log.info("joining the Ray cluster at %s", address)
                 try:
-                    ray.init(address=run.ray_address, **common)
+                    ray.init(address=address, **common)
                 except (ConnectionError, RuntimeError) as exc:
-                    raise RuntimeError(f"run.ray_address: no Ray cluster answers at {run.ray_address}: {exc}") from exc
+                    where = "run.ray_address" if run.ray_address else "RAY_ADDRESS"
+                    raise RuntimeError(f"{where}: no Ray cluster answers at {address}: {exc}") from exc
             else:
+                os.environ.pop("RAY_ADDRESS", None)  # set but empty: ray.init would read it as an address
                 cpus = run.ray_local_cpus or os.cpu_count() or 1
                 log.info("starting a local Ray cluster of %d CPUs", cpus)
                 # Results are small dicts (rows travel through shared storage), so a small object store;

@@ -59,6 +59,7 @@ def compose_config(tmp_path: Path, variables: dict[str, str], env_file: Path | N
         env_file.write_text("")
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)), **variables}
     return subprocess.run(["docker-compose", "--env-file", str(env_file), "--profile", "vllm", "--profile", "tools",
+                           "--profile", "ray",
                            "-f", str(ROOT / "docker-compose.yml"), "config"],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
 
@@ -136,6 +137,21 @@ def test_compose_stack_postgres_server_workers_and_vllm():
     assert {"postgres", "artifacts", "runs"} <= set(COMPOSE["volumes"])
 
 
+def test_compose_ray_profile_head_and_gpu_worker_share_the_storage_and_the_workers_point_at_it():
+    services = COMPOSE["services"]
+    head, gpu_node = services["ray-head"], services["ray-gpu-worker"]
+    assert head["profiles"] == gpu_node["profiles"] == ["ray"]
+    assert head["command"][:3] == ["ray", "start", "--head"] and "6379" in head["command"]
+    assert gpu_node["command"] == ["ray", "start", "--address", "ray-head:6379", "--block"]
+    assert gpu_node["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for node in (head, gpu_node):  # the images with the project (and the extra `ray`) installed
+        assert node["image"] in (services["cpu-worker"]["image"], services["gpu-worker"]["image"])
+        assert set(services["cpu-worker"]["volumes"]) <= set(node["volumes"])
+    assert "'.[lora,ray]'" in (ROOT / "Dockerfile").read_text()
+    for name in ("cpu-worker", "gpu-worker"):
+        assert services[name]["environment"]["RAY_ADDRESS"] == "${INSTRUCTFLOW_RAY_ADDRESS:-}"
+
+
 def test_dockerfile_copies_what_exists_and_works_where_prefect_yaml_pulls():
     lines = (ROOT / "Dockerfile").read_text().splitlines()
     copied = [part for line in lines if line.startswith("COPY ") for part in line.split()[1:-1]]
@@ -186,7 +202,8 @@ def test_dot_env_stays_out_of_git_and_the_image_build_context():
 def test_published_ports_are_loopback_unless_bind_address_given():
     services = COMPOSE["services"]
     ports = {name: s["ports"] for name, s in services.items() if "ports" in s}
-    assert ports == {"prefect-server": [f"{BIND}:4200:4200"], "vllm": [f"{BIND}:8000:8000"]}  # postgres: none
+    assert ports == {"prefect-server": [f"{BIND}:4200:4200"], "vllm": [f"{BIND}:8000:8000"],
+                     "ray-head": [f"{BIND}:8265:8265"]}  # postgres: none
 
 
 def test_prefect_api_lets_the_compose_healthcheck_in_and_only_clients_with_the_auth_string():
@@ -237,9 +254,11 @@ def test_docker_compose_publishes_on_loopback_by_default_and_all_interfaces_on_r
         assert result.returncode == 0, result.stderr
         return {name: published(s) for name, s in yaml.safe_load(result.stdout)["services"].items() if published(s)}
 
-    assert ports({}) == {"prefect-server": ["127.0.0.1:4200:4200/tcp"], "vllm": ["127.0.0.1:8000:8000/tcp"]}
+    assert ports({}) == {"prefect-server": ["127.0.0.1:4200:4200/tcp"], "vllm": ["127.0.0.1:8000:8000/tcp"],
+                         "ray-head": ["127.0.0.1:8265:8265/tcp"]}
     assert ports({"INSTRUCTFLOW_BIND_ADDRESS": "0.0.0.0"}) == {"prefect-server": ["0.0.0.0:4200:4200/tcp"],
-                                                                 "vllm": ["0.0.0.0:8000:8000/tcp"]}
+                                                                 "vllm": ["0.0.0.0:8000:8000/tcp"],
+                                                                 "ray-head": ["0.0.0.0:8265:8265/tcp"]}
 
 
 @needs_compose
