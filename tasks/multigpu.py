@@ -61,13 +61,7 @@ def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_
     if gpus and cfg.processes > gpus:
         raise ValueError(f"finetune.processes is {cfg.processes} but this machine has {gpus} GPUs; "
                          f"set it to at most {gpus} (or finetune.device=cpu)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    launch_file = out_dir / LAUNCH
-    _clean(out_dir, keep_launch_file=False)
-    atomic_write_json(launch_file, {"mix": str(mix_path), "finetune": cfg.model_dump(mode="json"),
-                                    "evaluate": eval_cfg.model_dump(mode="json"), "model_dir": str(model_dir),
-                                    "out_dir": str(out_dir), "seed": seed, "data": data,
-                                    "tokens_root": str(tokens_root) if tokens_root else None})
+    launch_file = write_launch(mix_path, cfg, eval_cfg, model_dir, out_dir, seed, data, tokens_root)
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.processes))
     env = {**os.environ, "OMP_NUM_THREADS": threads}  # share the cores, do not oversubscribe them
     tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -91,6 +85,24 @@ def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_
         cause = "\n".join(errors) if errors else f"its last lines:\n{''.join(tail).rstrip()}"
         _clean(out_dir, keep_launch_file=True)
         raise RuntimeError(f"finetune across {cfg.processes} processes failed (torchrun exit {code}): {cause}")
+    return read_results(out_dir)
+
+
+def write_launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_dir: Path, out_dir: Path,
+                 seed: int, data: dict[str, str], tokens_root: Path | None = None) -> Path:
+    """The launch file every process reads (`out_dir/launch.json`); the results of an earlier launch go."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    launch_file = out_dir / LAUNCH
+    _clean(out_dir, keep_launch_file=False)
+    atomic_write_json(launch_file, {"mix": str(mix_path), "finetune": cfg.model_dump(mode="json"),
+                                    "evaluate": eval_cfg.model_dump(mode="json"), "model_dir": str(model_dir),
+                                    "out_dir": str(out_dir), "seed": seed, "data": data,
+                                    "tokens_root": str(tokens_root) if tokens_root else None})
+    return launch_file
+
+
+def read_results(out_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """What the first process wrote; the launch's own files go."""
     per_example = pd.read_parquet(out_dir / RESULT_ROWS)
     stats = json.loads((out_dir / RESULT_STATS).read_text())
     _clean(out_dir, keep_launch_file=False)
@@ -109,16 +121,28 @@ def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from tasks.finetune import finetune
-
     if len(argv) != 1:
         print("usage: torchrun --nproc-per-node N -m tasks.multigpu <launch.json>", file=sys.stderr)
         return 2
     request = json.loads(Path(argv[0]).read_text())
+    gpu = torch.cuda.is_available() and FinetuneConfig.model_validate(request["finetune"]).device != "cpu"
+    dist.init_process_group("nccl" if gpu else "gloo")
+    try:
+        train_and_write(request)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def train_and_write(request: dict[str, Any]) -> None:
+    """One process of a group that has joined its process group (torchrun's, or Ray Train's: tasks/ray_train.py):
+    train; the first process writes the results. A failure leaves `launch.error.<rank>` and is raised."""
+    import torch.distributed as dist
+
+    from tasks.finetune import finetune
+
     cfg = FinetuneConfig.model_validate(request["finetune"])
     eval_cfg = EvaluateConfig.model_validate(request["evaluate"])
-    gpu = torch.cuda.is_available() and cfg.device != "cpu"
-    dist.init_process_group("nccl" if gpu else "gloo")
     out_dir = Path(request["out_dir"])
     rank = dist.get_rank()
     try:
@@ -132,9 +156,6 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # the launcher reports the cause, not torchrun's summary; the traceback follows
         (out_dir / ERRORS.replace("*", str(rank))).write_text(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise
-    finally:
-        dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

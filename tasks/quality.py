@@ -194,8 +194,10 @@ def score_shard(source: str, starts: list[int], cfg: dict[str, Any], scorer: dic
     q = QualityConfig.model_validate(cfg)
     rows = pq.read_table(source, columns=["instruction", "input", "output"]).to_pandas()
     parts = PartWriter(Path(parts_dir))
-    _score_chunks(rows, starts, q, get_llm(LLMConfig.model_validate(scorer)), parts, _chunks_done(parts))
-    return {"items": sum(min(q.checkpoint_every, len(rows) - s) for s in starts)}
+    done = {s: t for s, t in _chunks_done(parts).items() if s in starts}  # an earlier attempt's, kept
+    _score_chunks(rows, starts, q, get_llm(LLMConfig.model_validate(scorer)), parts, done)
+    return {"items": sum(min(q.checkpoint_every, len(rows) - s) for s in starts),
+            "chunks_scored": len(starts) - len(done), "chunks_restored": len(done)}
 
 
 def judge_shard(source: str, cfg: dict[str, Any], llm: dict[str, Any], only: list[str],

@@ -78,9 +78,9 @@ def connect(run: RunConfig) -> dict[str, float]:
                 os.environ.pop("RAY_ADDRESS", None)  # set but empty: ray.init would read it as an address
                 cpus = run.ray_local_cpus or os.cpu_count() or 1
                 log.info("starting a local Ray cluster of %d CPUs", cpus)
-                # Results are small dicts (rows travel through shared storage), so a small object store;
-                # no dashboard on a local cluster: it costs memory and a second of start-up.
-                ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=128 * 2**20, **common)
+                # Results are small dicts (rows travel through shared storage), so a small object store. The
+                # dashboard (on 127.0.0.1:8265) stays: Ray Train's controller reads state through it.
+                ray.init(num_cpus=cpus, object_store_memory=128 * 2**20, **common)
         return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
@@ -149,7 +149,7 @@ def run_shards(run: RunConfig, shards: list[Shard]) -> list[dict[str, Any]]:
                 future.wait()
                 state = future.state
                 if state.is_completed():
-                    results[shard.index] = {**future.result(), "attempts": attempts[shard.index]}
+                    results[shard.index] = {"shard": shard.name, **future.result(), "attempts": attempts[shard.index]}
                     bar.update(shard.last - shard.first)
                     continue
                 cause = state.message or state.name

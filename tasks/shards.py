@@ -59,11 +59,12 @@ class StageShards:
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Figures for stats.json: shards, attempts, and the slowest and total shard seconds."""
+    """Figures for stats.json: shards, attempts, the slowest and total shard seconds, and each shard's result."""
     seconds = [r["seconds"] for r in results]
     return {"shards": len(results), "attempts": sum(r["attempts"] for r in results),
             "seconds_max": max(seconds, default=0.0), "seconds_sum": round(sum(seconds), 3),
-            "hosts": sorted({r["host"] for r in results})}
+            "hosts": sorted({r["host"] for r in results}),
+            "per_shard": [{k: v for k, v in r.items() if k != "pid"} for r in results]}
 
 
 def cut(n: int, shards: int) -> list[tuple[int, int]]:

@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks import (evaluate, evol_instruct, exports, finetune, mix, multigpu, quality, report, seeds, self_instruct,
-                   shards)
+from tasks import (evaluate, evol_instruct, exports, finetune, mix, multigpu, quality, ray_train, report, seeds,
+                   self_instruct, shards)
 from tasks.artifacts import (KEY_LENGTH, Artifact, PartWriter, StorageError, artifact_key, atomic_write_json,
                              atomic_write_parquet, atomic_write_text, input_hashes, source_hash, storage_refusal)
 from tasks.codehash import code_hash
@@ -152,13 +152,17 @@ def _run_finetune(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     mix_artifact = inputs["mix"]
     model_dir = resolve_model(cfg.finetune.base_model or cfg.llm.model)
     data = {"mix artifact": mix_artifact.path.name, "mix content hash": mix_artifact.content_hash()}
-    if cfg.finetune.processes > 1:  # data parallel under torchrun: each process reads the mix itself
+    if cfg.finetune.launcher == "ray":  # a Ray Train job of `processes` workers on the run's cluster
+        per_example, stats = ray_train.launch(mix_artifact.data_path, cfg.finetune, cfg.evaluate, model_dir, out.path,
+                                              cfg.run.seed, data, _tokens_root(cfg), cfg.run,
+                                              max_failures=cfg.run.ray_shard_retries)
+    elif cfg.finetune.processes > 1:  # data parallel under torchrun: each process reads the mix itself
         per_example, stats = multigpu.launch(mix_artifact.data_path, cfg.finetune, cfg.evaluate, model_dir,
                                              out.path, cfg.run.seed, data, _tokens_root(cfg))
     else:
         per_example, stats = finetune.finetune(mix_artifact.read_table(), cfg.finetune, cfg.evaluate, model_dir,
                                                out.path, cfg.run.seed, data, _tokens_root(cfg))
-    return per_example, {"rows_in": mix_artifact.marker()["rows"], **stats}
+    return per_example, {"rows_in": mix_artifact.marker()["rows"], **stats, "launcher": cfg.finetune.launcher}
 
 
 def _run_evaluate(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
@@ -287,7 +291,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("quality", ("evol_instruct",), _quality_key, _run_quality,
           ("tasks.quality", "tasks.report", "tasks.llm.losses", *_GEN), shardable=True),
     Stage("mix", ("quality",), _mix_key, _run_mix, ("tasks.mix", "tasks.exports")),
-    Stage("finetune", ("mix",), _finetune_key, _run_finetune, ("tasks.finetune", "tasks.multigpu", "tasks.llm.models")),
+    Stage("finetune", ("mix",), _finetune_key, _run_finetune, ("tasks.finetune", "tasks.multigpu", "tasks.ray_train",
+                                                           "tasks.llm.models")),
     Stage("evaluate", ("quality", "mix", "finetune"), _evaluate_key, _run_evaluate,
           ("tasks.evaluate", "tasks.finetune", "tasks.mix", *_GEN)),
 ]}
