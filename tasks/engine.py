@@ -67,8 +67,8 @@ class Restored:
 # --- reaching the model -----------------------------------------------------------------------------------------
 
 class InProcessBatcher:
-    """A synchronous, batched backend (`generate(prompts, params)`, optionally `next_token_logprobs`)
-    behind one-request-at-a-time coroutines.
+    """A synchronous, batched backend (`generate(prompts, params, seeds=...)`, optionally
+    `next_token_logprobs`) behind one-request-at-a-time coroutines.
 
     Requests are grouped by what they ask (generation parameters, or the candidates of a log-probability
     question). When every runnable coroutine has had its turn, the largest group (at most `batch_size`)
@@ -100,8 +100,10 @@ class InProcessBatcher:
             self.in_flight -= 1
 
     async def generate(self, prompt: Prompt, params: GenerationParams) -> Completion:
-        # Requests differ in their seeds (each item draws its own); a batch samples from one generator,
-        # seeded by its first request's seed, so requests are grouped by everything else.
+        # Requests differ in their seeds (each item draws its own), so they are grouped by everything else.
+        # Each request's seed goes with it to the backend, which samples every row from a generator of its
+        # own: an item's text does not depend on what shares its batch (a stage split into shards gives
+        # the same rows as one process).
         return await self._ask(("generate", dataclasses.replace(params, seed=None)), (prompt, params.seed))
 
     async def logprobs(self, prompt: Prompt, candidates: tuple[str, ...]) -> np.ndarray:
@@ -127,9 +129,8 @@ class InProcessBatcher:
                     continue
                 try:
                     if key[0] == "generate":
-                        params = dataclasses.replace(key[1], seed=batch[0][0][1])
-                        answers = self.llm.generate([p for (p, _), _ in batch], params,
-                                                    desc=f"batch of {len(batch)}")
+                        answers = self.llm.generate([p for (p, _), _ in batch], key[1], desc=f"batch of {len(batch)}",
+                                                    seeds=[seed for (_, seed), _ in batch])
                     else:
                         answers = list(self.llm.next_token_logprobs([p for p, _ in batch], list(key[1])))
                 except BaseException as exc:  # every request of the batch fails with it
@@ -157,7 +158,9 @@ class Model:
         self.mode = getattr(llm, "mode", "completions")
         self.remote = hasattr(llm, "agenerate")
         self.batcher = None if self.remote else InProcessBatcher(llm, batch_size)
-        self.has_logprobs = hasattr(llm, "next_token_logprobs")
+        # Log-probability questions (classification, equality) go to in-process models only: an endpoint's
+        # judge generates its answer, as not every server returns log-probabilities (scoring asks for them).
+        self.has_logprobs = not self.remote and hasattr(llm, "next_token_logprobs")
         self.requests = 0
 
     @property
@@ -197,6 +200,11 @@ def parallelism(llm: LLM, batch_size: int) -> int:
     return capacity if capacity is not None else getattr(llm, "max_concurrency", batch_size)
 
 
+def finished_keys(parts: PartWriter) -> set[str]:
+    """The items the parts close (the stage's own and every shard's)."""
+    return {key for part in parts.read_all() for key in json.loads(part_metadata(part).get("items", "[]"))}
+
+
 # --- the engine -------------------------------------------------------------------------------------------------
 
 class Engine:
@@ -204,7 +212,8 @@ class Engine:
 
     def __init__(self, llm: LLM, parts: PartWriter | None, schema: pa.Schema, *, max_open: int,
                  checkpoint_every: int = 256, checkpoint_s: float = 60.0, batch_size: int = 16,
-                 desc: str = "items", total: int | None = None, count: Callable[[], int] | None = None):
+                 desc: str = "items", total: int | None = None, count: Callable[[], int] | None = None,
+                 only: Sequence[str] | None = None):
         self.usage = Usage()
         self.model = Model(llm, self.usage, batch_size)
         self.parts = parts
@@ -214,6 +223,7 @@ class Engine:
         self.checkpoint_s = checkpoint_s
         self.desc, self.total = desc, total
         self.count = count  # what the progress bar counts (default: finished items)
+        self.only = None if only is None else set(only)  # a shard's items: the others are not this engine's
         self.restored = self._restore()
         self.counts: Counter = Counter(self.restored.counts)
         self.tokens: Counter = Counter(self.restored.tokens)
@@ -288,6 +298,10 @@ class Engine:
     def is_done(self, key: str) -> bool:
         return key in self.restored.keys
 
+    def has_work(self, keys: Sequence[str]) -> bool:
+        """Whether any of `keys` is still to run here (not finished, and this engine's)."""
+        return any(k not in self.restored.keys and (self.only is None or k in self.only) for k in keys)
+
     @property
     def open_items(self) -> int:
         return len(self._open)
@@ -295,7 +309,7 @@ class Engine:
     async def spawn(self, key: str, work: Callable[[], Awaitable[Finished]]) -> bool:
         """Start an item unless a part already closes it; waits while `max_open` items are open. False
         when the item was skipped or the engine is stopping."""
-        if key in self.restored.keys:
+        if key in self.restored.keys or (self.only is not None and key not in self.only):
             return False
         await self._room.acquire()
         if self._failure is not None:

@@ -397,7 +397,7 @@ def run_quality(data: pa.Table | pd.DataFrame, cfg: QualityConfig, judge_llm: LL
     if cfg.judge.enabled and judge_llm is None:
         raise ValueError("quality.judge.enabled needs an LLM")
     if (cfg.deita.enabled or cfg.ifd.enabled) and scorer is None:
-        raise ValueError("quality.deita / quality.ifd need a local scoring model")
+        raise ValueError("quality.deita / quality.ifd need a scoring model (local, or the endpoint: quality.scorer)")
     arrow = isinstance(data, pa.Table)
     if not arrow:
         data = data.reset_index(drop=True)

@@ -509,7 +509,7 @@ def classification_threshold(llm: LLM, shots: list[tuple[str, bool]], seed_rows:
     0.88 on this project's seeds with Gemma 3 270M), so the cut-off is fitted on labelled seeds, by
     balanced accuracy. None when the backend gives no log-probabilities or the seeds hold only one label.
     """
-    if not hasattr(llm, "next_token_logprobs"):
+    if hasattr(llm, "agenerate") or not hasattr(llm, "next_token_logprobs"):  # in-process models only
         return None
     used = {text for text, _ in shots}
     held = [t for t in seed_rows if t["instruction"] not in used]

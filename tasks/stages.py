@@ -114,8 +114,13 @@ def _run_quality(cfg: Config, inputs: Inputs, out: Artifact, sharding: Sharding 
         return DeferredLLM(section) if remote is not None and section.backend == "transformers" else get_llm(section)
 
     # Arrow in, Arrow out: the score and decision columns are appended to the rows, nothing copied.
-    decided, stats = quality.run_quality(rows, q, judge_llm=model(judge_llm), scorer=model(scorer),
+    scorer_llm = model(scorer)
+    asked = (getattr(scorer_llm, "logprob_rows", 0), getattr(scorer_llm, "logprob_misses", 0))
+    decided, stats = quality.run_quality(rows, q, judge_llm=model(judge_llm), scorer=scorer_llm,
                                          parts=PartWriter(out.parts_dir), remote=remote)
+    if scorer is not None and scorer.backend == "openai":  # DEITA's score tokens the endpoint did not list
+        stats["scorer_logprobs"] = {"rows": scorer_llm.logprob_rows - asked[0],
+                                    "rows_with_a_score_outside_the_top": scorer_llm.logprob_misses - asked[1]}
     # The report beside the data: report.html for people, report.md for the Prefect UI.
     title = f"Data quality report ({cfg.run.name}, {out.path.name})"
     frame = decided.to_pandas()  # pandas' strings stay in Arrow memory

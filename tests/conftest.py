@@ -27,7 +27,8 @@ class ScriptedLLM:
         self.respond = respond
         self.calls: list[tuple[list[str], GenerationParams]] = []
 
-    def generate(self, prompts: Sequence[Prompt], params: GenerationParams, desc: str = "") -> list[Completion]:
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams, desc: str = "",
+                 seeds: Sequence[int | None] | None = None) -> list[Completion]:
         self.calls.append((list(prompts), params))
         out = []
         for prompt in prompts:

@@ -7,6 +7,14 @@ tokens_per_s`. At most `slots` requests are served at once; the rest wait in a f
 `max_queue` set a request that finds the queue full is answered 429 at once. Answers are a function of the
 request (prompt, seed, max_tokens, stop), so a request sent twice gets the same answer.
 
+With `Profile(logprobs_model=<a Hugging Face causal LM directory>)` a completions request that asks for
+`logprobs` or `echo` is answered by that model instead (torch, CPU, in one worker thread off the event
+loop), in the legacy format vLLM uses: the prompt tokenized with BOS as the in-process backend does,
+and `tokens`, `token_logprobs`, `top_logprobs`, `text_offset` for the prompt (with `echo`) and for at most
+one greedy token (`max_tokens` 0: none). As in vLLM, each token's text is the token decoded alone (BOS:
+"<bos>"), `text_offset` is the running sum of those texts from 0, the first prompt token has no
+log-probability, a top list holds the token itself and the `logprobs` most likely, and -inf is -9999.
+
 `GET /stats` reports requests, rejections, tokens, busy slot-seconds, the span from the first arrival to
 the last answer, the time-average of requests in service and slot utilisation (busy slot-seconds /
 (slots x span)); `POST /stats/reset` starts a new measurement. Run it as a process (`python -m
@@ -18,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import json
 import random
@@ -25,6 +35,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Pronounceable made-up words: no English stop word, no blocklisted keyword, no "sorry".
@@ -48,6 +59,7 @@ class Profile:
     yes_share: float = 0.2  # classification and equality questions answered Yes
     response_words: tuple[int, int] = (60, 180)
     model: str = "simulated"
+    logprobs_model: str | Path | None = None  # a causal LM directory: real log-probabilities (see above)
 
 
 @dataclass
@@ -191,6 +203,85 @@ def answer(body: dict[str, Any], profile: Profile) -> tuple[str, str, int, int, 
     return text, finish, max(1, len(full_prompt) // 4), max(1, _count_tokens(text)), kind
 
 
+# --- real log-probabilities (opt-in) -----------------------------------------------------------------------
+
+class LogprobModel:
+    """A causal LM that answers completions requests asking for `logprobs` or `echo`, as vLLM would."""
+
+    def __init__(self, model_dir: str | Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        # Each token decoded alone, as vLLM shows it (the Rust tokenizer decodes the whole vocabulary at once).
+        single = [[token_id] for token_id in range(len(self.tokenizer))]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self.texts = (backend.decode_batch(single, skip_special_tokens=False) if backend is not None
+                      else [self.tokenizer.decode(ids) for ids in single])
+        # Several tokens can decode to one text (the byte token <0x31> reads "1" as the token "1" does). A top
+        # list then shows the token the tokenizer makes of that text, where vLLM shows whichever it lists
+        # last: this server's choice, so that a text means one token.
+        by_text: dict[str, list[int]] = {}
+        for token_id, text in enumerate(self.texts):
+            by_text.setdefault(text, []).append(token_id)
+        self.canonical: dict[str, int] = {}
+        for text, ids in by_text.items():
+            alone = self.tokenizer(text, add_special_tokens=False)["input_ids"] if len(ids) > 1 else []
+            if len(alone) == 1 and alone[0] in ids:
+                self.canonical[text] = alone[0]
+
+    def _top(self, logprobs, chosen: int, k: int) -> dict[str, float]:
+        """The chosen token and the `k` most likely, by text, most likely first."""
+        top: dict[str, float] = {}
+        for token_id in [chosen] + self.torch.topk(logprobs, min(k, len(logprobs))).indices.tolist():
+            text = self.texts[token_id]
+            if text not in top or self.canonical.get(text) == token_id:
+                top[text] = max(float(logprobs[token_id]), -9999.0)
+        return top
+
+    def answer(self, body: dict[str, Any]) -> tuple[str, str, int, int, dict[str, Any]]:
+        """(text, finish_reason, prompt_tokens, completion_tokens, logprobs object) for one request."""
+        torch = self.torch
+        prompt, _ = _last_user_text(body)
+        k, echo = int(body.get("logprobs") or 0), bool(body.get("echo"))
+        generate = min(1, 16 if body.get("max_tokens") is None else int(body["max_tokens"]))
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tokens, token_logprobs, tops = [], [], []
+        if echo:
+            tokens.append(self.texts[ids[0]])
+            token_logprobs.append(None)
+            tops.append(None)
+            for pos in range(1, len(ids)):
+                tokens.append(self.texts[ids[pos]])
+                token_logprobs.append(max(float(logprobs[pos - 1, ids[pos]]), -9999.0))
+                tops.append(self._top(logprobs[pos - 1], ids[pos], k))
+        generated = ""
+        if generate:
+            chosen = int(logprobs[-1].argmax())
+            generated = self.texts[chosen]
+            tokens.append(generated)
+            token_logprobs.append(max(float(logprobs[-1, chosen]), -9999.0))
+            tops.append(self._top(logprobs[-1], chosen, k))
+        offsets, at = [], 0 if echo else len(prompt)
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        lp = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+        text = (prompt if echo else "") + generated
+        return text, "length", len(ids), generate, lp
+
+
+@functools.lru_cache(maxsize=4)
+def logprob_model(model_dir: str) -> LogprobModel:
+    """One loaded model per directory for the process: servers in one test session share it."""
+    return LogprobModel(model_dir)
+
+
 # --- the server ---------------------------------------------------------------------------------------------
 
 def _split_first_word(text: str) -> tuple[str, str]:
@@ -225,6 +316,9 @@ class Server:
         self.profile = profile
         self.meter = Meter()
         self._slots: asyncio.Semaphore | None = None
+        self.scorer = logprob_model(str(profile.logprobs_model)) if profile.logprobs_model else None
+        # One forward pass at a time, off the event loop: the server keeps answering meanwhile.
+        self._model_thread = concurrent.futures.ThreadPoolExecutor(1, "simulated-logprobs") if self.scorer else None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -274,7 +368,13 @@ class Server:
             meter.rejected += 1
             return _http("429 Too Many Requests", {"error": {"message": "queue full", "type": "rate_limit"}},
                          f"retry-after: {profile.retry_after_s}\r\n")
-        text, finish, prompt_tokens, completion_tokens, kind = answer(body, profile)
+        logprobs = None
+        if self.scorer is not None and not chat and (body.get("logprobs") is not None or body.get("echo")):
+            text, finish, prompt_tokens, completion_tokens, logprobs = await asyncio.get_running_loop(
+            ).run_in_executor(self._model_thread, self.scorer.answer, body)
+            kind = "logprobs"
+        else:
+            text, finish, prompt_tokens, completion_tokens, kind = answer(body, profile)
         meter.waiting += 1
         meter.max_waiting = max(meter.max_waiting, meter.waiting)
         try:
@@ -315,7 +415,7 @@ class Server:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             return _http("200 OK", {"id": f"chatcmpl-{meter.requests}", "object": "chat.completion",
                                     "created": created, "model": profile.model, "choices": [choice], "usage": usage})
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
         return _http("200 OK", {"id": f"cmpl-{meter.requests}", "object": "text_completion", "created": created,
                                 "model": profile.model, "choices": [choice], "usage": usage})
 
@@ -368,8 +468,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ttft-s", type=float, default=0.2)
     parser.add_argument("--tokens-per-s", type=float, default=60.0)
     parser.add_argument("--max-queue", type=int, default=None)
+    parser.add_argument("--logprobs-model", default=None, help="a causal LM directory: real log-probabilities")
     args = parser.parse_args(argv)
-    profile = Profile(slots=args.slots, ttft_s=args.ttft_s, tokens_per_s=args.tokens_per_s, max_queue=args.max_queue)
+    profile = Profile(slots=args.slots, ttft_s=args.ttft_s, tokens_per_s=args.tokens_per_s, max_queue=args.max_queue,
+                      logprobs_model=args.logprobs_model)
 
     async def run() -> None:
         server = await Server(profile).start(port=args.port)

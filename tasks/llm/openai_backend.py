@@ -23,6 +23,12 @@ backoff and full jitter, waiting at least what the server's Retry-After asks; af
 it raises `LLMRequestError` naming the state of every endpoint, and the stage stops at its last checkpoint.
 Other errors (a bad request, a wrong key, an unknown model) are not retried.
 
+Scoring (DEITA, IFD: tasks/model_scores.py) reads log-probabilities from `/v1/completions` through the same
+requests, limits and accounting, with the legacy `logprobs` object vLLM returns (as OpenAI's legacy
+completions did): `next_token_logprobs` reads the top list of one greedy token, `response_losses` and
+`truncations` read the prompt's own tokens echoed back (`echo: true, max_tokens: 0`). The semantics are
+those of the in-process backend (TransformersLLM); what differs over text is said where it is done.
+
 The API key comes from a Prefect Secret block or the environment variable the config names, is handed to
 the client and nowhere else: it is not logged, not part of the backend's name and not in any error message
 this module writes.
@@ -34,6 +40,7 @@ import asyncio
 import collections
 import dataclasses
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -44,19 +51,27 @@ import urllib.parse
 import urllib.request
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+import numpy as np
 import openai
 from tqdm.auto import tqdm
 
 from tasks.llm.base import Completion, GenerationParams, Mode, Prompt, chat_prompt, truncate_at_stop
+from tasks.llm.losses import TRUNCATED, fit_response
 
 log = logging.getLogger(__name__)
 
 # OpenAI accepts at most four stop sequences; the rest are applied to the returned text.
 MAX_SERVER_STOPS = 4
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# Candidates looked up in one token's top list: vLLM's default cap (`--max-logprobs`); a server started with a
+# higher cap can be asked for more (OpenAILLM's `top_logprobs`).
+TOP_LOGPROBS = 20
+MEASURED_CACHE = 4096  # scored texts kept: IFD reads each pair twice (its truncation, then its loss)
+
+T = TypeVar("T")
 
 
 class LLMRequestError(RuntimeError):
@@ -92,6 +107,11 @@ class EndpointConnectionError(Exception):
     @property
     def kind(self) -> str:
         return "APITimeoutError" if self.timeout else "APIConnectionError"
+
+
+class UnusableAnswer(Exception):
+    """A well-formed completion that lacks what the request asked for (log-probabilities); the server would
+    answer the same again, so it is never retried."""
 
 
 class BudgetExhausted(LLMRequestError):
@@ -374,7 +394,8 @@ class OpenAILLM:
                  max_retries: int = 6, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
                  limiter: RateLimiter | None = None, spend: Spend | None = None,
                  base_urls: Sequence[str] = (), adaptive_concurrency: bool = True, cooldown_s: float = 30.0,
-                 failures_to_cool: int = 5, max_ttft_s: float | None = None, ttft_probe_every: int = 16):
+                 failures_to_cool: int = 5, max_ttft_s: float | None = None, ttft_probe_every: int = 16,
+                 top_logprobs: int = TOP_LOGPROBS):
         self.model = model
         self.base_url = base_url
         self.base_urls = list(base_urls) or [base_url]
@@ -396,6 +417,13 @@ class OpenAILLM:
         self.limiter = limiter or RateLimiter(None, None)
         self.spend = spend or Spend()
         self._rng = random.Random(0)  # backoff jitter
+        # Scoring: the top list's length, and how many next-token rows missed a candidate (scored -inf) of all
+        # rows asked, for the caller to report; texts already scored, and their prompts' token counts.
+        self.top_logprobs = top_logprobs
+        self.logprob_rows = self.logprob_misses = 0
+        self._measured: collections.OrderedDict[tuple[str, str], Measured] = collections.OrderedDict()
+        self._prompt_tokens: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._text_start = 1  # tokens the server puts before a text (a BOS), as its last echo showed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finalizer: weakref.finalize | None = None
         self._owner_pid = 0
@@ -461,7 +489,8 @@ class OpenAILLM:
     async def agenerate(self, prompt: Prompt, params: GenerationParams) -> Completion:
         """One request, to the endpoint with the fewest outstanding requests once one has room (at most
         `max_concurrency` there, fewer while it is overloaded); retried there or elsewhere on failure."""
-        return await self._with_retries(prompt, params, self.limiter)
+        completion, _ = await self._with_retries(prompt, params, self.limiter)
+        return completion
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
                  desc: str = "generate") -> list[Completion]:
@@ -469,18 +498,23 @@ class OpenAILLM:
         with seed `params.seed + i`: one stream per prompt, the same on a re-run."""
         if not prompts:
             return []
-        return self.run_coroutine(self._generate_all(list(prompts), params, desc))
 
-    async def _generate_all(self, prompts: list[Prompt], params: GenerationParams,
-                            desc: str) -> list[Completion]:
-        with tqdm(total=len(prompts), desc=desc, unit="request", leave=False) as bar:
-            async def one(index: int, prompt: Prompt) -> Completion:
-                seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)
-                completion = await self.agenerate(prompt, seeded)
+        def call(index: int, prompt: Prompt) -> Callable[[], Awaitable[Completion]]:
+            seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)
+            return lambda: self.agenerate(prompt, seeded)
+
+        return self.run_coroutine(self._all([call(i, p) for i, p in enumerate(prompts)], desc))
+
+    async def _all(self, calls: list[Callable[[], Awaitable[T]]], desc: str) -> list[T]:
+        """Every call at once (the endpoints' limits decide how many are in flight), results in call order;
+        the first failure cancels the rest."""
+        with tqdm(total=len(calls), desc=desc, unit="request", leave=False) as bar:
+            async def one(call: Callable[[], Awaitable[T]]) -> T:
+                result = await call()
                 bar.update(1)
-                return completion
+                return result
 
-            tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
+            tasks = [asyncio.create_task(one(c)) for c in calls]
             try:
                 return list(await asyncio.gather(*tasks))
             except BaseException:
@@ -489,17 +523,23 @@ class OpenAILLM:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
 
-    async def _with_retries(self, prompt: Prompt, params: GenerationParams, limiter: RateLimiter) -> Completion:
+    async def _with_retries(self, prompt: Prompt, params: GenerationParams, limiter: RateLimiter,
+                            extra: dict[str, Any] | None = None,
+                            read: Callable[[dict[str, Any]], Any] | None = None) -> tuple[Completion, Any]:
+        """One request with its retries; `extra` body fields and `read` as in `_request` (what `read` made of
+        the answer comes back beside the completion, None without it)."""
         attempt = 0
         while True:
             self.spend.check()  # a spent budget sends nothing more
             estimate = estimate_tokens(prompt, params.max_new_tokens)
             endpoint = await self.pool.acquire()
             sent_at = endpoint.clock()
-            probe = self.max_ttft_s is not None and endpoint.probe_due(self.ttft_probe_every)
+            # A scoring request is never the streamed probe: a stream carries no log-probabilities here.
+            probe = self.max_ttft_s is not None and read is None and endpoint.probe_due(self.ttft_probe_every)
             try:
                 grant = await limiter.acquire(estimate)  # retries count too
-                completion, ttft = await self._request(endpoint, prompt, params, stream=probe)
+                completion, ttft, value = await self._request(endpoint, prompt, params, stream=probe, extra=extra,
+                                                              read=read)
             except (EndpointStatusError, EndpointConnectionError) as exc:
                 self.pool.release(endpoint)
                 if _status(exc) in (429, 503):
@@ -533,9 +573,9 @@ class OpenAILLM:
             limiter.settle(grant, prompt_tokens + completion_tokens)
             self.spend.add(prompt_tokens, completion_tokens)
             return Completion(completion.text, completion.finish_reason, completion.prompt_tokens,
-                              completion.completion_tokens, retries=attempt)
+                              completion.completion_tokens, retries=attempt), value
 
-    def _body(self, prompt: Prompt, params: GenerationParams) -> dict[str, Any]:
+    def _body(self, prompt: Prompt, params: GenerationParams, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": params.max_new_tokens,
                                 "temperature": params.temperature, "top_p": params.top_p}
         if params.stop:
@@ -548,13 +588,16 @@ class OpenAILLM:
             body["prompt"] = prompt
         else:
             raise TypeError("llm.mode is `completions` but a stage built chat messages; this is a bug")
-        return body
+        return {**body, **(extra or {})}
 
-    async def _request(self, endpoint: Endpoint, prompt: Prompt, params: GenerationParams,
-                       stream: bool = False) -> tuple[Completion, float | None]:
-        """One request; with `stream`, sent streaming to measure its time to first token (else None)."""
+    async def _request(self, endpoint: Endpoint, prompt: Prompt, params: GenerationParams, stream: bool = False,
+                       extra: dict[str, Any] | None = None, read: Callable[[dict[str, Any]], Any] | None = None
+                       ) -> tuple[Completion, float | None, Any]:
+        """One request; with `stream`, sent streaming to measure its time to first token (else None). `extra`
+        adds body fields (`echo`, `logprobs`); `read` takes what it needs from the parsed answer (not
+        streamed), and an `UnusableAnswer` it raises fails the request for good, naming the endpoint."""
         url = f"{endpoint.base}/{'chat/completions' if self.mode == 'chat' else 'completions'}"
-        body = self._body(prompt, params)
+        body = self._body(prompt, params, extra)
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
         ttft = None
@@ -579,6 +622,7 @@ class OpenAILLM:
             raise EndpointConnectionError(f"{type(exc).__name__}: {exc}") from None
         if status >= 400:
             raise EndpointStatusError(status, _error_message(raw), headers)
+        answer: dict[str, Any] = {}
         try:
             if stream:
                 text, reason, usage = _assemble_stream(events, chat=self.mode == "chat")
@@ -590,10 +634,126 @@ class OpenAILLM:
         except (ValueError, KeyError, IndexError, TypeError):
             raise EndpointConnectionError(f"HTTP {status} but not an OpenAI completion"
                                           f"{' stream' if stream else f': {raw[:200]!r}'}") from None
+        value = None
+        if read is not None:
+            try:
+                value = read(answer)
+            except UnusableAnswer as exc:
+                asked = ", ".join(f"{k}: {json.dumps(v)}" for k, v in (extra or {}).items())
+                raise LLMRequestError(f"{self.name}: {url} answered ({asked}) without usable log-probabilities: "
+                                      f"{exc}. Scoring over endpoints needs a server that returns them in the "
+                                      f"legacy completions format (vLLM does); else use quality.scorer: local"
+                                      ) from None
         text, hit_stop = truncate_at_stop(text, params.stop)
         finish = "length" if reason == "length" and not hit_stop else "stop"
         return Completion(text=text, finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                          completion_tokens=int(usage.get("completion_tokens") or 0)), ttft
+                          completion_tokens=int(usage.get("completion_tokens") or 0)), ttft, value
+
+    # -- scoring: the in-process backend's three methods, read from the endpoints --
+
+    def _scoring(self, what: str) -> None:
+        if self.mode != "completions":
+            raise ValueError(f"{self.name}: {what} reads prompt log-probabilities from /v1/completions, but "
+                             f"llm.mode is `{self.mode}`; score with llm.mode: completions, or quality.scorer: local")
+
+    def _ask_all(self, prompts: Sequence[str], params: GenerationParams, extra: dict[str, Any],
+                 reads: Sequence[Callable[[dict[str, Any]], T]], desc: str) -> list[T]:
+        """One request per prompt, through the endpoints' limits, retries and accounting as generation goes;
+        what `reads[i]` makes of prompt i's answer, in prompt order."""
+        async def ask(prompt: str, read: Callable[[dict[str, Any]], T]) -> T:
+            return (await self._with_retries(prompt, params, self.limiter, extra, read))[1]
+
+        calls = [functools.partial(ask, p, r) for p, r in zip(prompts, reads)]
+        return self.run_coroutine(self._all(calls, desc)) if calls else []
+
+    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        """Log-probability of each candidate as the next token after each prompt: shape (prompts, candidates).
+
+        One greedy token per prompt (`max_tokens: 1, logprobs: top_logprobs`), its top list read. A candidate
+        is the text of one token and is found by that exact text ("1" and " 1" are different tokens, as in the
+        in-process backend; a candidate that is no single token is never found). A candidate missing from the
+        list is less likely than every listed token: -inf, and the row counts in `logprob_misses`.
+        """
+        self._scoring("next_token_logprobs")
+        if len(set(candidates)) != len(candidates):
+            raise ValueError(f"candidates {list(candidates)} are not distinct")
+        params = GenerationParams(max_new_tokens=1, temperature=0.0)
+        tops = self._ask_all(prompts, params, {"logprobs": self.top_logprobs}, [_next_token_top] * len(prompts),
+                             "next-token log-probabilities")
+        out = np.array([[top.get(c, -np.inf) for c in candidates] for top in tops], dtype=float)
+        out = out.reshape(len(tops), len(candidates))
+        missed = int(np.isneginf(out).any(axis=1).sum())
+        self.logprob_rows += len(tops)
+        self.logprob_misses += missed
+        if missed:
+            log.warning("%s: %d of %d rows had a candidate of %s outside the top %d tokens: scored -inf there",
+                        self.name, missed, len(tops), list(candidates), self.top_logprobs)
+        return out
+
+    def truncations(self, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> list[str | None]:
+        """What `response_losses` does to each pair that does not fit in `max_length` (see fit_response)."""
+        self._scoring("truncations")
+        return [fit_response(m.prompt_tokens, len(m.response_logprobs), max_length)[1]
+                for m in self._measure(prompts, responses, "token counts")]
+
+    def response_losses(self, prompts: Sequence[str], responses: Sequence[str], max_length: int,
+                        desc: str = "response loss", room_from: Sequence[str] | None = None) -> np.ndarray:
+        """Mean loss per token of each response after its prompt (an empty prompt: after BOS alone), as the
+        in-process backend computes it: the prompt kept whole, an over-long response scored on its head
+        (fit_response; with `room_from`, the head that fits after those prompts), NaN for a response with no
+        tokens or when the prompt leaves no room.
+
+        One request per pair, its text `prompt + response.strip()` echoed with each token's log-probability;
+        the token counts the endpoint returns decide the head. A causal model's log-probability of a token
+        does not depend on what follows it, so the head of the whole text scores as the head alone would.
+        """
+        self._scoring("response_losses")
+        measured = self._measure(prompts, responses, desc)
+        rooms = [None] * len(measured) if room_from is None else self._room(list(room_from), desc)
+        losses = np.full(len(measured), np.nan)
+        for i, (m, room) in enumerate(zip(measured, rooms)):
+            keep, why = fit_response(m.prompt_tokens, len(m.response_logprobs), max_length, room_tokens=room)
+            # The first token of a text without BOS has no log-probability: nothing predicts it here either.
+            scored = [lp for lp in m.response_logprobs[:keep] if lp is not None]
+            if why in (None, TRUNCATED) and scored:
+                losses[i] = -float(np.mean(scored))
+        return losses
+
+    def _measure(self, prompts: Sequence[str], responses: Sequence[str], desc: str) -> list[Measured]:
+        """Each pair as the endpoint tokenizes and scores `prompt + response.strip()` (the in-process backend
+        strips the response too), one request per text not scored recently."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        pairs = [(p, r.strip()) for p, r in zip(prompts, responses)]
+        have = {pair: self._measured[pair] for pair in dict.fromkeys(pairs) if pair in self._measured}
+        todo = [pair for pair in dict.fromkeys(pairs) if pair not in have and pair[0] + pair[1]]
+        params = GenerationParams(max_new_tokens=0, temperature=0.0)
+        # `logprobs: 1`, not 0: some servers read 0 as "none".
+        found = self._ask_all([p + r for p, r in todo], params, {"echo": True, "logprobs": 1},
+                              [functools.partial(_read_echo, p, r) for p, r in todo], desc)
+        for pair, (measured, text_start) in zip(todo, found):
+            have[pair] = measured
+            self._remember(pair, measured)
+            self._text_start = text_start
+        # An empty text is not sent (servers refuse an empty prompt): only the tokens put before any text.
+        return [have[pair] if pair[0] + pair[1] else Measured(self._text_start, ()) for pair in pairs]
+
+    def _remember(self, pair: tuple[str, str], measured: Measured) -> None:
+        for cache, key, value in ((self._measured, pair, measured),
+                                  (self._prompt_tokens, pair[0], measured.prompt_tokens)):
+            cache[key] = value
+            cache.move_to_end(key)
+            while len(cache) > MEASURED_CACHE:
+                cache.popitem(last=False)
+
+    def _room(self, prompts: list[str], desc: str) -> list[int]:
+        """Each prompt's token count as it was scored before its response (IFD's conditioned pass: the direct
+        loss then keeps the head it kept), else as the endpoint tokenizes the prompt alone."""
+        counts = {p: self._prompt_tokens[p] for p in dict.fromkeys(prompts) if p in self._prompt_tokens}
+        missing = [p for p in dict.fromkeys(prompts) if p not in counts]
+        for p, m in zip(missing, self._measure(missing, [""] * len(missing), f"{desc}: prompt token counts")):
+            counts[p] = m.prompt_tokens
+        return [counts[p] for p in prompts]
 
 
 def _assemble_stream(events: list[bytes], chat: bool) -> tuple[str, str | None, dict]:
@@ -608,6 +768,79 @@ def _assemble_stream(events: list[bytes], chat: bool) -> tuple[str, str | None, 
             reason = choice.get("finish_reason") or reason
         usage = event.get("usage") or usage
     return "".join(pieces), reason, usage
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """A prompt and response as the endpoint tokenized and scored them: the tokens before the response (a
+    BOS included, as the in-process backend counts a prompt), and each response token's log-probability
+    (None for a first token nothing predicts: a text without BOS)."""
+
+    prompt_tokens: int
+    response_logprobs: tuple[float | None, ...]
+
+
+def _logprobs_object(answer: dict[str, Any]) -> dict[str, Any]:
+    found = answer["choices"][0].get("logprobs")
+    if not isinstance(found, dict):
+        raise UnusableAnswer("its choice has no `logprobs` object")
+    return found
+
+
+def _next_token_top(answer: dict[str, Any]) -> dict[str, float]:
+    """The generated token's top list: {token text: log-probability}."""
+    top = _logprobs_object(answer).get("top_logprobs") or [None]
+    if not isinstance(top[0], dict) or not top[0]:
+        raise UnusableAnswer("no `logprobs.top_logprobs` list for the generated token")
+    return top[0]
+
+
+def _read_echo(prompt: str, response: str, answer: dict[str, Any]) -> tuple[Measured, int]:
+    """The echoed text `prompt + response` split into prompt and response tokens, and how many tokens the
+    server put before the text (its BOS)."""
+    found = _logprobs_object(answer)
+    tokens, logprobs = found.get("tokens"), found.get("token_logprobs")
+    if not tokens or not isinstance(logprobs, list) or len(logprobs) != len(tokens):
+        raise UnusableAnswer("no `logprobs.tokens` and `logprobs.token_logprobs` of the prompt (is `echo` "
+                             "supported?)")
+    if logprobs[0] is not None:  # an echo's first token has none: nothing comes before it
+        raise UnusableAnswer("its first token has a log-probability, so the tokens are not the prompt echoed "
+                             "(the server ignores `echo`?)")
+    # The echo comes first; a token generated after it (a server that reads max_tokens 0 as unset) is not ours.
+    n = int((answer.get("usage") or {}).get("prompt_tokens") or len(tokens))
+    tokens, logprobs = tokens[:n], logprobs[:n]
+    start = _response_start(tokens, prompt, response)
+    if any(lp is None for lp in logprobs[max(start, 1):]):
+        raise UnusableAnswer("a token after the first has no log-probability")
+    text = prompt + response
+    return Measured(start, tuple(logprobs[start:])), int(not text.startswith(tokens[0]))
+
+
+def _response_start(tokens: list[str], prompt: str, response: str) -> int:
+    """Where the response's tokens begin among the echoed `tokens` of `prompt + response`.
+
+    Read off the token texts, not `text_offset`: vLLM's offsets are the running sum of its token texts
+    starting with the BOS token's ("<bos>", not part of the prompt), and the texts can be checked against
+    the text sent. From the front: past a first token that is not part of the text (BOS), as many tokens as
+    spell the prompt; a token across the join (the prompt's end and the response's start merged into one)
+    counts as the prompt's, so it is not scored. Where a token text differs from the text there (vLLM
+    decodes tokens one by one, so a character split into byte tokens reads as several "\ufffd"), the same
+    from the back over the response. Neither side spelled out: UnusableAnswer, never a guess.
+    """
+    text = prompt + response
+    i = 1 if tokens and not text.startswith(tokens[0]) else 0
+    at = 0
+    while at < len(prompt) and i < len(tokens) and text.startswith(tokens[i], at):
+        at, i = at + len(tokens[i]), i + 1
+    if at >= len(prompt):
+        return i
+    j, end = len(tokens), len(text)
+    while end > len(prompt) and j > 0 and text.endswith(tokens[j - 1], 0, end):
+        j, end = j - 1, end - len(tokens[j - 1])
+    if end <= len(prompt):
+        return j if end == len(prompt) else j + 1
+    raise UnusableAnswer(f"its token texts spell neither the prompt nor the response sent (tokens "
+                         f"{tokens[:8]!r}...), so the response's tokens cannot be told apart")
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:

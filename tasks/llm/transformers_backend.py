@@ -86,6 +86,32 @@ class NucleusSampling:
         return torch.where(inside.unsqueeze(-1), kept, scores)
 
 
+class RowSampling:
+    """Draws each row's next token with that row's own generator, then leaves only that token standing.
+
+    With `do_sample=True` transformers draws a whole batch's tokens from one generator, so a row's text
+    would depend on which rows share its batch and where it sits. Here each row draws from a generator of
+    its own: a row's text depends on its prompt, its seed and the model alone. Every other token gets
+    -inf, so greedy decoding (`do_sample=False`) picks the drawn one. Put it after every other processor:
+    transformers applies its own (the repetition penalty) before the caller's. A None generator draws
+    from torch's global one (an unseeded request).
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator | None]):
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores, dim=-1)
+        # argmax(p / q) with q ~ Exp(1) is a draw from p (the Gumbel-max trick), and the very draw
+        # `torch.multinomial(p, 1, generator=g)` makes. Only the noise is drawn row by row: a multinomial
+        # per row would also run its checks per row, with a device sync each, several times slower.
+        noise = torch.empty_like(probs)
+        for row, generator in zip(noise, self.generators):
+            row.exponential_(generator=generator)
+        drawn = probs.div_(noise).argmax(dim=-1, keepdim=True)
+        return noise.fill_(float("-inf")).scatter_(-1, drawn, 0.0)  # reuses a (batch, vocabulary) buffer
+
+
 GEMMA_TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 
 
@@ -145,8 +171,17 @@ class TransformersLLM:
         bos = self.tokenizer.bos_token
         return text[len(bos):] if bos and text.startswith(bos) else text  # the tokenizer adds <bos> itself
 
-    def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
-                 desc: str = "generate") -> list[Completion]:
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams, desc: str = "generate",
+                 seeds: Sequence[int | None] | None = None) -> list[Completion]:
+        """One completion per prompt, in prompt order.
+
+        Sampling with `seeds` (one per prompt), prompt i samples from a generator of its own seeded with
+        `seeds[i]`: its text is the same in any batch, at any position (`params.seed` is not used). Without
+        them, each batch samples from torch's global generator, seeded with `params.seed` plus the batch's
+        offset. Greedy decoding (temperature 0) uses no seed.
+        """
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         prompts = [self.render(p) for p in prompts]
         # Similar lengths in one batch waste less padding; results go back in prompt order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -154,8 +189,9 @@ class TransformersLLM:
         with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
+                batch_seeds = None if seeds is None else [seeds[i] for i in batch]
                 for i, completion in zip(batch, self._generate_batch([prompts[i] for i in batch], params,
-                                                                     start)):
+                                                                     start, batch_seeds)):
                     results[i] = completion
                 bar.update(len(batch))
         return [r for r in results if r is not None]
@@ -217,7 +253,8 @@ class TransformersLLM:
         return losses
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[str], params: GenerationParams, offset: int) -> list[Completion]:
+    def _generate_batch(self, prompts: list[str], params: GenerationParams, offset: int,
+                        seeds: Sequence[int | None] | None = None) -> list[Completion]:
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
                   max_length=self.max_prompt_tokens).to(self.device)
@@ -225,12 +262,16 @@ class TransformersLLM:
                         "repetition_penalty": params.repetition_penalty if params.repetition_penalty != 1.0 else None}
         if params.temperature > 0:
             processors = LogitsProcessorList([NucleusSampling(params.temperature, params.top_p)])
-            kwargs.update(do_sample=True, temperature=None, top_p=None, top_k=None, logits_processor=processors)
+            if seeds is not None:  # a generator per row; greedy decoding takes the token RowSampling drew
+                processors.append(RowSampling([None if s is None else torch.Generator(self.device).manual_seed(s)
+                                               for s in seeds]))
+            kwargs.update(do_sample=seeds is None, temperature=None, top_p=None, top_k=None,
+                          logits_processor=processors)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
-        if params.seed is not None:
+        if seeds is None and params.seed is not None:
             torch.manual_seed(params.seed + offset)
         out = self.model.generate(**enc, **kwargs)
         new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()

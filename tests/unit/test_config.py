@@ -210,3 +210,27 @@ def test_a_caller_takes_profiles_from_the_profile_directories_only(profiles, tmp
     for path in (outside, link, profiles("x.yaml").parent / ".." / "elsewhere.yaml"):
         with pytest.raises(ConfigError, match="a deployment run takes its profile from .*profiles only"):
             load_for_caller(path, [])
+
+
+def test_endpoint_scoring_needs_an_openai_completions_llm_and_uses_it():
+    from tasks.stages import _scorer_llm
+
+    with pytest.raises(ConfigError, match="quality.scorer: `endpoint` .* llm.backend: openai and llm.mode: completions"):
+        load_config("configs/tiny.yaml", ["quality.scorer=endpoint"])
+    with pytest.raises(ConfigError, match="quality.scorer"):
+        load_config("configs/openai.yaml", ["quality.scorer=endpoint", "quality.ifd.enabled=true"])  # chat mode
+    cfg = load_config("configs/openai.yaml", ["quality.scorer=endpoint", "quality.ifd.enabled=true",
+                                              "llm.mode=completions"])
+    assert _scorer_llm(cfg) == cfg.llm  # DEITA and IFD ask the run's endpoints
+    local = load_config("configs/openai.yaml", ["quality.ifd.enabled=true"])
+    assert _scorer_llm(local).backend == "transformers" and _scorer_llm(local).model == local.finetune.base_model
+
+
+def test_ray_settings_are_checked_and_operational():
+    with pytest.raises(ConfigError, match="run.executor"):
+        load_config("configs/tiny.yaml", ["run.executor=dask"])
+    with pytest.raises(ConfigError, match="finetune.launcher"):
+        load_config("configs/tiny.yaml", ["finetune.launcher=slurm"])
+    cfg = load_config("configs/tiny.yaml", ["run.executor=ray", "run.ray_num_gpus=1", "finetune.launcher=ray"])
+    base = load_config("configs/tiny.yaml")
+    assert cfg.finetune.identity() == base.finetune.identity()  # the launcher is not in the artifact key
