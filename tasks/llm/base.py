@@ -110,6 +110,8 @@ class LLM(Protocol):
     name: str
     mode: Mode
 
+    # In-process backends also take `seeds` (one per prompt): each prompt then samples from a generator of
+    # its own, so its text does not depend on what shares its batch (the work engine always passes them).
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
                  desc: str = "generate") -> list[Completion]: ...
 
