@@ -36,7 +36,9 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"{self.stage} shard {self.index + 1}/{self.count} ({self.unit} {self.first}-{self.last - 1})"
+        span = f"{self.unit} {self.first}-{self.last - 1}" if self.last - self.first > 1 else \
+            f"{self.unit.rstrip('s')} {self.first}"
+        return f"{self.stage} shard {self.index + 1}/{self.count} ({span})"
 
 
 @dataclass(frozen=True)
