@@ -181,21 +181,27 @@ def _chunks_done(parts: PartWriter | None) -> dict[int, pa.Table]:
     return {int(part_metadata(t)["start"]): t for t in (parts.read_all() if parts else [])}
 
 
-def score_shard(source: str, starts: list[int], cfg: dict[str, Any], scorer: dict[str, Any],
-                parts_dir: str) -> dict[str, Any]:
-    """A shard of DEITA and IFD scoring on a Ray worker: the chunks beginning at `starts` of the rows in
-    `source` (the stage's input Parquet), each a part in `parts_dir`. A chunk is scored in the same
-    batches as in one process, so the scores are the same."""
+def _shard_inputs(source: str, llm: dict[str, Any]) -> tuple[pd.DataFrame, LLM]:
+    """Where a shard runs: the texts of the stage's input Parquet, and its model (loaded once per worker)."""
     import pyarrow.parquet as pq
 
     from tasks.config import LLMConfig
     from tasks.llm import get_llm
 
-    q = QualityConfig.model_validate(cfg)
     rows = pq.read_table(source, columns=["instruction", "input", "output"]).to_pandas()
+    return rows, get_llm(LLMConfig.model_validate(llm))
+
+
+def score_shard(source: str, starts: list[int], cfg: dict[str, Any], scorer: dict[str, Any],
+                parts_dir: str) -> dict[str, Any]:
+    """A shard of DEITA and IFD scoring on a Ray worker: the chunks beginning at `starts` of the rows in
+    `source` (the stage's input Parquet), each a part in `parts_dir`. A chunk is scored in the same
+    batches as in one process, so the scores are the same."""
+    q = QualityConfig.model_validate(cfg)
+    rows, llm = _shard_inputs(source, scorer)
     parts = PartWriter(Path(parts_dir))
     done = {s: t for s, t in _chunks_done(parts).items() if s in starts}  # an earlier attempt's, kept
-    _score_chunks(rows, starts, q, get_llm(LLMConfig.model_validate(scorer)), parts, done)
+    _score_chunks(rows, starts, q, llm, parts, done)
     return {"items": sum(min(q.checkpoint_every, len(rows) - s) for s in starts),
             "chunks_scored": len(starts) - len(done), "chunks_restored": len(done)}
 
@@ -203,14 +209,8 @@ def score_shard(source: str, starts: list[int], cfg: dict[str, Any], scorer: dic
 def judge_shard(source: str, cfg: dict[str, Any], llm: dict[str, Any], only: list[str],
                 parts_dir: str) -> dict[str, Any]:
     """A shard of the judge on an in-process model, on a Ray worker: the rows `only` (keys `row-<n>`)."""
-    import pyarrow.parquet as pq
-
-    from tasks.config import LLMConfig
-    from tasks.llm import get_llm
-
-    rows = pq.read_table(source, columns=["instruction", "input", "output"]).to_pandas()
-    _, summary = judge_scores(rows, QualityConfig.model_validate(cfg), get_llm(LLMConfig.model_validate(llm)),
-                              PartWriter(Path(parts_dir)), only=only)
+    rows, model = _shard_inputs(source, llm)
+    _, summary = judge_scores(rows, QualityConfig.model_validate(cfg), model, PartWriter(Path(parts_dir)), only=only)
     return {"items": len(only), "llm_calls": summary["llm_calls"]}
 
 
