@@ -58,7 +58,7 @@ FIXED_FOR_CALLERS: dict[str, str] = {
 # What a caller may change when the profile does not say: the data and training settings. Not `llm.*`
 # (the endpoint, its limits and its budget are the operator's) and not the fixed keys above.
 DEFAULT_OVERRIDABLE = ["run.name", "run.seed", "seeds.limit", "self_instruct.*", "evol_instruct.*", "quality.*",
-                       "mix.*", "finetune.*", "evaluate.*"]
+                       "self_chat.*", "mix.*", "finetune.*", "evaluate.*"]
 
 
 class RunConfig(Section):
@@ -165,7 +165,10 @@ class LLMConfig(Section):
 
 
 
-SeedFormat = Literal["auto", "self_instruct", "alpaca", "table", "hf_dataset"]
+# sharegpt: ShareGPT/Vicuna JSON or JSONL (`conversations` of {from, value}); messages: JSONL of OpenAI-style
+# `messages` ({role, content}). A table or HF dataset with a `messages` (or `conversations`) column also loads
+# as conversations. See tasks/seeds.py and tasks/conversation.py.
+SeedFormat = Literal["auto", "self_instruct", "alpaca", "table", "hf_dataset", "sharegpt", "messages"]
 
 
 class SeedSource(Section):
@@ -242,6 +245,32 @@ class SelfInstructConfig(Section):
             raise ValueError("min_words must not exceed max_words")
         if self.prompt_seed_tasks + self.prompt_generated_tasks == 0:
             raise ValueError("prompt_seed_tasks + prompt_generated_tasks must be at least 1")
+        return self
+
+
+class SelfChatConfig(Section):
+    # Self-chat (Baize, UltraChat): extend rows to multi-turn conversations. The model writes the user's
+    # next turn, then the assistant's answer to it, until a conversation has `turns` assistant turns. Runs
+    # in the self_instruct stage, on its rows (seed examples and generated tasks), after generation.
+    enabled: bool = False
+    turns: int = Field(3, ge=2, description="assistant turns in an extended conversation")
+    max_rows: int | None = Field(16, ge=1, description="rows extended (a seeded draw; None: all)")
+    rows: Literal["all", "seeds", "generated"] = Field("all", description="which rows may be extended")
+    max_new_tokens: int = Field(160, ge=8, description="per assistant turn")
+    user_max_new_tokens: int = Field(64, ge=8, description="per user turn")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    min_words: int = Field(3, ge=1, description="a user turn shorter than this is dropped")
+    max_words: int = Field(150, ge=1, description="a user turn longer than this is dropped")
+    checkpoint_every: int = Field(8, ge=1, description="finished conversations per checkpoint part (at most)")
+    checkpoint_seconds: float = Field(60.0, gt=0, description="and a part at least this often")
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "checkpoint_seconds")
+
+    @model_validator(mode="after")
+    def _words(self) -> "SelfChatConfig":
+        if self.min_words > self.max_words:
+            raise ValueError("min_words must not exceed max_words")
         return self
 
 
@@ -421,7 +450,12 @@ class LoraConfig(Section):
 
 class FinetuneConfig(Section):
     base_model: str | None = Field(None, description="None: the same model as llm.model")
-    template: Literal["alpaca"] = "alpaca"
+    # alpaca: the Alpaca prompt, then the output; one exchange per example (a multi-turn row is refused).
+    # chat: the conversation rendered with the tokenizer's chat template (`chat_template` replaces it; the
+    # bundled Gemma, whose GGUF carries none, gets Gemma's turn format), loss on every assistant turn and its
+    # end-of-turn token, nowhere else. The tuned model is saved with the template it was trained on.
+    template: Literal["alpaca", "chat"] = "alpaca"
+    chat_template: str | None = Field(None, description="a Jinja chat-template file replacing the tokenizer's")
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -503,6 +537,7 @@ class Config(Section):
     llm: LLMConfig = LLMConfig()
     seeds: SeedsConfig = SeedsConfig()
     self_instruct: SelfInstructConfig = SelfInstructConfig()
+    self_chat: SelfChatConfig = SelfChatConfig()
     evol_instruct: EvolInstructConfig = EvolInstructConfig()
     quality: QualityConfig = QualityConfig()
     mix: MixConfig = MixConfig()
