@@ -49,6 +49,10 @@ def user_turn(instruction: str, input: str = "") -> str:
     return f"{instruction.strip()}\n\n{input.strip()}" if input and input.strip() else instruction.strip()
 
 
+def _a(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
+
+
 def check(messages: Any, where: str) -> list[Message]:
     """`messages` as a checked conversation (contents stripped), or ConversationError naming `where`."""
     if not isinstance(messages, list) or not messages:
@@ -67,8 +71,8 @@ def check(messages: Any, where: str) -> list[Message]:
     for n, turn in enumerate(out[system:], start=system):
         expected = "user" if (n - system) % 2 == 0 else "assistant"
         if turn["role"] != expected:
-            after = f"after a {out[n - 1]['role']} turn" if n else "to open the conversation"
-            raise ConversationError(f"{where}: turn {n} is a {turn['role']} turn {after}; expected {expected} "
+            after = f"after {_a(out[n - 1]['role'])} turn" if n else "to open the conversation"
+            raise ConversationError(f"{where}: turn {n} is {_a(turn['role'])} turn {after}; expected {expected} "
                                     f"(a system turn comes first, then user and assistant alternate)")
     if len(out) == system:
         raise ConversationError(f"{where}: a system prompt and no turns")

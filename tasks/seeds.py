@@ -5,14 +5,32 @@ Formats (`seeds.format`, or `auto` to detect from the path and the first record)
   `is_classification`, and optionally `category` (this project's seeds carry one; others get `unknown`);
 - `alpaca`: a JSON list or JSONL of `instruction`, `input` (optional), `output`: each record is a task with one
   instance;
+- `sharegpt`: ShareGPT/Vicuna conversations, a JSON list or JSONL of {`conversations`: [{from, value}, ...]}
+  and optionally `id`, `system` (a system prompt; or a first turn `from: system`) and `category`; speakers
+  as `conversation.SHAREGPT_ROLES` (human/gpt, user/assistant, ...);
+- `messages`: OpenAI-style conversations, a JSONL (or JSON list) of {`messages`: [{role, content}, ...]} and
+  optionally `id` and `category`;
 - `table`: Parquet or CSV with the Alpaca columns (and optionally `id`, `category`, `is_classification`);
-- `hf_dataset`: a Hugging Face dataset directory written by `save_to_disk`, with the Alpaca columns.
-Every problem is reported with the file and line (or record) it was found on.
+  a Parquet table with a `messages` column ({role, content} lists) or a `conversations` column (ShareGPT
+  turns, and optionally `system`) holds conversations: a row whose conversation is null is read by its
+  Alpaca columns;
+- `hf_dataset`: a Hugging Face dataset directory written by `save_to_disk`, with the Alpaca columns or, as
+  `table`, a `messages` or `conversations` column (TRL's conversational datasets).
+`auto` reads `.parquet`/`.csv` as `table`, a directory as `hf_dataset`, and a `.json`/`.jsonl` file by its
+first record: `instances` -> `self_instruct`, `conversations` -> `sharegpt`, `messages` -> `messages`, else
+`alpaca`.
+
+A conversation becomes a row as `tasks/conversation.py` says: its first user turn is the `instruction`, its
+first answer the one instance's `output` (input empty), and the whole conversation is in `messages` when it
+is more than one exchange or has a system prompt (null otherwise: a one-exchange conversation is a plain
+row). Every row has the `messages` column. Every problem is reported with the file and line (or record, or
+row) it was found on.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +40,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks import conversation
 from tasks.config import SeedsConfig
+from tasks.conversation import ConversationError
 from tasks.jsonl import json_lines, parse_line, text_lines
 
 INSTANCE_TYPE = pa.list_(pa.struct([("input", pa.string()), ("output", pa.string())]))
 SCHEMA = pa.schema([
     ("id", pa.string()), ("name", pa.string()), ("instruction", pa.string()),
     ("instances", INSTANCE_TYPE), ("is_classification", pa.bool_()), ("category", pa.string()),
+    (conversation.COLUMN, conversation.MESSAGES),  # null for a one-exchange row
 ])
 
 
@@ -104,18 +125,95 @@ def _finish(path: Path, tasks: list[tuple[str, dict[str, Any]]]) -> pa.Table:
     return pa.Table.from_pylist([t for _, t in tasks], schema=SCHEMA)
 
 
-def read_alpaca(path: Path) -> pa.Table:
+def _read_text(path: Path) -> str:
+    """The whole file as text; a byte that is not UTF-8 stops with its line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SeedFormatError(f"{path}: cannot read seed file ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, start = raw.count(b"\n", 0, exc.start) + 1, raw.rfind(b"\n", 0, exc.start) + 1
+        raise SeedFormatError(f"{path}:{line}: not valid UTF-8 (byte {exc.start - start} of the line)") from None
+
+
+def _records(path: Path, what: str) -> list[tuple[str, Any]]:
+    """(where, record) for each record: a JSONL file's lines (`file:line`), or a JSON list's records
+    (`file record N`: a record's line is not known once the list is parsed)."""
     if path.suffix == ".jsonl":
-        return _finish(path, [(where, _alpaca_task(obj, where, n)) for n, (where, obj) in enumerate(_json_lines(path))])
-    text = "\n".join(t for _, t in _decode_lines(path))
+        return list(_json_lines(path))
+    text = _read_text(path)
     try:
         records = json.loads(text) if text.strip() else []
     except json.JSONDecodeError as exc:
         raise SeedFormatError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(records, list):
-        raise SeedFormatError(f"{path}: an Alpaca JSON file holds a list of records, got {type(records).__name__}")
-    return _finish(path, [(f"{path} record {n}", _alpaca_task(r, f"{path} record {n}", n))
-                          for n, r in enumerate(records)])
+        raise SeedFormatError(f"{path}: {what} JSON file holds a list of records, got {type(records).__name__}")
+    return [(f"{path} record {n}", r) for n, r in enumerate(records)]
+
+
+def read_alpaca(path: Path) -> pa.Table:
+    return _finish(path, [(where, _alpaca_task(obj, where, n))
+                          for n, (where, obj) in enumerate(_records(path, "an Alpaca"))])
+
+
+def _conversation_task(obj: Any, where: str, index: int, key: str) -> dict[str, Any]:
+    """A conversation record as a seed task: `key` is `messages` ({role, content} turns) or `conversations`
+    (ShareGPT's {from, value} turns, and a `system` prompt beside them in some dumps)."""
+    _check(isinstance(obj, dict), where, f"expected a JSON object, got {type(obj).__name__}")
+    _check(key in obj, where, f"missing `{key}`")
+    try:
+        if key == "conversations":
+            messages = conversation.from_sharegpt(obj[key], where)
+            system = obj.get("system", "")
+            _check(isinstance(system, str), where, "`system` must be a string")
+            if system.strip():
+                _check(messages[0]["role"] != "system", where, "both a `system` field and a system turn")
+                messages = conversation.check([{"role": "system", "content": system}, *messages], where)
+        else:
+            messages = conversation.check(obj[key], where)
+    except ConversationError as exc:
+        raise SeedFormatError(str(exc)) from None
+    row = conversation.from_messages(messages)
+    task = _parse_task({"id": obj.get("id", f"seed_{index}"), "instruction": row["instruction"],
+                        "instances": [{"input": "", "output": row["output"]}],
+                        "is_classification": obj.get("is_classification", False),
+                        "category": obj.get("category", "unknown")}, where)
+    return {**task, conversation.COLUMN: row[conversation.COLUMN]}
+
+
+def read_sharegpt(path: Path) -> pa.Table:
+    return _finish(path, [(where, _conversation_task(obj, where, n, "conversations"))
+                          for n, (where, obj) in enumerate(_records(path, "a ShareGPT"))])
+
+
+def read_messages(path: Path) -> pa.Table:
+    return _finish(path, [(where, _conversation_task(obj, where, n, "messages"))
+                          for n, (where, obj) in enumerate(_records(path, "a messages"))])
+
+
+def _conversation_key(table: pa.Table) -> str | None:
+    """The column a table holds conversations in, if any: `messages`, else ShareGPT's `conversations`."""
+    return next((k for k in (conversation.COLUMN, "conversations") if k in table.column_names
+                 and not pa.types.is_null(table.column(k).type)), None)
+
+
+def _conversation_table_tasks(path: Path, table: pa.Table, key: str) -> pa.Table:
+    """A table of conversations, row by row (`path row N`), each row a record of the JSON format. A row
+    whose conversation is null is read by its Alpaca columns when the table has them."""
+    alpaca = "instruction" in table.column_names
+    tasks, n = [], 0
+    for batch in table.to_batches():
+        for row in batch.to_pylist():
+            where = f"{path} row {n}"
+            record = {k: v for k, v in row.items() if v is not None}  # a null is an absent field
+            if key in record or not alpaca:
+                tasks.append((where, _conversation_task(record, where, n, key)))
+            else:
+                tasks.append((where, _alpaca_task(record, where, n)))
+            n += 1
+    return _finish(path, tasks)
 
 
 def _table_tasks(path: Path, table: pa.Table, first_row: int, what: str) -> pa.Table:
@@ -186,13 +284,19 @@ def _table_tasks(path: Path, table: pa.Table, first_row: int, what: str) -> pa.T
          pa.concat_arrays(columns["output"].chunks)], names=["input", "output"]))
     return pa.table({"id": ids, "name": ids, "instruction": pc.utf8_trim_whitespace(columns["instruction"]),
                      "instances": instances, "is_classification": is_cls,
-                     "category": pc.utf8_trim_whitespace(category)}, schema=SCHEMA)
+                     "category": pc.utf8_trim_whitespace(category),
+                     conversation.COLUMN: pa.nulls(n, conversation.MESSAGES)}, schema=SCHEMA)
+
+
+def _tasks_of_table(path: Path, table: pa.Table) -> pa.Table:
+    key = _conversation_key(table)
+    return _table_tasks(path, table, 0, "row") if key is None else _conversation_table_tasks(path, table, key)
 
 
 def read_table_file(path: Path) -> pa.Table:
     try:
         if path.suffix == ".parquet":
-            return _table_tasks(path, pq.read_table(path), 0, "row")
+            return _tasks_of_table(path, pq.read_table(path))
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException) as exc:
         if isinstance(exc, SeedFormatError):
@@ -210,7 +314,43 @@ def read_hf_dataset(path: Path) -> pa.Table:
         raise SeedFormatError(f"{path}: not a dataset saved with save_to_disk ({exc})") from None
     if isinstance(dataset, datasets.DatasetDict):
         raise SeedFormatError(f"{path}: a DatasetDict with splits {list(dataset)}; point at one split's directory")
-    return _table_tasks(path, dataset.with_format("arrow")[:], 0, "row")
+    return _tasks_of_table(path, dataset.with_format("arrow")[:])
+
+
+HEAD_BYTES = 1 << 20
+
+
+def _first_record(path: Path) -> Any:
+    """The first record of a JSON list file (None when it is not one, or is not valid JSON: the reader then
+    says what is wrong). Decoded from the file's first MiB when the record fits there, so that telling a
+    ShareGPT dump from an Alpaca file does not read a large file twice."""
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES)
+
+    def first(text: str) -> Any:
+        body = text.lstrip()
+        if not body.startswith("["):
+            return None
+        rest = body[1:]
+        return json.JSONDecoder().raw_decode(rest, len(rest) - len(rest.lstrip()))[0]
+
+    try:
+        return first(head.decode("utf-8", errors="ignore"))
+    except json.JSONDecodeError:
+        if len(head) < HEAD_BYTES:  # that was the whole file
+            return None
+    try:
+        return first(_read_text(path))
+    except json.JSONDecodeError:
+        return None
+
+
+def _format_of_record(obj: Any) -> str:
+    if isinstance(obj, dict):
+        for key, fmt in (("conversations", "sharegpt"), ("messages", "messages")):
+            if key in obj:
+                return fmt
+    return "alpaca"
 
 
 def detect_format(path: Path) -> str:
@@ -221,18 +361,27 @@ def detect_format(path: Path) -> str:
     if path.suffix in (".parquet", ".csv"):
         return "table"
     if path.suffix == ".json":
-        return "alpaca"
+        return _format_of_record(_first_record(path))
     if path.suffix == ".jsonl":
         first = next(iter(_decode_lines(path)), None)
         if first is None:
             raise SeedFormatError(f"{path}: no seed tasks in the file")
         obj = parse_line(path, *first, SeedFormatError)
-        return "self_instruct" if isinstance(obj, dict) and "instances" in obj else "alpaca"
+        return "self_instruct" if isinstance(obj, dict) and "instances" in obj else _format_of_record(obj)
     raise SeedFormatError(f"{path}: cannot detect the seed format from the name; set `seeds.format`")
 
 
 READERS = {"self_instruct": read_self_instruct_jsonl, "alpaca": read_alpaca, "table": read_table_file,
-           "hf_dataset": read_hf_dataset}
+           "hf_dataset": read_hf_dataset, "sharegpt": read_sharegpt, "messages": read_messages}
+
+
+def turns_histogram(messages: pa.ChunkedArray) -> dict[str, int]:
+    """{assistant turns: rows}: a row without `messages` is one turn; a conversation is counted row by row
+    (`conversation.turn_count`), and only the conversations are."""
+    counts = Counter(conversation.turn_count(m) for m in messages.filter(pc.is_valid(messages)).to_pylist())
+    if messages.null_count:
+        counts[1] += messages.null_count
+    return {str(t): counts[t] for t in sorted(counts)}
 
 
 def load_seeds(cfg: SeedsConfig, base_dir: Path = Path(".")) -> tuple[pa.Table, dict[str, Any]]:
@@ -268,5 +417,8 @@ def load_seeds(cfg: SeedsConfig, base_dir: Path = Path(".")) -> tuple[pa.Table, 
         "classification_tasks": int(pc.sum(table.column("is_classification")).as_py() or 0),
         "instances": int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0),
         "categories": {c["values"]: c["counts"] for c in categories},
+        # Rows with a whole conversation in `messages`, and rows per number of assistant turns.
+        "conversations": int(pc.sum(pc.is_valid(table.column(conversation.COLUMN))).as_py() or 0),
+        "turns": turns_histogram(table.column(conversation.COLUMN)),
     }
     return table, stats

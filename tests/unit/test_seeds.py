@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks import conversation
 from tasks.config import SeedsConfig
 from tasks.seeds import SeedFormatError, load_seeds, read_self_instruct_jsonl
 
@@ -234,3 +235,271 @@ def test_bad_parquet_rows_are_named(tmp_path, frame, message):
     pd.DataFrame(frame).to_parquet(tmp_path / "a.parquet")
     with pytest.raises(SeedFormatError, match=message):
         load_seeds(SeedsConfig(path=str(tmp_path / "a.parquet")))
+
+
+# --- conversations: ShareGPT, OpenAI messages, tables and HF datasets with a conversation column -----------
+
+def turns(*pairs, speaker=("human", "gpt")):
+    """ShareGPT turns from (question, answer) pairs."""
+    return [t for q, a in pairs for t in ({"from": speaker[0], "value": q}, {"from": speaker[1], "value": a})]
+
+
+def msgs(*pairs, system=None):
+    out = [{"role": "system", "content": system}] if system else []
+    return out + [t for q, a in pairs for t in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+
+
+SHAREGPT = [
+    {"id": "QWJhYvA_0", "conversations": turns(("Name a prime.", "7."))},  # one exchange: a plain row
+    {"id": "i6IyJda_0", "conversations": turns((" Capital of France? ", "Paris."), ("And of Peru?", "Lima."))},
+    {"id": "sys_turn", "conversations": [{"from": "system", "value": "Be brief."}, *turns(("Hi", "Hello."))],
+     "category": "dialog"},
+    {"id": "sys_field", "system": "You are a tutor.", "conversations":
+        turns(("What is 2+2?", "4."), ("Times 3?", "12."), ("Minus 5?", "7."), speaker=("user", "ChatGPT"))},
+    {"conversations": turns(("No id here.", "Fine."), ("Really?", "Yes.")), "system": ""},  # empty system: none
+]
+SHAREGPT_ROWS = [  # (id, instruction, output, messages, category)
+    ("QWJhYvA_0", "Name a prime.", "7.", None, "unknown"),
+    ("i6IyJda_0", "Capital of France?", "Paris.", msgs(("Capital of France?", "Paris."), ("And of Peru?", "Lima.")),
+     "unknown"),
+    ("sys_turn", "Hi", "Hello.", msgs(("Hi", "Hello."), system="Be brief."), "dialog"),
+    ("sys_field", "What is 2+2?", "4.", msgs(("What is 2+2?", "4."), ("Times 3?", "12."), ("Minus 5?", "7."),
+                                            system="You are a tutor."), "unknown"),
+    ("seed_4", "No id here.", "Fine.", msgs(("No id here.", "Fine."), ("Really?", "Yes.")), "unknown"),
+]
+
+
+def expect_conversation_rows(table, expected=SHAREGPT_ROWS):
+    rows = table.to_pylist()
+    assert [(r["id"], r["instruction"], r["instances"], r["messages"], r["category"]) for r in rows] == [
+        (i, ins, [{"input": "", "output": out}], m, c) for i, ins, out, m, c in expected]
+    assert all(r["name"] == r["id"] and r["is_classification"] is False for r in rows)
+
+
+@pytest.mark.parametrize("name", ["chats.jsonl", "chats.json"])
+def test_sharegpt_jsonl_and_json_are_detected_and_loaded(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in SHAREGPT) + "\n" if name.endswith("l")
+                    else json.dumps(SHAREGPT, indent=2))
+    table, stats = load_seeds(SeedsConfig(path=str(path)))
+    expect_conversation_rows(table)
+    assert stats["format"] == "sharegpt" and stats["conversations"] == 4
+    assert stats["turns"] == {"1": 2, "2": 2, "3": 1} and stats["instances"] == 5
+    assert table.schema.field("messages").type == conversation.MESSAGES
+    # The same file with the format named.
+    named, _ = load_seeds(SeedsConfig(path=str(path), format="sharegpt"))
+    assert named.equals(table)
+
+
+def test_messages_jsonl_is_detected_and_loaded(tmp_path):
+    records = [{"messages": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7."}],
+                "id": "QWJhYvA_0"}]
+    for i, _, _, m, category in SHAREGPT_ROWS[1:]:
+        records.append({"messages": m, **({"id": i} if i != "seed_4" else {}),
+                        **({"category": category} if category != "unknown" else {})})
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    table, stats = load_seeds(SeedsConfig(path=str(path)))
+    expect_conversation_rows(table)
+    assert stats["format"] == "messages" and stats["conversations"] == 4 and stats["turns"] == {"1": 2, "2": 2, "3": 1}
+    as_json = tmp_path / "chats.json"
+    as_json.write_text(json.dumps(records))
+    table, stats = load_seeds(SeedsConfig(path=str(as_json)))
+    expect_conversation_rows(table)
+    assert stats["format"] == "messages"
+
+
+def test_alpaca_rows_have_a_null_messages_column(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(ALPACA))
+    table, stats = load_seeds(SeedsConfig(path=str(tmp_path / "a.json")))
+    assert table.column("messages").to_pylist() == [None, None]
+    assert stats["conversations"] == 0 and stats["turns"] == {"1": 2}
+    table, stats = load_seeds(SeedsConfig(limit=4), base_dir=ROOT)
+    assert table.column("messages").null_count == 4 and stats["turns"] == {"1": 4}
+
+
+def test_parquet_and_hf_dataset_with_a_messages_column(tmp_path):
+    """TRL's conversational datasets (a `messages` column) as Parquet and as a saved HF dataset; a row whose
+    `messages` is null is read by its Alpaca columns."""
+    import datasets
+    import pandas as pd
+
+    conversations = [m if m is not None else msgs((ins, out)) for _, ins, out, m, _ in SHAREGPT_ROWS]
+    ids = [r[0] for r in SHAREGPT_ROWS]
+    categories = [r[4] for r in SHAREGPT_ROWS]
+    datasets.Dataset.from_dict({"messages": conversations}).save_to_disk(str(tmp_path / "hf"))
+    table, stats = load_seeds(SeedsConfig(path=str(tmp_path / "hf")))
+    expect_conversation_rows(table, [("seed_%d" % n, *r[1:4], "unknown") for n, r in enumerate(SHAREGPT_ROWS)])
+    assert stats["format"] == "hf_dataset" and stats["conversations"] == 4
+
+    frame = pd.DataFrame({"id": ids, "messages": conversations, "category": categories})
+    frame.to_parquet(tmp_path / "chats.parquet")
+    table, stats = load_seeds(SeedsConfig(path=str(tmp_path / "chats.parquet")))
+    expect_conversation_rows(table)
+    assert stats["format"] == "table" and stats["turns"] == {"1": 2, "2": 2, "3": 1}
+
+    # Mixed: Alpaca rows with a null `messages` among conversations (as this project's own tables are).
+    mixed = pd.DataFrame({"instruction": ["Translate to French.", None], "input": ["Good night", None],
+                          "output": ["Bonne nuit.", None], "messages": [None, conversations[1]]})
+    mixed.to_parquet(tmp_path / "mixed.parquet")
+    rows = load_seeds(SeedsConfig(path=str(tmp_path / "mixed.parquet")))[0].to_pylist()
+    assert [(r["id"], r["instruction"], r["instances"], r["messages"]) for r in rows] == [
+        ("seed_0", "Translate to French.", [{"input": "Good night", "output": "Bonne nuit."}], None),
+        ("seed_1", "Capital of France?", [{"input": "", "output": "Paris."}], conversations[1])]
+
+
+def test_parquet_and_hf_dataset_with_a_sharegpt_conversations_column(tmp_path):
+    import datasets
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": [r.get("id", "seed_4") for r in SHAREGPT],
+                          "conversations": [r["conversations"] for r in SHAREGPT],
+                          "system": [r.get("system") for r in SHAREGPT],
+                          "category": [r.get("category") for r in SHAREGPT]})
+    frame.to_parquet(tmp_path / "chats.parquet")
+    table, stats = load_seeds(SeedsConfig(path=str(tmp_path / "chats.parquet")))
+    expect_conversation_rows(table)
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "hf"))
+    table, stats = load_seeds(SeedsConfig(path=str(tmp_path / "hf")))
+    expect_conversation_rows(table)
+    assert stats["format"] == "hf_dataset" and stats["conversations"] == 4
+
+
+GOOD_CHAT = {"id": "c1", "conversations": turns(("Hi", "Hello."))}
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([GOOD_CHAT, {"id": "c2", "conversations": turns(("Hi", "Hello."))[::-1]}],
+     r"chats.jsonl:2: turn 0 is an assistant turn to open the conversation; expected user"),
+    ([GOOD_CHAT, {"id": "c2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "human", "value": "Hi"},
+                                                 {"from": "gpt", "value": "Hello."}]}],
+     r"chats.jsonl:2: turn 1 is a user turn after a user turn; expected assistant"),
+    ([GOOD_CHAT, {"id": "c2", "conversations": turns(("Hi", "Hello."), ("More?", ""))}],
+     r"chats.jsonl:2: turn 3 \(assistant\) is empty"),
+    ([GOOD_CHAT, {"id": "c2", "conversations": turns(("Hi", "Hello."), ("More?", "Yes."))[:-1]}],
+     r"chats.jsonl:2: the conversation ends with a user turn"),
+    ([{"id": "c2", "conversations": turns(("Hi", "Hello."), speaker=("human", "claude"))}],
+     r"chats.jsonl:1: conversations\[1\] has unknown speaker 'claude'"),
+    ([GOOD_CHAT, {"id": "c2", "turns": []}], r"chats.jsonl:2: missing `conversations`"),
+    ([GOOD_CHAT, GOOD_CHAT], r"chats.jsonl:2: duplicate id `c1` \(first at .*chats.jsonl:1\)"),
+    ([{**GOOD_CHAT, "system": "Be brief.", "conversations": [{"from": "system", "value": "Be terse."},
+                                                           *GOOD_CHAT["conversations"]]}],
+     r"chats.jsonl:1: both a `system` field and a system turn"),
+    ([{**GOOD_CHAT, "system": 3}], r"chats.jsonl:1: `system` must be a string"),
+    ([{**GOOD_CHAT, "id": 3}], r"chats.jsonl:1: `id` must be a non-empty string"),
+    ([{**GOOD_CHAT, "category": ""}], r"chats.jsonl:1: `category` must be a non-empty string"),
+    ([GOOD_CHAT, "[1]"], r"chats.jsonl:2: expected a JSON object, got list"),
+    ([GOOD_CHAT, "{oops"], r"chats.jsonl:2: malformed JSON"),
+])
+def test_bad_sharegpt_records_name_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
+    with pytest.raises(SeedFormatError, match=message):
+        load_seeds(SeedsConfig(path=str(path), format="sharegpt"))
+
+
+def test_bad_records_in_a_json_list_name_the_record(tmp_path):
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps([GOOD_CHAT, {"id": "c2", "conversations": turns(("Hi", "Hello."),
+                                                                               speaker=("human", "robot"))}]))
+    with pytest.raises(SeedFormatError, match=r"chats.json record 1: conversations\[1\] has unknown speaker"):
+        load_seeds(SeedsConfig(path=str(path)))
+    path.write_text(json.dumps([GOOD_CHAT, GOOD_CHAT]))
+    with pytest.raises(SeedFormatError, match=r"chats.json record 1: duplicate id `c1` \(first at .*record 0\)"):
+        load_seeds(SeedsConfig(path=str(path)))
+    path.write_text('[\n\n{"conversations": []},\n\n{oops}]')  # a blank line does not shift the line named
+    with pytest.raises(SeedFormatError, match=r"chats.json:5: malformed JSON"):
+        load_seeds(SeedsConfig(path=str(path), format="sharegpt"))
+    path.write_text(json.dumps({"conversations": []}))
+    with pytest.raises(SeedFormatError, match=r"chats.json: a ShareGPT JSON file holds a list of records, got dict"):
+        load_seeds(SeedsConfig(path=str(path), format="sharegpt"))
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello."}]},
+     r"chats.jsonl:2: turn 1 has unknown role 'bot'; one of system, user, assistant"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]},
+     r"chats.jsonl:2: turn 1 \(assistant\) is empty"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."},
+                   {"role": "system", "content": "Be brief."}]},
+     r"chats.jsonl:2: turn 2 is a system turn after an assistant turn; expected user"),
+    ({"messages": []}, r"chats.jsonl:2: a conversation is a non-empty list of turns"),
+    ({"id": "m1", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]},
+     r"chats.jsonl:2: duplicate id `m1` \(first at .*chats.jsonl:1\)"),
+    ({"conversations": []}, r"chats.jsonl:2: missing `messages`"),
+])
+def test_bad_messages_records_name_file_and_line(tmp_path, record, message):
+    good = {"id": "m1", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(SeedFormatError, match=message):
+        load_seeds(SeedsConfig(path=str(path), format="messages"))
+
+
+@pytest.mark.parametrize("frame,message", [
+    ({"messages": [msgs(("Hi", "Yo.")), msgs(("Hi", "Yo."))[::-1]]},
+     r"a.parquet row 1: turn 0 is an assistant turn to open the conversation"),
+    ({"messages": [msgs(("Hi", "Yo.")), None]}, r"a.parquet row 1: missing `messages`"),
+    ({"messages": [msgs(("Hi", "Yo.")), msgs(("Hi", "Yo."))], "id": ["x", "x"]},
+     r"a.parquet row 1: duplicate id `x` \(first at .*a.parquet row 0\)"),
+    ({"instruction": ["Say hi.", None], "output": ["Hi.", None], "messages": [None, None]},
+     r"a.parquet row 1: `instruction` must be a non-empty string"),
+    ({"conversations": [turns(("Hi", "Yo.")), turns(("Hi", "Yo."), speaker=("human", "robot"))]},
+     r"a.parquet row 1: conversations\[1\] has unknown speaker 'robot'"),
+])
+def test_bad_conversation_tables_name_the_row(tmp_path, frame, message):
+    import pandas as pd
+
+    pd.DataFrame(frame).to_parquet(tmp_path / "a.parquet")
+    with pytest.raises(SeedFormatError, match=message):
+        load_seeds(SeedsConfig(path=str(tmp_path / "a.parquet")))
+
+
+def test_a_json_file_whose_first_record_is_long_is_still_detected(tmp_path):
+    long = "word " * 300_000  # 1.5 MB: past the head read for detection
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps([{"conversations": turns(("Summarize this: " + long, "Words."))}]))
+    table, stats = load_seeds(SeedsConfig(path=str(path)))
+    assert stats["format"] == "sharegpt" and table.num_rows == 1 and table.column("messages").null_count == 1
+
+
+def test_written_sharegpt_data_loads_whole_and_distinct(tmp_path):
+    """The test-data writer (tests/conversations.py): 40 Vicuna-style conversations of 1 to 4 answers, a few
+    with a system prompt, each on its own topic; loaded as written."""
+    from tests.conversations import write_sharegpt
+
+    records = write_sharegpt(tmp_path / "vicuna.jsonl", n=40, seed=3)
+    assert write_sharegpt(tmp_path / "again.jsonl", n=40, seed=3) == records  # deterministic
+    assert (tmp_path / "vicuna.jsonl").read_text() == (tmp_path / "again.jsonl").read_text()
+    assert write_sharegpt(tmp_path / "other.jsonl", n=40, seed=4) != records
+    table, stats = load_seeds(SeedsConfig(path=str(tmp_path / "vicuna.jsonl")))
+    systems = sum(r["conversations"][0]["from"] == "system" for r in records)
+    answers = [sum(t["from"] == "gpt" for t in r["conversations"]) for r in records]
+    assert systems == 5 and sorted(set(answers)) == [1, 2, 3, 4]
+    assert stats["format"] == "sharegpt" and table.num_rows == 40
+    assert stats["turns"] == {"1": 10, "2": 10, "3": 10, "4": 10}
+    assert stats["conversations"] == sum(1 for r, n in zip(records, answers) if n > 1
+                                         or r["conversations"][0]["from"] == "system")
+    speaker = {"system": "system", "human": "user", "gpt": "assistant"}
+    for row, record in zip(table.to_pylist(), records):
+        whole = [{"role": speaker[t["from"]], "content": t["value"]} for t in record["conversations"]]
+        assert row["id"] == record["id"] and (row["messages"] or [{"role": "user", "content": row["instruction"]},
+                                                                  {"role": "assistant",
+                                                                   "content": row["instances"][0]["output"]}]) == whole
+    assert len(set(table.column("instruction").to_pylist())) == 40  # one topic each: nothing for dedup to merge
+    assert len({r["instances"][0]["output"] for r in table.to_pylist()}) == 40
+    write_sharegpt(tmp_path / "vicuna.json", n=40, seed=3)  # the same records as one JSON list
+    assert load_seeds(SeedsConfig(path=str(tmp_path / "vicuna.json")))[0].equals(table)
+
+
+def test_conversations_and_alpaca_rows_as_sources_of_one_table(tmp_path):
+    (tmp_path / "alpaca.json").write_text(json.dumps(ALPACA))
+    (tmp_path / "vicuna.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SHAREGPT))
+    table, stats = load_seeds(SeedsConfig(sources=[{"path": "alpaca.json"}, {"path": "vicuna.jsonl"}]),
+                              base_dir=tmp_path)
+    assert table.column("dataset").to_pylist() == ["alpaca"] * 2 + ["vicuna"] * 5
+    assert table.column("id").to_pylist()[2:4] == ["vicuna/QWJhYvA_0", "vicuna/i6IyJda_0"]
+    assert [m is not None for m in table.column("messages").to_pylist()] == [False, False, False, True, True, True,
+                                                                            True]
+    assert stats["conversations"] == 4 and stats["turns"] == {"1": 4, "2": 2, "3": 1}
+    assert {k: v["format"] for k, v in stats["datasets"].items()} == {"alpaca": "alpaca", "vicuna": "sharegpt"}
