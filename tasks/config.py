@@ -262,6 +262,14 @@ class SelfChatConfig(Section):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     min_words: int = Field(3, ge=1, description="a user turn shorter than this is dropped")
     max_words: int = Field(150, ge=1, description="a user turn longer than this is dropped")
+    # A user turn holding one of these whole words is dropped (by default Self-Instruct's list: what a text
+    # model cannot see or do), and one whose ROUGE-L F1 against an earlier user turn exceeds the threshold.
+    blocklist: list[str] = Field(default_factory=lambda: list(SelfInstructConfig.model_fields["blocklist"].default))
+    rouge_threshold: float = Field(0.7, gt=0.0, le=1.0, description="a user turn this close to an earlier one "
+                                                                    "is a repeat")
+    # A dropped exchange (user turn or answer) is drawn again with a new seed; after `attempts` in all, the
+    # conversation stops and keeps the exchanges it has (a row that gained none stays as it was).
+    attempts: int = Field(2, ge=1, description="tries per exchange (1 with temperature 0: same prompt, same text)")
     checkpoint_every: int = Field(8, ge=1, description="finished conversations per checkpoint part (at most)")
     checkpoint_seconds: float = Field(60.0, gt=0, description="and a part at least this often")
 

@@ -119,6 +119,13 @@ def messages_of(instruction: str, input: str, output: str, messages: Sequence[Me
             {"role": "assistant", "content": (output or "").strip()}]
 
 
+def as_messages(value: Any) -> list[Message] | None:
+    """A `messages` cell as read from pandas or Arrow (None, NaN, a list or a numpy array of dicts)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
 def rows_messages(table: pa.Table) -> list[list[Message] | None]:
     """The `messages` of each row of a table (None for a one-exchange row, or all None without the column)."""
     if COLUMN not in table.column_names:

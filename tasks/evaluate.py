@@ -12,10 +12,14 @@ Three measurements, all on instructions the model did not train on:
   rows alone and on rows drawn without the quality stage's decisions, each evaluated on the held-out set
   beside the run's own model. So a run says whether its generated rows and its quality selection helped.
 
-Answers are greedy, in the training format (the Alpaca prompt), with the same token limit and repetition
-penalty for every model, and without stop strings, so each answer shows how it ended: `clean` (the model
-emitted its end-of-sequence token), `runaway` (it went on into another `### Instruction` or a new Alpaca
-header), or `length` (the token limit cut it). The table shows each answer cut at the first Alpaca stop.
+Answers are greedy, in the training format, with the same token limit and repetition penalty for every
+model, and without stop strings, so each answer shows how it ended: `clean` (the model emitted its
+end-of-sequence token, or its end-of-turn token), `runaway` (it went on into another `### Instruction` or a
+new Alpaca header), or `length` (the token limit cut it). The training format is `finetune.template`'s:
+the Alpaca prompt, or with `chat` the conversation before its last answer through the chat template (the
+tuned model's own, saved with it; the base model is asked the same way), so a multi-turn row of the eval
+split is asked its last user turn with every earlier turn before it, and its reference is its last answer.
+The table shows each answer cut at the first Alpaca stop.
 With `evaluate.judge` on, the run's LLM rates every answer (tasks/judge.py); the tuned-vs-base win rate
 counts a win when the tuned answer's rating is higher, half a win for a tie, over pairs with both ratings.
 """
@@ -28,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.conversation import COLUMN, Message, as_messages, messages_of, turn_count
 from tasks.judge import judge
 from tasks.jsonl import json_lines
 from tasks.llm.base import LLM, Completion, GenerationParams, Usage, truncate_at_stop
@@ -95,10 +100,22 @@ def stop_kind(completion: Completion) -> str:
     return "clean" if completion.finish_reason == "stop" else "length"
 
 
+def conversations_of(rows: pd.DataFrame) -> list[list[Message]]:
+    """Each row's whole conversation (its `messages`, or its one exchange)."""
+    messages = [as_messages(m) for m in rows[COLUMN]] if COLUMN in rows else [None] * len(rows)
+    return [messages_of(r.instruction, r.input or "", r.output or "", m) for r, m in zip(rows.itertuples(), messages)]
+
+
+def asked(rows: pd.DataFrame) -> list[list[Message]]:
+    """Each row's conversation before its last answer: what a chat-tuned model is asked."""
+    return [c[:-1] for c in conversations_of(rows)]
+
+
 def answers(llm: LLM, rows: pd.DataFrame, max_new_tokens: int, repetition_penalty: float,
-            desc: str) -> tuple[list[str], list[str]]:
-    """Each row's answer (cut at the first Alpaca stop, for reading) and how it ended."""
-    prompts = [alpaca_prompt(r.instruction, r.input or "") for r in rows.itertuples()]
+            desc: str, chat: bool = False) -> tuple[list[str], list[str]]:
+    """Each row's answer (cut at the first Alpaca stop, for reading) and how it ended. With `chat`, the
+    row's conversation before its last answer is sent as messages (`llm` renders them with its template)."""
+    prompts = asked(rows) if chat else [alpaca_prompt(r.instruction, r.input or "") for r in rows.itertuples()]
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=(),
                               repetition_penalty=repetition_penalty)
     completions = llm.generate(prompts, params, desc=desc)
@@ -122,15 +139,25 @@ def win_rate(base: np.ndarray, tuned: np.ndarray) -> tuple[float | None, dict[st
 
 
 def side_by_side(rows: pd.DataFrame, base: LLM, tuned: LLM, max_new_tokens: int, repetition_penalty: float,
-                 judge_llm: LLM | None = None, judge_tokens: int = 16) -> tuple[pd.DataFrame, dict[str, Any]]:
+                 judge_llm: LLM | None = None, judge_tokens: int = 16,
+                 chat: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Both models' answers to `rows` (column `set` names where each row comes from), how each ended, the
-    share of clean stops per set and model, and, with a judge, ratings and the win rate."""
+    share of clean stops per set and model, and, with a judge, ratings and the win rate. With `chat` the
+    models are asked through their chat templates (see `answers`); a multi-turn row shows its last user
+    turn as `instruction` (`turn` says which) and its last answer as the reference."""
+    rows = rows.reset_index(drop=True)
     table = rows[["id", "set", "instruction", "input", "output"]].rename(columns={"output": "reference"})
-    table = table.reset_index(drop=True)
     for name, llm in (("base", base), ("tuned", tuned)):
-        table[f"{name}_answer"], table[f"{name}_stop"] = answers(llm, table, max_new_tokens, repetition_penalty,
-                                                                  f"answers ({name})")
-    stats: dict[str, Any] = {"generations": len(table), "stops": {
+        table[f"{name}_answer"], table[f"{name}_stop"] = answers(llm, rows, max_new_tokens, repetition_penalty,
+                                                                  f"answers ({name})", chat)
+    whole = conversations_of(rows)
+    table.insert(5, "turn", [turn_count(c) for c in whole])
+    if chat:  # a multi-turn row: the question actually asked is its last user turn, the reference its last answer
+        multi = [c[-2]["content"] if turn_count(c) > 1 else None for c in whole]
+        table["instruction"] = [m if m is not None else i for m, i in zip(multi, table["instruction"])]
+        table["input"] = ["" if m is not None else x for m, x in zip(multi, table["input"])]
+        table["reference"] = [c[-1]["content"] for c in whole]
+    stats: dict[str, Any] = {"generations": len(table), "template": "chat" if chat else "alpaca", "stops": {
         s: {name: stop_shares(part[f"{name}_stop"]) for name in ("base", "tuned")}
         for s, part in table.groupby("set", sort=True)}}
     if judge_llm is not None:
@@ -206,6 +233,7 @@ def markdown(table: pd.DataFrame, stats: dict[str, Any], title: str) -> str:
     lines += ["| set | instruction | base model | tuned model | reference |", "|---|---|---|---|---|"]
     for r in table.itertuples():
         task = r.instruction if not r.input else f"{r.instruction} — {r.input}"
+        task = task if getattr(r, "turn", 1) == 1 else f"[turn {r.turn}] {task}"
         lines.append(f"| {r.set} | {_cell(task, 160)} | {_cell(r.base_answer)} ({r.base_stop}) | "
                      f"{_cell(r.tuned_answer)} ({r.tuned_stop}) | {_cell(r.reference)} |")
     return "\n".join(lines) + "\n"

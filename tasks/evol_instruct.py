@@ -15,8 +15,13 @@ Checkpoints: each round's attempts are processed in chunks of `checkpoint_every`
 holding every attempt and its outcome. A restarted stage replays the parts (same pools, same draws) and
 continues with the first missing chunk.
 
+Conversations (rows with `messages`: more than one exchange, or a system prompt; tasks/conversation.py)
+are not evolved: their instruction is the first user turn, and rewriting it would orphan the turns after
+it. They pass through unchanged (counted as `not_evolved_multi_turn`) and are never drawn.
+
 Output: the input rows unchanged, then the kept evolutions (origin `evol`) with `parent_id`, `root_id`,
-`round` (the number of evolutions from the input row) and `evol_operation`.
+`round` (the number of evolutions from the input row) and `evol_operation`. An input `messages` column is
+carried through; an evolution is one exchange (null there).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from tasks import conversation
 from tasks.artifacts import PartWriter
 from tasks.calibration import best_threshold
 from tasks.config import EVOL_OPERATIONS, EvolInstructConfig
@@ -355,11 +361,20 @@ async def _chain(evolver: Evolver, root: dict[str, Any], index: int, cfg: EvolIn
     return Finished(key=root["id"], rows=rows)
 
 
+def multi_turn(rows: pd.DataFrame) -> np.ndarray:
+    """Which rows are conversations (`messages` set), which evolution leaves alone."""
+    if conversation.COLUMN not in rows.columns:
+        return np.zeros(len(rows), dtype=bool)
+    return rows[conversation.COLUMN].notna().to_numpy()
+
+
 def chosen_rows(rows: pd.DataFrame, cfg: EvolInstructConfig, seed: int) -> list[int]:
-    """The positions of the rows to evolve: all, or `max_per_round` of them drawn with `seed`."""
-    chosen = list(range(len(rows)))
+    """The positions of the rows to evolve: every one-exchange row, or `max_per_round` of them drawn with
+    `seed`."""
+    chosen = np.flatnonzero(~multi_turn(rows)).tolist()
     if cfg.max_per_round is not None and len(chosen) > cfg.max_per_round:
-        chosen = sorted(np.random.default_rng([seed, 0]).choice(len(rows), cfg.max_per_round, replace=False))
+        picked = np.random.default_rng([seed, 0]).choice(len(chosen), cfg.max_per_round, replace=False)
+        chosen = [chosen[i] for i in sorted(picked)]
     return chosen if cfg.rounds else []
 
 
@@ -395,6 +410,8 @@ def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
     evolved = pd.DataFrame([{**{k: r[k] for k in ("id", "task_id", "instruction", "output", "category",
                                                     *EVOL_COLUMNS)},
                              "input": "", "is_classification": False, "origin": "evol"} for r in kept])
+    if len(evolved) and conversation.COLUMN in rows.columns:
+        evolved[conversation.COLUMN] = None
     if len(evolved):
         columns = list(rows.columns) + [c for c in EVOL_COLUMNS if c not in rows.columns]
         out = pd.concat([rows, evolved.reindex(columns=columns)], ignore_index=True)
@@ -403,7 +420,7 @@ def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
         out = unevolved(rows)
     failed = {(r["root_id"], r["evol_iteration"]) for r in attempts if r["drop_reason"]}
     retried = sum((r["root_id"], r["evol_iteration"] - 1) in failed for r in attempts)
-    stats = {"attempted": len(attempts), "kept": len(kept),
+    stats = {"attempted": len(attempts), "kept": len(kept), "not_evolved_multi_turn": int(multi_turn(rows).sum()),
              "dropped": dict(Counter(r["drop_reason"] for r in attempts if r["drop_reason"])),
              "operations": _pass_rates(attempts, "evol_operation",
                                        [op for op in EVOL_OPERATIONS if cfg.operations.get(op, 0) > 0]),

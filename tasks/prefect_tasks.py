@@ -135,10 +135,12 @@ def _stage_task(stage: str, retries: int):
             raise RuntimeError(f"{stage}: planned artifact {key} but wrote {artifact.path.name}; "
                                f"the stage's code changed during the run")
         _publish_stats(stage, artifact.stats())
-        report = artifact.path / "report.md"
-        if report.exists():
-            create_markdown_artifact(key=f"{stage.replace('_', '-')}-report", markdown=report.read_text(),
-                                     description=f"{stage}: report")
+        # Reports beside the data: report.md (quality, evaluate), mask_report.md (finetune: what was trained).
+        for name, what in (("report", "report"), ("mask_report", "trained tokens of sample examples")):
+            report = artifact.path / f"{name}.md"
+            if report.exists():
+                create_markdown_artifact(key=f"{stage.replace('_', '-')}-{name.replace('_', '-')}",
+                                         markdown=report.read_text(), description=f"{stage}: {what}")
         return str(artifact.path)
     return run
 

@@ -12,7 +12,9 @@ of `checkpoint_every`, each written as a `tasks` part. A killed stage, run again
 continues with the first unfinished chunk: nothing is generated twice, nothing is lost.
 
 Output: one row per example (instruction, input, output), the seed tasks' instances first (origin `seed`),
-then the generated ones (origin `self_instruct`) with their novelty columns.
+then the generated ones (origin `self_instruct`) with their novelty columns. The seed examples' `messages`
+carries a seed conversation of more than one exchange (tasks/conversation.py); generated rows are one
+exchange each and have no `messages` (null once put together with the seed examples).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tasks import conversation
 from tasks.artifacts import PartWriter
 from tasks.config import SelfInstructConfig
 from tasks.engine import Engine, Finished, Model, parallelism
@@ -40,7 +43,9 @@ EXAMPLE_COLUMNS = ["id", "task_id", "instruction", "input", "output", "category"
 
 def seed_examples(seeds: pa.Table) -> pd.DataFrame:
     """One row per seed instance, ids `<task id>#<n>`; column-wise (an existing 500K-row dataset passes
-    through here). `dataset` is the seed file the task came from (`seeds` when the table does not say)."""
+    through here). `dataset` is the seed file the task came from (`seeds` when the table does not say);
+    `messages` the task's conversation when it is more than one exchange (see tasks/conversation.py), null
+    otherwise and for a seeds table without the column."""
     instances = seeds.column("instances").combine_chunks()
     task = pc.list_parent_indices(instances).to_numpy()
     flat = pc.list_flatten(instances)
@@ -48,6 +53,8 @@ def seed_examples(seeds: pa.Table) -> pd.DataFrame:
     nth = np.arange(len(task)) - starts[task]
     dataset = (seeds.column("dataset") if "dataset" in seeds.column_names
                else pa.array(["seeds"] * seeds.num_rows, pa.string()))
+    messages = (seeds.column(conversation.COLUMN) if conversation.COLUMN in seeds.column_names
+                else pa.nulls(seeds.num_rows, conversation.MESSAGES))
     take = pa.array(task)
     task_id = seeds.column("id").take(take)
     return pa.table({
@@ -56,6 +63,7 @@ def seed_examples(seeds: pa.Table) -> pd.DataFrame:
         "output": flat.field("output"), "category": seeds.column("category").take(take),
         "is_classification": seeds.column("is_classification").take(take),
         "origin": pa.array(["seed"] * len(task), pa.string()), "dataset": dataset.take(take),
+        conversation.COLUMN: messages.take(take),
     }).to_pandas()
 
 
@@ -165,6 +173,12 @@ def parse_instances(text: str, output_first: bool, chat: bool = False) -> tuple[
 
 # --- filters ------------------------------------------------------------------------------------------------
 
+def blocklisted(text: str, words: list[str]) -> bool:
+    """Whether `text` holds one of `words` (or phrases) as a whole word, in any case."""
+    lowered = text.lower()
+    return any(re.search(rf"\b{re.escape(k.lower())}\b", lowered) for k in words)
+
+
 def instruction_drop_reason(text: str, cfg: SelfInstructConfig) -> str | None:
     """The first filter `text` fails, or None. The novelty filter runs separately (it needs the pool)."""
     n = word_count(text)
@@ -172,10 +186,9 @@ def instruction_drop_reason(text: str, cfg: SelfInstructConfig) -> str | None:
         return "too_short"
     if n > cfg.max_words:
         return "too_long"
-    lowered = text.lower()
-    if any(re.search(rf"\b{re.escape(k.lower())}\b", lowered) for k in cfg.blocklist):
+    if blocklisted(text, cfg.blocklist):
         return "blocklisted_keyword"
-    if lowered.startswith("write a program"):
+    if text.lower().startswith("write a program"):
         return "program_request"
     if not text[0].isascii():
         return "starts_non_ascii"

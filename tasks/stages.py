@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks import (evaluate, evol_instruct, exports, finetune, mix, multigpu, quality, ray_train, report, seeds,
-                   self_instruct, shards)
+from tasks import (conversation, evaluate, evol_instruct, exports, finetune, mix, multigpu, quality, ray_train, report, seeds,
+                   self_chat, self_instruct, shards)
 from tasks.artifacts import (KEY_LENGTH, Artifact, PartWriter, StorageError, artifact_key, atomic_write_json,
                              atomic_write_parquet, atomic_write_text, input_hashes, source_hash, storage_refusal)
 from tasks.codehash import code_hash
@@ -34,7 +34,11 @@ StageOutput = tuple[pd.DataFrame | pa.Table, dict[str, Any]]
 
 
 def _table(data: pd.DataFrame | pa.Table) -> pa.Table:
-    return data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
+    table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
+    if conversation.COLUMN in table.column_names:  # typed even when every row is one exchange (all null)
+        at = table.column_names.index(conversation.COLUMN)
+        table = table.set_column(at, conversation.COLUMN, table.column(at).cast(conversation.MESSAGES))
+    return table
 
 
 def _frame(artifact: Artifact) -> pd.DataFrame:
@@ -48,12 +52,20 @@ def _run_seeds(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
 def _run_self_instruct(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     seed_table = inputs["seeds"].read_table()
     examples = self_instruct.seed_examples(seed_table)
-    if not cfg.self_instruct.enabled:  # generation off: the loaded rows go on as they are
-        return examples, {"rows_in": seed_table.num_rows, "seed_examples": len(examples), "enabled": False}
-    generated, stats = self_instruct.generate_tasks(seed_table, cfg.self_instruct, get_llm(cfg.llm), cfg.run.seed,
-                                                    PartWriter(out.parts_dir), batch_size=cfg.llm.batch_size)
-    rows = pd.concat([examples, generated], ignore_index=True) if len(generated) else examples
-    return rows, {"rows_in": seed_table.num_rows, "seed_examples": len(examples), **stats}
+    stats: dict[str, Any] = {"rows_in": seed_table.num_rows, "seed_examples": len(examples)}
+    if cfg.self_instruct.enabled:
+        generated, made = self_instruct.generate_tasks(seed_table, cfg.self_instruct, get_llm(cfg.llm), cfg.run.seed,
+                                                       PartWriter(out.parts_dir), batch_size=cfg.llm.batch_size)
+        rows = pd.concat([examples, generated], ignore_index=True) if len(generated) else examples
+        stats.update(made)
+    else:  # generation off: the loaded rows go on as they are
+        rows = examples
+        stats["enabled"] = False
+    if cfg.self_chat.enabled:  # then extend rows to multi-turn conversations (its own checkpoints)
+        rows, stats["self_chat"] = self_chat.extend(rows, cfg.self_chat, get_llm(cfg.llm), cfg.run.seed,
+                                                    PartWriter(out.parts_dir / "self_chat"),
+                                                    batch_size=cfg.llm.batch_size)
+    return rows, stats
 
 
 def _run_evol(cfg: Config, inputs: Inputs, out: Artifact, sharding: Sharding | None = None) -> StageOutput:
@@ -77,12 +89,17 @@ def _run_evol(cfg: Config, inputs: Inputs, out: Artifact, sharding: Sharding | N
     return evolved, {"rows_in": len(rows), **stats, **extra}
 
 
-def _local_llm(cfg: Config, model: str | None = None) -> LLMConfig:
-    """A local completion-style model: `model`, else the run's own model when it is local, else the
-    fine-tuning base model. In the default profile this equals the run's `llm` section, so the stages
+def _local_llm(cfg: Config, model: str | None = None, mode: str = "completions") -> LLMConfig:
+    """A local completion-style (or `chat`) model: `model`, else the run's own model when it is local, else
+    the fine-tuning base model. In the default profile this equals the run's `llm` section, so the stages
     share one loaded model (get_llm caches by section)."""
     model = model or (cfg.llm.model if cfg.llm.backend == "transformers" else cfg.finetune.base_model)
-    return cfg.llm.model_copy(update={"backend": "transformers", "model": model, "mode": "completions"})
+    return cfg.llm.model_copy(update={"backend": "transformers", "model": model, "mode": mode})
+
+
+def _answering(cfg: Config) -> str:
+    """How the evaluate stage asks models: as the tuned model was trained (`finetune.template`)."""
+    return "chat" if cfg.finetune.template == "chat" else "completions"
 
 
 def _scorer_llm(cfg: Config) -> LLMConfig | None:
@@ -181,10 +198,11 @@ def _run_evaluate(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
         rows.append(evaluate.draw_across(heldout, e.heldout_generations, "category", cfg.run.seed).assign(set="held-out"))
     shown = pd.concat(rows, ignore_index=True)
     trained = inputs["finetune"].stats()
-    base = get_llm(_local_llm(cfg, cfg.finetune.base_model))
-    tuned = get_llm(_local_llm(cfg, str(inputs["finetune"].path / "model")))
+    mode = _answering(cfg)
+    base = get_llm(_local_llm(cfg, cfg.finetune.base_model, mode))
+    tuned = get_llm(_local_llm(cfg, str(inputs["finetune"].path / "model"), mode))
     table, stats = evaluate.side_by_side(shown, base, tuned, e.max_new_tokens, e.repetition_penalty,
-                                         judge_llm=get_llm(cfg.llm) if e.judge else None)
+                                         judge_llm=get_llm(cfg.llm) if e.judge else None, chat=mode == "chat")
     stats.update(eval_loss_before=trained["eval_loss_before"], eval_loss_after=trained["eval_loss_after"],
                  model_path=trained["model_path"])
     if heldout is not None:
@@ -217,8 +235,9 @@ def _ablation(cfg: Config, inputs: Inputs, out: Artifact, heldout: pd.DataFrame,
         _, arm_stats = finetune.finetune(pd.concat([mixed.train, mixed.eval], ignore_index=True), budget, e,
                                          resolve_model(cfg.finetune.base_model or cfg.llm.model), arm_dir,
                                          cfg.run.seed, tokens_root=_tokens_root(cfg))
-        llm = get_llm(_local_llm(cfg, str(arm_dir / "model")))
-        _, kinds = evaluate.answers(llm, shown, e.max_new_tokens, e.repetition_penalty, f"answers ({name})")
+        llm = get_llm(_local_llm(cfg, str(arm_dir / "model"), _answering(cfg)))
+        _, kinds = evaluate.answers(llm, shown, e.max_new_tokens, e.repetition_penalty, f"answers ({name})",
+                                    _answering(cfg) == "chat")
         arms[name] = {"train_rows": arm_stats["train_examples"], "steps": arm_stats["steps"],
                       "train_real_tokens": arm_stats["train_real_tokens"],
                       "sources": {s: v["rows"] for s, v in mixed.manifest["sources"].items()},
@@ -237,9 +256,11 @@ def _seeds_key(c: Config) -> dict[str, Any]:
 
 
 def _self_instruct_key(c: Config) -> dict[str, Any]:
-    if not c.self_instruct.enabled:  # no model asked: the key names none (and no endpoint must answer)
+    chat = c.self_chat.identity() if c.self_chat.enabled else {"enabled": False}
+    if not c.self_instruct.enabled and not c.self_chat.enabled:  # no model asked: the key names none
         return {"self_instruct": {"enabled": False}}
-    return {"seed": c.run.seed, "llm": model_identity(c.llm), "self_instruct": c.self_instruct.identity()}
+    si = c.self_instruct.identity() if c.self_instruct.enabled else {"enabled": False}
+    return {"seed": c.run.seed, "llm": model_identity(c.llm), "self_instruct": si, "self_chat": chat}
 
 
 def _evol_key(c: Config) -> dict[str, Any]:
@@ -261,7 +282,7 @@ def _finetune_key(c: Config) -> dict[str, Any]:
 def _evaluate_key(c: Config) -> dict[str, Any]:
     e = c.evaluate
     return {"evaluate": c.section("evaluate"), "seed": c.run.seed,
-            "base": model_identity(_local_llm(c, c.finetune.base_model)),
+            "base": model_identity(_local_llm(c, c.finetune.base_model, _answering(c))),
             "judge_llm": model_identity(c.llm) if e.judge else None,
             "heldout": source_hash(e.heldout_path) if e.heldout_path else None,
             "max_length": c.finetune.max_length,
@@ -291,7 +312,8 @@ class Stage:
 _GEN = ("tasks.text", "tasks.prompts", "tasks.calibration", "tasks.llm.factory")
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("seeds", (), _seeds_key, _run_seeds, ("tasks.seeds",)),
-    Stage("self_instruct", ("seeds",), _self_instruct_key, _run_self_instruct, ("tasks.self_instruct", *_GEN)),
+    Stage("self_instruct", ("seeds",), _self_instruct_key, _run_self_instruct,
+          ("tasks.self_instruct", "tasks.self_chat", *_GEN)),
     Stage("evol_instruct", ("self_instruct",), _evol_key, _run_evol, ("tasks.evol_instruct", *_GEN), shardable=True),
     Stage("quality", ("evol_instruct",), _quality_key, _run_quality,
           ("tasks.quality", "tasks.report", "tasks.llm.losses", *_GEN), shardable=True),

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.config import EvolInstructConfig, LLMConfig, SeedsConfig, SelfInstructConfig
+from tasks.config import EvolInstructConfig, LLMConfig, SeedsConfig, SelfChatConfig, SelfInstructConfig
 from tasks.evol_instruct import evolve
 from tasks.llm import GenerationParams, get_llm
 from tasks.llm.models import bundled_model_dir
@@ -53,6 +53,32 @@ def test_self_instruct_and_evol_on_real_model(llm):
     out, estats = evolve(rows, EvolInstructConfig(rounds=2, max_new_tokens=48, response_max_new_tokens=48), llm, 0)
     assert estats["attempted"] == 2 and len(out) == 1 + estats["kept"]  # kept, or its parent retried
     assert estats["attempted"] == estats["kept"] + sum(estats["dropped"].values())
+
+
+def test_self_chat_on_real_model(llm):
+    """Two rows to two turns on the real base model (completion prompts, per-request seeds): each row comes
+    back a well-formed conversation that opens with its own exchange, or as it was with the drops counted."""
+    from tasks.conversation import check
+    from tasks.self_chat import extend
+
+    rows = pd.DataFrame({"id": ["a#0", "b#0"], "task_id": ["a", "b"], "origin": ["seed", "seed"],
+                         "instruction": ["Name three animals that live in the ocean.", "Explain why the sky is blue."],
+                         "input": ["", ""], "output": ["Dolphins, sharks and octopuses.",
+                                                       "Air scatters blue sunlight more than red sunlight."]})
+    cfg = SelfChatConfig(enabled=True, turns=2, max_rows=None, max_new_tokens=48, user_max_new_tokens=32)
+    out, stats = extend(rows, cfg, llm, seed=0)
+    assert stats["drawn"] == 2 and stats["prompt_style"] == "completion" and stats["llm_calls"] >= 2
+    assert stats["extended"] == out["messages"].notna().sum() == stats["complete"]
+    assert stats["drawn"] - stats["extended"] == sum(stats["stopped"].values())
+    assert sum(stats["dropped"].values()) >= sum(stats["stopped"].values())
+    for row in out.itertuples():
+        if row.messages is None:
+            continue
+        assert check(row.messages, row.id) == row.messages and len(row.messages) == 4
+        assert row.messages[:2] == [{"role": "user", "content": row.instruction},
+                                    {"role": "assistant", "content": row.output}]
+        assert "User:" not in row.messages[2]["content"] and "Assistant:" not in row.messages[3]["content"]
+    assert out.drop(columns="messages").equals(rows)
 
 
 def test_evol_instruct_on_real_model_all_operations(llm):

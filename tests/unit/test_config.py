@@ -234,3 +234,18 @@ def test_ray_settings_are_checked_and_operational():
     cfg = load_config("configs/tiny.yaml", ["run.executor=ray", "run.ray_num_gpus=1", "finetune.launcher=ray"])
     base = load_config("configs/tiny.yaml")
     assert cfg.finetune.identity() == base.finetune.identity()  # the launcher is not in the artifact key
+
+
+def test_conversation_keys_are_checked_and_name_the_key(tmp_path):
+    cfg = Config.model_validate(apply_overrides({}, ["finetune.template=chat", "seeds.format=sharegpt",
+                                                     "self_chat.enabled=true", "self_chat.turns=4"]))
+    assert (cfg.finetune.template, cfg.seeds.format, cfg.self_chat.turns) == ("chat", "sharegpt", 4)
+    assert Config().self_chat.enabled is False and Config().finetune.template == "alpaca"
+    with pytest.raises(ConfigError, match=r"finetune\.template.*'alpaca'.*'chat'"):
+        load_config(write(tmp_path, "finetune:\n  template: vicuna\n"))
+    with pytest.raises(ConfigError, match=r"self_chat\.turns"):
+        load_config(write(tmp_path, "self_chat:\n  turns: 1\n"))
+    with pytest.raises(ConfigError, match="min_words must not exceed max_words"):
+        load_config(write(tmp_path, "self_chat:\n  min_words: 9\n  max_words: 3\n"))
+    # what the stage makes depends on these, not on how often it checkpoints
+    assert "turns" in Config().self_chat.identity() and "checkpoint_every" not in Config().self_chat.identity()

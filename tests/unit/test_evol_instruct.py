@@ -288,3 +288,30 @@ def test_in_process_requests_of_many_chains_run_as_full_batches():
     evolve(rows(12), EvolInstructConfig(rounds=2, max_per_round=None), llm, seed=0, batch_size=8)
     rewrites = [len(prompts) for prompts, _ in llm.calls if prompts[0].startswith("Each task")]
     assert rewrites[0] == 8 and max(rewrites) == 8 and sum(rewrites) == 24  # 12 chains, 2 rounds
+
+
+def test_conversations_pass_through_unevolved():
+    """Rows with `messages` (more than one exchange, or a system prompt) are never drawn: rewriting their
+    first turn would orphan the rest. They stay as they were; evolutions of the others have none."""
+    talk = [{"role": "user", "content": "Explain topic 1."}, {"role": "assistant", "content": "x"},
+            {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}]
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Explain topic 2."},
+              {"role": "assistant", "content": "x"}]
+    inp = rows(4).assign(messages=[None, np.array(talk, dtype=object), system, None])  # as read from Parquet
+    llm = ScriptedLLM(rewriter())
+    out, stats = evolve(inp, EvolInstructConfig(rounds=2, max_per_round=None), llm, seed=0)
+    evolved = out[out["origin"] == "evol"]
+    assert set(evolved["root_id"]) == {"r0", "r3"} and stats["attempted"] == 4 and stats["kept"] == 4
+    assert stats["not_evolved_multi_turn"] == 2 and evolved["messages"].isna().all()
+    assert out.iloc[:4].drop(columns=["parent_id", "root_id", "round", "evol_operation"]).equals(inp)
+    asked = [p for prompts, _ in llm.calls for p in prompts]
+    assert not any("topic 1" in p or "topic 2" in p for p in asked if p.startswith("Each task"))
+    # A draw of max_per_round takes one-exchange rows only.
+    several = rows(6).assign(messages=[talk, None, talk, None, talk, None])
+    evolved, drawn = evolve(several, EvolInstructConfig(rounds=1, max_per_round=3, equality_check=False),
+                            ScriptedLLM(rewriter()), seed=0)
+    assert drawn["attempted"] == 3 and drawn["not_evolved_multi_turn"] == 3
+    assert evolved.loc[evolved["origin"] == "evol", "parent_id"].tolist() == ["r1", "r3", "r5"]
+    # Evolution off: the column goes on as it came.
+    from tasks.evol_instruct import unevolved
+    assert unevolved(inp)["messages"].tolist()[2] == system

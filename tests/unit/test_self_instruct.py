@@ -141,7 +141,7 @@ def test_generate_tasks_filters_and_completes():
     first = df.iloc[0]
     assert bool(first["is_classification"]) and (first["input"], first["output"]) == ("I loved it.", "positive")
     assert df.iloc[1]["output"] == f"An answer to {ITEMS[1]}" and df.iloc[1]["input"] == ""
-    assert df["id"].is_unique and (df["origin"] == "self_instruct").all()
+    assert df["id"].is_unique and (df["origin"] == "self_instruct").all() and "messages" not in df  # one exchange
     # ROUGE-L F1 against the seeds and the instructions kept before: "of" is the only word ITEMS[4] (7 tokens)
     # shares with ITEMS[0] (10): 2*1/(7+10); "the ... of" is what ITEMS[6] (10) shares with ITEMS[0]: 2*2/20.
     assert df["rouge_l_max"].tolist() == pytest.approx([0.0, 0.0, 2 / 17, 0.0, 0.2], abs=1e-12)
@@ -198,11 +198,27 @@ def test_seed_examples_one_row_per_instance():
     df = seed_examples(several)
     assert df.to_dict("records") == [
         {"id": f"a#{n}", "task_id": "a", "instruction": "Do a.", "input": i, "output": o, "category": "x",
-         "is_classification": True, "origin": "seed", "dataset": "seeds"}
+         "is_classification": True, "origin": "seed", "dataset": "seeds", "messages": None}
         for n, (i, o) in enumerate([("1", "one"), ("", "two"), ("3", "c")])] + [
         {"id": "b#0", "task_id": "b", "instruction": "Do b.", "input": "", "output": "bee", "category": "y",
-         "is_classification": False, "origin": "seed", "dataset": "seeds"}]
+         "is_classification": False, "origin": "seed", "dataset": "seeds", "messages": None}]
     assert seed_examples(several.slice(1)).to_dict("records")[0]["id"] == "b#0"  # a slice: offsets not at 0
+
+
+def test_seed_examples_carry_the_seeds_conversations():
+    """A seed conversation (more than one exchange, or a system prompt) keeps its `messages`; one-exchange
+    seeds have none, with or without the column in the seeds table."""
+    from tasks import conversation
+
+    talk = [{"role": "user", "content": "Name a bird."}, {"role": "assistant", "content": "A robin."},
+            {"role": "user", "content": "And a fish?"}, {"role": "assistant", "content": "A trout."}]
+    table = seeds_table(3)
+    if "messages" in table.column_names:  # the seeds schema may carry the column already
+        table = table.drop_columns(["messages"])
+    table = table.append_column("messages", conversation.messages_array([None, talk, None]))
+    df = seed_examples(table)
+    assert [None if m is None else list(m) for m in df["messages"]] == [None, talk, None]
+    assert pa.Table.from_pandas(df, preserve_index=False).column("messages").type == conversation.MESSAGES
 
 
 def test_requests_go_out_only_for_what_is_missing():
