@@ -8,6 +8,15 @@ for the Jaccard threshold t by minimising the equal-weighted areas of false posi
 [0, t] of 1 - (1 - s^r)^b, and false negatives, over [t, 1] of (1 - s^r)^b. A candidate pair is linked
 only if its signatures agree on at least t of all entries (the estimated Jaccard); linked rows form
 clusters (connected components).
+
+A conversation (a row with `messages`, tasks/conversation.py) is compared whole (`example_texts`): its text
+is its turns in order, those of the roles the compared fields name (`instruction`: the system and user
+turns, `output`: the assistant's, `input`: none, a conversation's input being part of its user turn), so by
+default every turn. Two conversations that open alike and then differ are as similar as all their words
+say, and a one-exchange row's text is a conversation's first exchange, so a conversation and its own first
+exchange alone are measured like any pair: they are near-duplicates only when the later turns add so few
+words that the whole stays above the threshold (then the better-ranked of the two stays; either one
+teaches that exchange).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from tasks.textscan import shingle_hashes  # also sets numba's cache directory
 from numba import njit, prange  # noqa: I001  (after textscan, which configures numba's cache)
 
 _MAX = np.uint32(0xFFFFFFFF)
+# The turns of a conversation that stand for each field dedup may compare.
+FIELD_ROLES = {"instruction": ("system", "user"), "input": (), "output": ("assistant",)}
 
 
 @lru_cache(maxsize=32)
@@ -85,6 +96,30 @@ def signatures(text: Text, shingle_size: int, num_perm: int, seed: int) -> tuple
         sig[start:start + len(chunk)] = _signatures(hashes, offsets, a, b)
         has_shingles[start:start + len(chunk)] = np.diff(offsets) > 0
     return sig, has_shingles
+
+
+def example_texts(columns: list[pa.Array | pa.ChunkedArray], fields: Sequence[str],
+                  messages: pa.Array | None) -> list[pa.Array | pa.ChunkedArray]:
+    """The text `signatures` compares per row: the `fields` columns, where a conversation row (`messages`
+    set) has instead its turns of the fields' roles (FIELD_ROLES), in order, one per line, in the first
+    column (the others empty for it). Column-wise: the turns are flattened, filtered and joined per row."""
+    if messages is None or messages.null_count == len(messages):
+        return columns
+    roles = [role for field in fields for role in FIELD_ROLES[field]]
+    counts = np.asarray(pc.list_value_length(messages).fill_null(0), dtype=np.int64)
+    flat = pc.list_flatten(messages)  # null rows give no turns, as counts says
+    chosen = np.asarray(pc.is_in(flat.field("role"), value_set=pa.array(roles, flat.field("role").type)))
+    per_row = np.bincount(np.repeat(np.arange(len(counts)), counts)[chosen], minlength=len(counts))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(per_row)]), pa.int64())
+    turns = flat.field("content").cast(pa.large_string()).fill_null("").filter(pa.array(chosen))
+    text = pc.binary_join(pa.LargeListArray.from_arrays(offsets, turns), pa.scalar("\n", pa.large_string()))
+    is_conversation = messages.is_valid()
+    empty = pa.scalar("", pa.large_string())
+    out = []
+    for k, column in enumerate(columns):
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        out.append(pc.if_else(is_conversation, text if k == 0 else empty, column.cast(pa.large_string())))
+    return out
 
 
 def _band_keys(band: np.ndarray) -> np.ndarray:

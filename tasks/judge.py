@@ -2,6 +2,10 @@
 
 The rubric asks for helpfulness, correctness and instruction following. A base model (completion style) is
 shown two rated demonstrations and continues after `Rating:`; a chat model is asked for `Rating: [[N]]`.
+A conversation (a row with `messages`, tasks/conversation.py) is rated whole (`conversation_prompt`): the
+rubric asks about every assistant turn, the transcript shows every turn (`User: ...`, `Assistant: ...`,
+`System: ...`), and the demonstrations are shown as one-exchange conversations in the same form. One
+rating per conversation: a weak answer anywhere weighs on it.
 
 Answers come in many shapes ("7", "7/10", "Rating: [[7]]", "**Score:** 8 out of 10", "I'd rate it an 8.",
 "seven", "4/5"). `parse_rating` tries the forms from the most explicit to the least and takes the first
@@ -18,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tasks.conversation import Message, transcript
 from tasks.llm.base import LLM, GenerationParams, Mode, Prompt, Usage, chat_prompt
 
 LOW, HIGH = 1.0, 10.0
@@ -25,6 +30,12 @@ LOW, HIGH = 1.0, 10.0
 RUBRIC = ("Rate how good the response is as an answer to the task, from 1 (useless) to 10 (excellent). "
           "Judge helpfulness (is it useful?), correctness (is it right?) and instruction following (does it do "
           "exactly what the task asks, in the asked form?).")
+
+CONVERSATION_RUBRIC = (
+    "Rate how good the assistant's responses are in the conversation, from 1 (useless) to 10 (excellent). "
+    "Judge every assistant turn: helpfulness (is it useful?), correctness (is it right?) and instruction "
+    "following (does it do exactly what the user's turn before it asks, in the asked form, consistently with "
+    "the conversation so far?). One rating for the whole conversation.")
 
 _DEMOS = (
     ("Name the three primary colors of paint.", "Red, yellow and blue.", 9),
@@ -45,6 +56,20 @@ def judge_prompt(instruction: str, input: str, output: str, mode: Mode) -> Promp
         return chat_prompt(f"{example}Answer with the rating only, as `Rating: [[N]]`.", system=RUBRIC)
     demos = "".join(f"{_block(t, '', r)}Rating: {n}/10\n\n" for t, r, n in _DEMOS)
     return f"{RUBRIC}\n\n{demos}{example}Rating:"
+
+
+def _conversation_block(messages: Sequence[Message]) -> str:
+    return f"### Conversation:\n{transcript(messages)}\n\n"
+
+
+def conversation_prompt(messages: Sequence[Message], mode: Mode) -> Prompt:
+    """The judge's prompt for a whole conversation (every turn shown), in the shape of `judge_prompt`."""
+    example = _conversation_block(messages)
+    if mode == "chat":
+        return chat_prompt(f"{example}Answer with the rating only, as `Rating: [[N]]`.", system=CONVERSATION_RUBRIC)
+    demos = "".join(f"{_conversation_block([{'role': 'user', 'content': t}, {'role': 'assistant', 'content': r}])}"
+                    f"Rating: {n}/10\n\n" for t, r, n in _DEMOS)
+    return f"{CONVERSATION_RUBRIC}\n\n{demos}{example}Rating:"
 
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(

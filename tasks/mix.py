@@ -18,6 +18,12 @@ it has, and what it cannot give goes to the others by their shares. Within a sou
 uniformly, or with probability proportional to a quality score (`quality_weight`). Everything is
 column-wise: sources factorized by hashing, one random order and one radix sort by source per draw, no
 per-row Python loop.
+
+A multi-turn conversation (a row with `messages`, tasks/conversation.py) is a row of its source like any
+other: its origin, category or dataset place it, it is drawn as one row, and its `instruction` (its opening
+request) links it to the lineage groups of the split, so conversations that open alike stay on one side.
+`messages` travels with the row into the train and eval tables. Each source's manifest entry also counts
+the assistant `turns` of its training rows (its rows, when none is a conversation) and its `multi_turn` rows.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tasks import conversation
 from tasks.config import MixConfig
 
 log = logging.getLogger(__name__)
@@ -281,9 +288,32 @@ def split_eval(codes: np.ndarray, names: list[str], groups: np.ndarray, cfg: Mix
     return chosen[groups]
 
 
-def _draw_rows(df: pd.DataFrame, cfg: MixConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+def turn_counts(messages: pa.Array | pa.ChunkedArray | None, n: int) -> np.ndarray:
+    """Assistant turns per row (conversation.turn_count, column-wise): 1 for a row without `messages`."""
+    turns = np.ones(n, dtype=np.int64)
+    if messages is None:
+        return turns
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks()
+    counts = np.asarray(pc.list_value_length(messages).fill_null(0), dtype=np.int64)
+    parent = np.repeat(np.arange(n), counts)  # list_flatten skips null rows, as counts does
+    answers = np.asarray(pc.equal(pc.list_flatten(messages).field("role"), "assistant"), dtype=bool)
+    valid = np.asarray(messages.is_valid(), dtype=bool)
+    turns[valid] = np.bincount(parent[answers], minlength=n)[valid]
+    return turns
+
+
+def _messages_of(df: pd.DataFrame) -> pa.Array | None:
+    if conversation.COLUMN not in df:
+        return None
+    return pa.array(df[conversation.COLUMN].to_numpy(dtype=object), type=conversation.MESSAGES, from_pandas=True)
+
+
+def _draw_rows(df: pd.DataFrame, cfg: MixConfig, messages: pa.Array | pa.ChunkedArray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """The mix as row positions: (train rows in drawn order, eval rows, each row's source name, manifest).
-    `df` needs the columns the decisions read (DECISION_COLUMNS and the `quality_weight` column), not the text."""
+    `df` needs the columns the decisions read (DECISION_COLUMNS and the `quality_weight` column), not the text;
+    `messages`, the rows' conversations (or None), is read for the turn counts only."""
     if "keep" not in df:
         raise MixError("mix reads the quality stage's output: the input has no `keep` column")
     kept_pos = np.flatnonzero(df["keep"].fillna(False).astype(bool).to_numpy())
@@ -334,6 +364,10 @@ def _draw_rows(df: pd.DataFrame, cfg: MixConfig) -> tuple[np.ndarray, np.ndarray
 
     name_array = np.asarray(names, dtype=object)
     train_rows = kept_pos[pool_pos[picked]]
+    turns = turn_counts(messages, len(df))[train_rows]
+    multi = np.zeros(len(df), dtype=bool) if messages is None else np.asarray(messages.is_valid(), dtype=bool)
+    source_turns = np.bincount(all_codes[train_rows], weights=turns, minlength=len(names)).astype(np.int64)
+    source_multi = np.bincount(all_codes[train_rows], weights=multi[train_rows], minlength=len(names)).astype(np.int64)
     eval_rows = kept_pos[eval_mask]
     n_train = max(len(train_rows), 1)
     n_cot = int(cot[picked].sum()) if cot is not None else None
@@ -344,7 +378,8 @@ def _draw_rows(df: pd.DataFrame, cfg: MixConfig) -> tuple[np.ndarray, np.ndarray
         "train": len(train_rows), "eval": len(eval_rows), "replace": cfg.replace, "cap": cfg.cap,
         "temperature": cfg.temperature if cfg.mode == "temperature" else None,
         "sources": {s: {"requested_share": round(shares[s], 6), "achieved_share": round(int(counts[i]) / n_train, 6),
-                        "rows": int(counts[i]), "available": available[s]}
+                        "rows": int(counts[i]), "available": available[s], "turns": int(source_turns[i]),
+                        "multi_turn": int(source_multi[i])}
                     for i, s in enumerate(names) if s in available},
         "cot": {"requested_share": cfg.cot_share,
                 "achieved_share": None if n_cot is None else round(n_cot / n_train, 6),
@@ -357,7 +392,7 @@ def _draw_rows(df: pd.DataFrame, cfg: MixConfig) -> tuple[np.ndarray, np.ndarray
 
 def mix_rows(df: pd.DataFrame, cfg: MixConfig) -> Mixed:
     """The mix of a DataFrame: the train rows in drawn order and the eval rows, each with `source` and `split`."""
-    train_rows, eval_rows, source, manifest = _draw_rows(df, cfg)
+    train_rows, eval_rows, source, manifest = _draw_rows(df, cfg, _messages_of(df))
     train = df.iloc[train_rows].assign(source=source[train_rows], split="train")
     evals = df.iloc[eval_rows].assign(source=source[eval_rows], split="eval")
     return Mixed(train, evals, manifest)
@@ -380,10 +415,11 @@ def mix_table(table: pa.Table, cfg: MixConfig) -> tuple[pa.Table, Mixed]:
     """The mix of an Arrow table, column-wise: the decisions read only DECISION_COLUMNS (and score columns),
     each column is taken once in output order (train rows, then eval rows), and the splits are slices of
     the result, so the text is copied once and never converted to Python strings. The same rows, order,
-    values and types as `mix_rows` on the table's DataFrame."""
+    values and types as `mix_rows` on the table's DataFrame. Every column travels, `messages` included."""
     light = [c for c in table.column_names if c in DECISION_COLUMNS or c.startswith("score_")
              or c == cfg.quality_weight]
-    train_rows, eval_rows, source, manifest = _draw_rows(table.select(light).to_pandas(), cfg)
+    messages = table.column(conversation.COLUMN) if conversation.COLUMN in table.column_names else None
+    train_rows, eval_rows, source, manifest = _draw_rows(table.select(light).to_pandas(), cfg, messages)
     rows = pa.array(np.concatenate([train_rows, eval_rows]).astype(np.int64))
     out = pa.table({name: _as_pandas_types(table.column(name)).take(rows) for name in table.column_names},
                    metadata=table.schema.metadata)

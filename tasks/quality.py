@@ -14,20 +14,35 @@ Heuristics, column-wise over the whole table (compiled scans, tasks/textscan.py)
   occur among the content words of the input or output (1 when the instruction has none);
 - `safety`: 0 if any configured unsafe term occurs as a whole word in the instruction, input or output;
 - `total`: the weighted mean of the four.
+A conversation (a row with `messages`, tasks/conversation.py) is scored on its exchanges, each assistant
+turn with the user turn before it as its instruction (no input), by the same column-wise scans over all the
+exchanges of the table at once: `length` and `format` are the minimum over its answers (a kept row trains
+on every answer, so each must pass the bar a one-exchange row passes; a truncated or runaway answer is no
+better for the good ones around it); `relevance` is the mean over its answers (a lexical signal that is
+noisy on short follow-ups: "Why?" has no content word, "Thanks, shorter please" shares none with a good
+answer; the mean says whether the answers stay on their requests overall); `safety` is 0 if an unsafe term
+occurs in any turn (system, user or assistant), as a one-exchange row's instruction, input and output are
+all checked. A one-exchange row is scored exactly as before, whatever else the table holds.
 Model-based scores, each optional (tasks/judge.py, tasks/model_scores.py): `score_judge` (1-10, with
 `judge_error` and the raw `judge_answer`), `score_deita_complexity`, `score_deita_quality` (1-6) and their
-product `score_deita`, and `score_ifd` (with its two losses). The judge's rows stream through the work
-engine (each row one request, as many in flight as the endpoints allow, parts under `parts/judge/` every
-`checkpoint_every` rows or `checkpoint_seconds`); DEITA and IFD, from the local scoring model, run in chunks
-of `checkpoint_every` rows, each chunk a part. A restarted stage scores only what is missing.
+product `score_deita`, and `score_ifd` (with its two losses). The judge rates a conversation whole; DEITA
+and IFD score each of its assistant turns (tasks/model_scores.py says how the turns combine: `score_deita`
+is then the sum of the turns' products, as in DEITA, the other columns means over the turns). The
+judge's rows stream through the work engine (each row one request, as many in flight as the endpoints
+allow, parts under `parts/judge/` every `checkpoint_every` rows or `checkpoint_seconds`); DEITA and IFD,
+from the local scoring model, run in chunks of `checkpoint_every` rows, each chunk a part. A restarted
+stage scores only what is missing. Shards on a cluster read the same columns (`messages` included) from the
+stage's input, so they score exactly what one process would.
 
-The decision, first failing rule naming the reason: empty_output, unsafe, judge_unparsed, low_judge,
-low_total, high_ifd, low_complexity, low_response_quality; then, among the rows still kept, MinHash-LSH
-near-duplicates over `dedup.fields` (tasks/dedup.py): in each cluster the row with the best
-`dedup.rank_by` stays, the others are dropped as near_duplicate with `duplicate_of` naming its id.
+The decision, first failing rule naming the reason: empty_output (for a conversation: any of its answers
+blank), unsafe, judge_unparsed, low_judge, low_total, high_ifd, low_complexity, low_response_quality; then,
+among the rows still kept, MinHash-LSH near-duplicates over `dedup.fields` (tasks/dedup.py; a conversation
+is compared whole): in each cluster the row with the best `dedup.rank_by` stays, the others are dropped as
+near_duplicate with `duplicate_of` naming its id.
 Instances of one task (same `task_id` and instruction) are not linked to each other unless
 `dedup.same_task_instances` is set. Last, with `ifd.keep_share`, Cherry LLM's selection: of the rows still
-kept, that share with the highest IFD stays and the rest drop as low_ifd.
+kept, that share with the highest IFD stays and the rest drop as low_ifd. The stats count the conversation
+rows and how many are kept (`multi_turn`) when the table has a `messages` column.
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks import dedup, judge, model_scores
+from tasks import conversation, dedup, judge, model_scores
 from tasks.artifacts import PartWriter, part_metadata
 from tasks.config import QualityConfig
 from tasks.engine import Engine, Finished, parallelism
@@ -79,9 +94,96 @@ def _column(data: pa.Table | pd.DataFrame, name: str) -> pa.Array | pa.ChunkedAr
     return column.fill_null("")
 
 
-def heuristic_scores(data: pa.Table | pd.DataFrame, cfg: QualityConfig) -> dict[str, np.ndarray]:
-    """The five heuristic score columns for a table with `instruction`, `input` and `output`."""
-    instruction, input, output = (_column(data, c) for c in ("instruction", "input", "output"))
+@dataclasses.dataclass(frozen=True)
+class Turns:
+    """The turns of a table's conversation rows (those with `messages`), flattened in row order: Arrow
+    columns and numpy arrays, no Python per turn."""
+
+    rows: np.ndarray     # table positions of the conversation rows, ascending
+    parent: np.ndarray   # per turn, its row's table position
+    role: np.ndarray     # per turn, its role as an index into conversation.ROLES
+    content: pa.Array    # per turn, its text (large_string; a null content reads as "")
+
+    @property
+    def answers(self) -> np.ndarray:
+        """Positions of the assistant turns; the turn before each is its user turn."""
+        return np.flatnonzero(self.role == _ASSISTANT)
+
+    def starts(self, positions: np.ndarray) -> np.ndarray:
+        """Where each conversation row's first entry lies among `positions` (turns in row order): the
+        segment starts for `np.ufunc.reduceat`, given that every conversation row has an entry there (all its
+        turns, or its answers: a checked conversation has at least one)."""
+        return np.searchsorted(self.parent[positions], self.rows)
+
+
+_SYSTEM, _USER, _ASSISTANT = (conversation.ROLES.index(r) for r in ("system", "user", "assistant"))
+
+
+def messages_column(data: pa.Table | pd.DataFrame) -> pa.Array | None:
+    """The `messages` column as one Arrow array, or None when the table has no conversation row."""
+    name = conversation.COLUMN
+    if isinstance(data, pa.Table):
+        if name not in data.column_names:
+            return None
+        column = data.column(name)
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    else:
+        if name not in data.columns:
+            return None
+        column = pa.array(data[name].to_numpy(dtype=object), type=conversation.MESSAGES, from_pandas=True)
+    return None if column.null_count == len(column) else column
+
+
+def conversation_turns(data: pa.Table | pd.DataFrame) -> Turns | None:
+    """The turns of the conversation rows, checked: an optional system turn first, then user and assistant
+    turns alternating, ending with the assistant's (tasks/conversation.py). A blank turn is accepted here
+    (a blank answer is the decision's empty_output); a misplaced role stops the stage, naming the row."""
+    messages = messages_column(data)
+    if messages is None:
+        return None
+    counts = np.asarray(pc.list_value_length(messages).fill_null(0), dtype=np.int64)
+    rows = np.flatnonzero(np.asarray(messages.is_valid()))
+    flat = pc.list_flatten(messages)
+    parent = np.repeat(np.arange(len(counts)), counts)  # list_flatten skips null rows, as counts does
+    roles = pa.array(conversation.ROLES, flat.field("role").type)
+    role = np.asarray(pc.index_in(flat.field("role"), value_set=roles).fill_null(-1), dtype=np.int64)
+    first = np.cumsum(counts) - counts  # each row's first turn among the flattened turns
+    position = np.arange(len(role)) - first[parent]
+    opened = rows[counts[rows] > 0]  # conversation rows with any turn
+    system = np.zeros(len(counts), dtype=bool)
+    system[opened] = role[first[opened]] == _SYSTEM
+    expected = np.where(position == 0, np.where(system[parent], _SYSTEM, _USER),
+                        np.where((position - system[parent]) % 2 == 0, _USER, _ASSISTANT))
+    last = np.full(len(counts), -1, dtype=np.int64)  # each row's last role (-1: no turn at all)
+    last[opened] = role[first[opened] + counts[opened] - 1]
+    bad_turn = np.flatnonzero(role != expected)
+    bad_end = rows[last[rows] != _ASSISTANT]
+    if len(bad_turn) or len(bad_end):
+        row = min(int(parent[bad_turn[0]]) if len(bad_turn) else len(counts), int(bad_end[0]) if len(bad_end)
+                  else len(counts))
+        where = f"row {row}"
+        if isinstance(data, pa.Table) and "id" in data.column_names:
+            where += f" (id {data.column('id')[row].as_py()})"
+        elif isinstance(data, pd.DataFrame) and "id" in data.columns:
+            where += f" (id {data['id'].iloc[row]})"
+        if len(bad_turn) and parent[bad_turn[0]] == row:
+            t = int(bad_turn[0])
+            belongs = conversation.ROLES[expected[t]]
+            what = (f"turn {position[t]} has role {flat.field('role')[t].as_py()!r} where "
+                    f"{'an' if belongs == 'assistant' else 'a'} {belongs} turn belongs")
+        else:
+            what = "it is empty" if counts[row] == 0 else "it ends with a turn that is not the assistant's"
+        raise conversation.ConversationError(
+            f"quality: {where}: `messages`: {what}; a conversation is an optional system turn, then user and "
+            f"assistant turns alternating, ending with the assistant's (tasks/conversation.py; null `messages` "
+            f"for a one-exchange row)")
+    content = flat.field("content").cast(pa.large_string()).fill_null("")
+    return Turns(rows=rows, parent=parent, role=role, content=content)
+
+
+def _exchange_scores(instruction: pa.Array | pa.ChunkedArray, input: pa.Array | pa.ChunkedArray,
+                     output: pa.Array | pa.ChunkedArray, cfg: QualityConfig) -> dict[str, np.ndarray]:
+    """`length`, `format` and `relevance` of each (instruction, input, output) exchange."""
     scan = heuristic_scan(instruction, input, output)
 
     words = scan["output_words"].astype(float)
@@ -92,26 +194,65 @@ def heuristic_scores(data: pa.Table | pd.DataFrame, cfg: QualityConfig) -> dict[
     markers = pc.match_substring_regex(output, _TEMPLATE_MARKERS, ignore_case=True)
     checks = np.stack([~np.asarray(markers), ~scan["repeated_line"], _FINISHED[scan["last_byte"]],
                        _START[scan["first_byte"]] & (scan["first_byte"] > 0)])
-    fmt = checks.mean(axis=0)
+    return {"length": length, "format": checks.mean(axis=0), "relevance": scan["relevance"]}
 
+
+def _unsafe(columns: tuple[pa.Array | pa.ChunkedArray, ...], n: int, cfg: QualityConfig) -> np.ndarray:
+    """Whether any configured unsafe term occurs as a whole word in any of the columns, per row."""
+    hit = np.zeros(n, dtype=bool)
     if cfg.unsafe_terms:
         pattern = "|".join(rf"\b{re.escape(term)}\b" for term in cfg.unsafe_terms)
-        hit = np.zeros(len(words), dtype=bool)
-        for column in (instruction, input, output):
+        for column in columns:
             hit |= np.asarray(pc.match_substring_regex(column, pattern, ignore_case=True))
-        safety = (~hit).astype(float)
-    else:
-        safety = np.ones(len(words))
+    return hit
 
-    scores = {"length": length, "format": fmt, "relevance": scan["relevance"], "safety": safety}
+
+# How a conversation's per-answer scores make its score (module docstring): the weakest answer, or the mean.
+_COMBINE = {"length": np.minimum.reduceat, "format": np.minimum.reduceat,
+            "relevance": lambda values, starts: np.add.reduceat(values, starts) / np.diff(starts, append=len(values))}
+
+
+def heuristic_scores(data: pa.Table | pd.DataFrame, cfg: QualityConfig) -> dict[str, np.ndarray]:
+    """The five heuristic score columns for a table with `instruction`, `input` and `output` (and, for its
+    conversation rows, `messages`)."""
+    instruction, input, output = (_column(data, c) for c in ("instruction", "input", "output"))
+    scores = _exchange_scores(instruction, input, output, cfg)
+    unsafe = _unsafe((instruction, input, output), len(scores["length"]), cfg)
+    turns = conversation_turns(data)
+    if turns is not None:  # each answer after its user turn, all the table's exchanges in one scan
+        answers = turns.answers
+        per_answer = _exchange_scores(turns.content.take(answers - 1), pa.nulls(len(answers), pa.large_string()),
+                                      turns.content.take(answers), cfg)
+        starts = turns.starts(answers)
+        for name, combine in _COMBINE.items():
+            scores[name][turns.rows] = combine(per_answer[name], starts)
+        every_turn = np.arange(len(turns.parent))
+        unsafe[turns.rows] |= np.logical_or.reduceat(_unsafe((turns.content,), len(every_turn), cfg),
+                                                     turns.starts(every_turn))
+    scores["safety"] = (~unsafe).astype(float)
+
     total_weight = sum(cfg.weights.values()) or 1.0
     total = sum(scores[name] * weight for name, weight in cfg.weights.items()) / total_weight
-    return {**{f"score_{k}": v for k, v in scores.items()}, "score_total": np.asarray(total, dtype=float)}
+    return {**{f"score_{k}": scores[k] for k in HEURISTICS}, "score_total": np.asarray(total, dtype=float)}
 
 
 def score(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
     """`df` with the heuristic score columns added."""
     return df.assign(**heuristic_scores(df, cfg))
+
+
+def row_texts(df: pd.DataFrame) -> tuple[list[str], list[str], list[str], list[list[conversation.Message] | None]]:
+    """Each row's instruction, input, output and conversation (`messages` as Python lists, None for a
+    one-exchange row): what the judge, DEITA and IFD read, in one process or in a shard."""
+    messages = ([conversation.as_messages(m) for m in df[conversation.COLUMN]] if conversation.COLUMN in df.columns
+                else [None] * len(df))
+    return (df["instruction"].tolist(), df["input"].fillna("").tolist(), df["output"].fillna("").tolist(),
+            messages)
+
+
+def _text_columns(names: list[str]) -> list[str]:
+    """The columns `row_texts` reads, of a table with columns `names`."""
+    return ["instruction", "input", "output"] + ([conversation.COLUMN] if conversation.COLUMN in names else [])
 
 
 JUDGE_SCHEMA = pa.schema([("row", pa.int64()), ("score_judge", pa.float64()), ("judge_error", pa.string()),
@@ -127,12 +268,13 @@ def judge_scores(df: pd.DataFrame, cfg: QualityConfig, llm: LLM, parts: PartWrit
                     checkpoint_every=cfg.checkpoint_every, checkpoint_s=cfg.checkpoint_seconds,
                     batch_size=batch_size, desc="quality judge", total=len(df), only=only)
     params = judge.judge_params(engine.model.mode, cfg.judge.max_new_tokens)
-    texts = list(zip(df["instruction"].tolist(), df["input"].fillna("").tolist(), df["output"].fillna("").tolist()))
+    texts = list(zip(*row_texts(df)))
 
     async def rate(row: int) -> Finished:
-        instruction, input_text, output = texts[row]
-        completion = await engine.model.generate(judge.judge_prompt(instruction, input_text, output,
-                                                                     engine.model.mode), params, "judge")
+        instruction, input_text, output, messages = texts[row]
+        prompt = (judge.judge_prompt(instruction, input_text, output, engine.model.mode) if messages is None
+                  else judge.conversation_prompt(messages, engine.model.mode))  # a conversation, rated whole
+        completion = await engine.model.generate(prompt, params, "judge")
         value, error = judge.parse_rating(completion.text)
         return Finished(f"row-{row}", rows=[{"row": row, "score_judge": math.nan if value is None else value,
                                              "judge_error": error, "judge_answer": completion.text}])
@@ -148,14 +290,14 @@ def judge_scores(df: pd.DataFrame, cfg: QualityConfig, llm: LLM, parts: PartWrit
 
 
 def _score_chunk(chunk: pd.DataFrame, cfg: QualityConfig, scorer) -> pd.DataFrame:
-    args = (chunk["instruction"].tolist(), chunk["input"].fillna("").tolist(), chunk["output"].fillna("").tolist())
+    args = row_texts(chunk)
     out = pd.DataFrame({"row": chunk.index.to_numpy()})
     if cfg.deita.enabled:
-        complexity, response_quality = model_scores.deita_scores(*args, scorer)
+        complexity, response_quality, deita = model_scores.deita_row_scores(*args, scorer)
         out["score_deita_complexity"], out["score_deita_quality"] = complexity, response_quality
-        out["score_deita"] = complexity * response_quality
+        out["score_deita"] = deita
     if cfg.ifd.enabled:
-        ifd, conditioned, direct, cut = model_scores.ifd_scores(*args, scorer, cfg.ifd.max_length)
+        ifd, conditioned, direct, cut = model_scores.ifd_row_scores(*args, scorer, cfg.ifd.max_length)
         out["score_ifd"], out["ifd_loss_conditioned"], out["ifd_loss_direct"] = ifd, conditioned, direct
         out["ifd_truncation"] = pd.Series(cut, dtype=object)
     return out
@@ -182,13 +324,14 @@ def _chunks_done(parts: PartWriter | None) -> dict[int, pa.Table]:
 
 
 def _shard_inputs(source: str, llm: dict[str, Any]) -> tuple[pd.DataFrame, LLM]:
-    """Where a shard runs: the texts of the stage's input Parquet, and its model (loaded once per worker)."""
+    """Where a shard runs: the texts of the stage's input Parquet (`messages` too, where it has them: the
+    columns `run_quality` hands its own model work), and its model (loaded once per worker)."""
     import pyarrow.parquet as pq
 
     from tasks.config import LLMConfig
     from tasks.llm import get_llm
 
-    rows = pq.read_table(source, columns=["instruction", "input", "output"]).to_pandas()
+    rows = pq.read_table(source, columns=_text_columns(pq.read_schema(source).names)).to_pandas()
     return rows, get_llm(LLMConfig.model_validate(llm))
 
 
@@ -287,8 +430,14 @@ def _decisions(data: pa.Table | pd.DataFrame, scores: dict[str, np.ndarray],
         return scores[name] if name in scores else np.full(n, np.nan)
 
     j, d, i = cfg.judge, cfg.deita, cfg.ifd
+    empty = np.array(pc.equal(pc.utf8_trim_whitespace(_column(data, "output")), ""), dtype=bool)
+    turns = conversation_turns(data)
+    if turns is not None:  # a conversation with any blank answer
+        answers = turns.answers
+        blank = np.asarray(pc.equal(pc.utf8_trim_whitespace(turns.content.take(answers)), ""))
+        empty[turns.parent[answers[blank]]] = True
     rules = [
-        ("empty_output", np.asarray(pc.equal(pc.utf8_trim_whitespace(_column(data, "output")), ""))),
+        ("empty_output", empty),
         ("unsafe", col("score_safety") < 1.0),
         ("judge_unparsed", np.isnan(col("score_judge")) if j.enabled and j.drop_unparsed else None),
         ("low_judge", col("score_judge") < j.min_score if j.enabled and j.min_score is not None else None),
@@ -309,7 +458,9 @@ def _decisions(data: pa.Table | pd.DataFrame, scores: dict[str, np.ndarray],
         groups = None
         if not cfg.dedup.same_task_instances and "task_id" in columns:
             groups = _task_groups(data)
-        text = [_column(data, f) for f in cfg.dedup.fields]  # joined per row with a newline, chunk by chunk
+        # joined per row with a newline, chunk by chunk; a conversation's text is its turns (dedup.example_texts)
+        text = dedup.example_texts([_column(data, f) for f in cfg.dedup.fields], cfg.dedup.fields,
+                                   messages_column(data))
         found = dedup.near_duplicates(text, cfg.dedup.threshold,
                                       cfg.dedup.shingle_size, cfg.dedup.num_perm, groups=groups)
         target = dedup.pick_representatives(found.label, reason == "", col(cfg.dedup.rank_by))
@@ -401,8 +552,8 @@ def run_quality(data: pa.Table | pd.DataFrame, cfg: QualityConfig, judge_llm: LL
     arrow = isinstance(data, pa.Table)
     if not arrow:
         data = data.reset_index(drop=True)
-    heuristics = heuristic_scores(data, cfg)
-    texts = data.select(["instruction", "input", "output"]).to_pandas() if arrow else data
+    heuristics = heuristic_scores(data, cfg)  # also checks the conversations, before any model is asked
+    texts = data.select(_text_columns(data.column_names)).to_pandas() if arrow else data
     extra, model_stats = model_based_scores(texts, cfg, judge_llm, scorer, parts, remote)
     del texts
     if extra is not None:
@@ -434,6 +585,10 @@ def run_quality(data: pa.Table | pd.DataFrame, cfg: QualityConfig, judge_llm: LL
         "kept_by_origin": _counts(origin),
         **model_stats,
     }
+    if conversation.COLUMN in (data.column_names if arrow else data.columns):  # how many conversations stay
+        messages = messages_column(data)
+        multi = np.zeros(len(keep), dtype=bool) if messages is None else np.asarray(messages.is_valid())
+        stats["multi_turn"] = {"rows": int(multi.sum()), "kept": int((multi & np.asarray(keep, dtype=bool)).sum())}
     if cfg.judge.enabled:
         errors = extra["judge_error"].dropna()
         stats["judge_errors"] = _counts(errors.str.split(":").str[0])

@@ -2,7 +2,9 @@
 
 The page needs no network and no JavaScript: inline CSS, SVG histograms (kept and dropped rows stacked),
 the drops per reason, the score quantiles, near-duplicate clusters, and the best and worst kept examples.
-The Markdown holds the same figures for the Prefect UI (text bars instead of SVG).
+The Markdown holds the same figures for the Prefect UI (text bars instead of SVG). Both say how many rows are
+multi-turn conversations (and how many of them are kept); an example that is a conversation is shown with
+all its turns, each cut to the same length as a one-exchange row's fields.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.conversation import COLUMN, ROLE_NAMES, as_messages, turn_count
+
 BINS = 20
-_SNIPPET = 400  # characters of instruction/input/output shown per example
+_SNIPPET = 400  # characters shown of each text of an example: instruction, input, output, or a turn
 
 
 def _histogram(values: np.ndarray, kept: np.ndarray, bins: int = BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,6 +65,23 @@ def _snippet(text: Any) -> str:
     return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "…"
 
 
+def conversation_of(row: pd.Series) -> list[dict[str, str]] | None:
+    """A row's `messages` (None for a one-exchange row)."""
+    return as_messages(row.get(COLUMN))
+
+
+def multi_turn(df: pd.DataFrame) -> np.ndarray:
+    """Which rows are multi-turn conversations (have `messages`)."""
+    if COLUMN not in df.columns:
+        return np.zeros(len(df), dtype=bool)
+    return df[COLUMN].notna().to_numpy(dtype=bool)
+
+
+def _conversation_summary(df: pd.DataFrame, kept: np.ndarray) -> str:
+    multi = multi_turn(df)
+    return f"{int(multi.sum())} multi-turn conversations ({int((multi & kept).sum())} kept)."
+
+
 def examples(df: pd.DataFrame, rank_by: str, n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The `n` best and `n` worst kept rows by `rank_by`."""
     kept = df[df["keep"]].sort_values(rank_by, ascending=False, kind="stable")
@@ -85,14 +106,30 @@ def _score_cols(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith("score_") and df[c].notna().any()]
 
 
+def _html_conversation(messages: list[dict[str, str]]) -> str:
+    return "".join(f"<b>{ROLE_NAMES[m['role']]}</b><pre>{html.escape(_snippet(m['content']))}</pre>"
+                   for m in messages)
+
+
+def _html_request(r: pd.Series) -> str:
+    """A row's request as one cell: a conversation's turns, else its instruction."""
+    messages = conversation_of(r)
+    return _html_conversation(messages) if messages else f"<pre>{html.escape(_snippet(r['instruction']))}</pre>"
+
+
 def _example_rows(frame: pd.DataFrame, score_cols: list[str]) -> str:
     rows = []
     for _, r in frame.iterrows():
         scores = "<br>".join(f"{c.removeprefix('score_')}: {r[c]:.3g}" for c in score_cols if pd.notna(r[c]))
-        rows.append(f"<tr><td>{html.escape(str(r['id']))}<br>{html.escape(str(r.get('origin', '')))}</td>"
-                    f"<td><pre>{html.escape(_snippet(r['instruction']))}</pre></td>"
+        messages = conversation_of(r)
+        if messages:  # every turn, in one cell across instruction, input and output
+            text = f"<td colspan='3'>{turn_count(messages)} assistant turns{_html_conversation(messages)}</td>"
+        else:
+            text = (f"<td><pre>{html.escape(_snippet(r['instruction']))}</pre></td>"
                     f"<td><pre>{html.escape(_snippet(r['input']))}</pre></td>"
-                    f"<td><pre>{html.escape(_snippet(r['output']))}</pre></td><td>{scores}</td></tr>")
+                    f"<td><pre>{html.escape(_snippet(r['output']))}</pre></td>")
+        rows.append(f"<tr><td>{html.escape(str(r['id']))}<br>{html.escape(str(r.get('origin', '')))}</td>"
+                    f"{text}<td>{scores}</td></tr>")
     head = "<tr><th>id</th><th>instruction</th><th>input</th><th>output</th><th>scores</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -102,7 +139,8 @@ def html_report(df: pd.DataFrame, stats: dict[str, Any], rank_by: str, n_example
     score_cols = _score_cols(df)
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-           f"<p>{len(df)} rows scored, <b>{int(kept.sum())} kept</b>, {int((~kept).sum())} dropped.</p>"]
+           f"<p>{len(df)} rows scored, <b>{int(kept.sum())} kept</b>, {int((~kept).sum())} dropped. "
+           f"{_conversation_summary(df, kept)}</p>"]
 
     out.append("<h2>Drops per reason</h2><table><tr><th>reason</th><th>rows</th></tr>")
     for reason, count in sorted(stats.get("dropped", {}).items(), key=lambda kv: -kv[1]):
@@ -131,9 +169,8 @@ def html_report(df: pd.DataFrame, stats: dict[str, Any], rank_by: str, n_example
         if pairs:
             out.append("<table><tr><th>dropped</th><th>kept instead</th></tr>")
             for dup, rep in pairs:
-                out.append(f"<tr><td>{html.escape(str(dup['id']))}<pre>{html.escape(_snippet(dup['instruction']))}"
-                           f"</pre></td><td>{html.escape(str(dup['duplicate_of']))}<pre>"
-                           f"{html.escape(_snippet(rep['instruction']))}</pre></td></tr>")
+                out.append(f"<tr><td>{html.escape(str(dup['id']))}{_html_request(dup)}</td>"
+                           f"<td>{html.escape(str(dup['duplicate_of']))}{_html_request(rep)}</td></tr>")
             out.append("</table>")
     if stats.get("judge_errors"):
         out.append("<h2>Judge answers without a rating</h2><table><tr><th>kind</th><th>rows</th></tr>")
@@ -153,10 +190,15 @@ def _md_cell(text: Any, limit: int = 120) -> str:
     return (text[:limit] + "…" if len(text) > limit else text).replace("|", "\\|")
 
 
+def _md_conversation(messages: list[dict[str, str]], limit: int = 120) -> str:
+    """Every turn of a conversation in one table cell, each cut to `limit` characters."""
+    return " ".join(f"**{ROLE_NAMES[m['role']]}:** {_md_cell(m['content'], limit)}" for m in messages)
+
+
 def markdown_report(df: pd.DataFrame, stats: dict[str, Any], rank_by: str, n_examples: int, title: str) -> str:
     kept = df["keep"].to_numpy(dtype=bool)
     lines = [f"# {title}", "", f"{len(df)} rows scored, **{int(kept.sum())} kept**, {int((~kept).sum())} dropped.",
-             "", "## Drops per reason", "", "| reason | rows |", "|---|---|"]
+             _conversation_summary(df, kept), "", "## Drops per reason", "", "| reason | rows |", "|---|---|"]
     lines += [f"| {r} | {c} |" for r, c in sorted(stats.get("dropped", {}).items(), key=lambda kv: -kv[1])]
     lines += ["", "## Score summary", "", "| score | rows | mean | p10 | p50 | p90 |", "|---|---|---|---|---|---|"]
     for col, s in stats.get("scores", {}).items():
@@ -174,7 +216,13 @@ def markdown_report(df: pd.DataFrame, stats: dict[str, Any], rank_by: str, n_exa
     for name, frame in (("Best", best), ("Worst", worst)):
         lines += [f"## {name} kept examples by {rank_by}", "", f"| id | {rank_by} | instruction | output |",
                   "|---|---|---|---|"]
-        lines += [f"| {r['id']} | {r[rank_by]:.3g} | {_md_cell(r['instruction'])} | {_md_cell(r['output'])} |"
-                  for _, r in frame.iterrows()]
+        for _, r in frame.iterrows():
+            messages = conversation_of(r)
+            if messages:  # a conversation: all its turns under `instruction`, the count under `output`
+                lines.append(f"| {r['id']} | {r[rank_by]:.3g} | {_md_conversation(messages)} | "
+                             f"({turn_count(messages)} assistant turns) |")
+            else:
+                lines.append(f"| {r['id']} | {r[rank_by]:.3g} | {_md_cell(r['instruction'])} | "
+                             f"{_md_cell(r['output'])} |")
         lines.append("")
     return "\n".join(lines)

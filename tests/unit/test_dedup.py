@@ -58,3 +58,25 @@ def test_near_duplicates_finds_planted_copies_among_random_texts():
     for k, i in enumerate(range(0, 300, 3)):
         assert found.label[300 + k] == found.label[i]
     assert len(np.unique(found.label)) == 300  # nothing else merged
+
+
+def test_a_conversation_is_compared_by_its_turns_of_the_fields_roles():
+    from tasks.conversation import messages_array
+    from tasks.dedup import example_texts
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "First q"},
+            {"role": "assistant", "content": "First a"}, {"role": "user", "content": "Second q"},
+            {"role": "assistant", "content": "Second a"}]
+    messages = messages_array([None, chat, None])
+    columns = [pa.array(["Say hi", "First q", "Add"]), pa.array(["ctx", "", None]), pa.array(["Hi.", "First a", "5"])]
+    whole = example_texts(columns, ["instruction", "input", "output"], messages)
+    # A one-exchange row keeps its fields; a conversation is every turn in order, in the first column.
+    assert [c.to_pylist() for c in whole] == [["Say hi", "Be brief.\nFirst q\nFirst a\nSecond q\nSecond a", "Add"],
+                                              ["ctx", "", None], ["Hi.", "", "5"]]
+    requests = example_texts(columns[:2], ["instruction", "input"], messages)
+    assert [c.to_pylist() for c in requests] == [["Say hi", "Be brief.\nFirst q\nSecond q", "Add"], ["ctx", "", None]]
+    answers = example_texts(columns[2:], ["output"], messages)
+    assert [c.to_pylist() for c in answers] == [["Hi.", "First a\nSecond a", "5"]]
+    # Without conversations the columns go through untouched.
+    assert example_texts(columns, ["instruction", "input", "output"], messages_array([None] * 3)) is columns
+    assert example_texts(columns, ["instruction", "input", "output"], None) is columns

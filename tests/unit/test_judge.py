@@ -77,3 +77,23 @@ def test_judge_reads_every_answer_greedily_and_counts_usage():
     params = llm.calls[0][1]
     assert params.temperature == 0.0 and params.max_new_tokens == 16 and params.stop == ("\n",)
     assert usage.by_purpose["judge"]["requests"] == 2
+
+
+def test_a_conversation_is_judged_whole_every_turn_shown():
+    from tasks.judge import CONVERSATION_RUBRIC, conversation_prompt
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."},
+                {"role": "assistant", "content": "5"}, {"role": "user", "content": "And times 4?"},
+                {"role": "assistant", "content": "20"}]
+    text = conversation_prompt(messages, "completions")
+    assert text.startswith(CONVERSATION_RUBRIC) and "every assistant turn" in CONVERSATION_RUBRIC
+    # The demonstrations in the same form, one exchange each, then the whole conversation.
+    assert ("### Conversation:\nUser: Name the three primary colors of paint.\n\nAssistant: Red, yellow and "
+            "blue.\n\nRating: 9/10\n\n") in text
+    assert text.endswith("### Conversation:\nSystem: Be brief.\n\nUser: Add 2 and 3.\n\nAssistant: 5\n\n"
+                         "User: And times 4?\n\nAssistant: 20\n\nRating:")
+    chat = conversation_prompt(messages, "chat")
+    assert chat[0] == {"role": "system", "content": CONVERSATION_RUBRIC}
+    assert chat[1]["content"] == ("### Conversation:\nSystem: Be brief.\n\nUser: Add 2 and 3.\n\nAssistant: 5\n\n"
+                                  "User: And times 4?\n\nAssistant: 20\n\nAnswer with the rating only, as "
+                                  "`Rating: [[N]]`.")

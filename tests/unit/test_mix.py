@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from tasks.config import MixConfig
+from tasks.conversation import messages_array
 from tasks.exports import export_all
 from tasks.mix import MixError, draw, largest_remainder, mix, source_labels, target_shares
 
@@ -252,6 +253,9 @@ def test_an_arrow_table_mixes_exactly_as_its_dataframe(cfg):
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.set_column(table.column_names.index("drop_reason"), "drop_reason",  # as quality writes it
                              pa.array([None] * len(df), pa.string()))
+    chat = [{"role": "user", "content": "Task 0 asks this."}, {"role": "assistant", "content": "answer"},
+            {"role": "user", "content": "More?"}, {"role": "assistant", "content": "more"}]
+    table = table.append_column("messages", messages_array(chat if i % 5 == 0 else None for i in range(len(df))))
     out_t, stats_t, mixed_t = mix(table, cfg)
     out_d, stats_d, mixed_d = mix(table.to_pandas(), cfg)
     assert isinstance(out_t, pa.Table) and stats_t == stats_d and mixed_t.manifest == mixed_d.manifest
@@ -259,6 +263,9 @@ def test_an_arrow_table_mixes_exactly_as_its_dataframe(cfg):
     assert out_t.column_names == list(out_d.columns) and out_t.schema.field("round").type == pa.int64()
     pd.testing.assert_frame_equal(out_t.to_pandas(), out_d)
     assert mixed_t.train.equals(out_t.slice(0, stats_t["train"])) and mixed_t.eval.num_rows == stats_t["eval"]
+    assert out_t.column("messages").type == table.column("messages").type  # the conversations travel too
+    assert sum(v["multi_turn"] for v in stats_t["sources"].values()) == sum(
+        m is not None for m in mixed_t.train.column("messages").to_pylist())
 
 
 def test_instruction_codes_fold_as_python_does():
@@ -277,3 +284,39 @@ def test_instruction_codes_fold_as_python_does():
     same = codes[pairs[:, 0]] == codes[pairs[:, 1]]
     assert (same == (expected[pairs[:, 0]] == expected[pairs[:, 1]])).all()
     assert len(set(codes)) == len(set(expected))
+
+
+def test_conversations_are_rows_of_their_source_with_their_turns_counted():
+    """Conversation rows are drawn as rows of their category, carry `messages` into train and eval, and each
+    source's manifest entry counts the assistant turns and the conversations of its training rows."""
+    import pyarrow as pa
+
+    df = table({"qa": 12, "math": 8})
+    chats = {}
+    for i in range(0, 12, 3):  # qa-0, qa-3, qa-6, qa-9: 3 exchanges, the last with a system prompt too
+        chats[f"qa-{i}"] = ([{"role": "system", "content": "Be brief."}] if i == 9 else []) + [
+            {"role": "user" if k % 2 == 0 else "assistant", "content": f"{'Do' if k == 0 else 'turn'} qa {i} {k}."}
+            for k in range(6)]
+    chats["math-0"] = [{"role": "system", "content": "Show work."}, {"role": "user", "content": "Do math 0."},
+                       {"role": "assistant", "content": "Done 0."}]  # one exchange and a system prompt
+    messages = messages_array(chats.get(i) for i in df["id"])
+    table_in = pa.Table.from_pandas(df, preserve_index=False).append_column("messages", messages)
+    cfg = MixConfig(min_eval=4, seed=0, **NO_COT)
+    out, stats, mixed = mix(table_in, cfg)
+    rows = out.to_pandas()
+    for _, r in rows.iterrows():  # every row keeps its own conversation, whichever split it is in
+        expected = chats.get(r["id"])
+        assert (r["messages"] is None) if expected is None else [dict(m) for m in r["messages"]] == expected
+    train = rows[rows["split"] == "train"]
+    for source in ("qa", "math"):
+        mine = train[train["category"] == source]
+        n_chats = int(mine["messages"].notna().sum())
+        turns = sum(3 if i in chats and i != "math-0" else 1 for i in mine["id"])
+        assert stats["sources"][source]["multi_turn"] == n_chats and stats["sources"][source]["turns"] == turns
+        assert mixed.manifest["sources"][source]["rows"] == len(mine)
+    assert sum(v["turns"] for v in stats["sources"].values()) > len(train)  # some conversations were drawn
+    # The DataFrame path (Python lists of turns) draws and counts the same.
+    frame = table_in.to_pandas()
+    frame["messages"] = [chats.get(i) for i in frame["id"]]
+    _, frame_stats, frame_mixed = mix(frame, cfg)
+    assert frame_stats == stats and frame_mixed.manifest == mixed.manifest
