@@ -163,10 +163,11 @@ def side_by_side(rows: pd.DataFrame, base: LLM, tuned: LLM, max_new_tokens: int,
     if judge_llm is not None:
         usage = Usage()
         args = (table["instruction"].tolist(), table["input"].fillna("").tolist())
-        table["base_judge"], table["base_judge_error"], _ = judge(*args, table["base_answer"].tolist(), judge_llm,
-                                                                   judge_tokens, usage)
-        table["tuned_judge"], table["tuned_judge_error"], _ = judge(*args, table["tuned_answer"].tolist(), judge_llm,
-                                                                     judge_tokens, usage)
+        for name in ("base", "tuned"):  # a multi-turn row is judged as its whole conversation, this answer last
+            said = [c[:-1] + [{"role": "assistant", "content": a}] if turn_count(c) > 1 else None
+                    for c, a in zip(whole, table[f"{name}_answer"])]
+            table[f"{name}_judge"], table[f"{name}_judge_error"], _ = judge(
+                *args, table[f"{name}_answer"].tolist(), judge_llm, judge_tokens, usage, conversations=said)
         rate, counts = win_rate(table["base_judge"].to_numpy(float), table["tuned_judge"].to_numpy(float))
         stats.update(win_rate=rate, judged=counts, usage=usage.as_dict())
     return table, stats

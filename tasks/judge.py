@@ -135,10 +135,14 @@ def judge_params(mode: Mode, max_new_tokens: int) -> GenerationParams:
 
 
 def judge(instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str], llm: LLM,
-          max_new_tokens: int, usage: Usage) -> tuple[np.ndarray, list[str | None], list[str]]:
+          max_new_tokens: int, usage: Usage,
+          conversations: Sequence[Sequence[Message] | None] | None = None) -> tuple[np.ndarray, list[str | None], list[str]]:
     """Ratings (NaN where none could be read), the reason for each missing one, and the raw answers, in one
-    batch (the evaluate stage's few rows; quality's judge runs its rows through the work engine)."""
-    prompts = [judge_prompt(i, x, o, llm.mode) for i, x, o in zip(instructions, inputs, outputs)]
+    batch (the evaluate stage's few rows; quality's judge runs its rows through the work engine). A row
+    with a conversation (`conversations[i]`, its last turn the answer rated) is judged whole."""
+    conversations = conversations if conversations is not None else [None] * len(outputs)
+    prompts = [judge_prompt(i, x, o, llm.mode) if c is None else conversation_prompt(c, llm.mode)
+               for i, x, o, c in zip(instructions, inputs, outputs, conversations)]
     params = judge_params(llm.mode, max_new_tokens)
     completions = llm.generate(prompts, params, desc="judge")
     usage.add("judge", completions)

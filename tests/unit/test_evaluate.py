@@ -96,3 +96,31 @@ def test_ablation_inputs_take_seeds_or_ignore_the_decisions():
     arms = ablation_inputs(scored)
     assert arms["seeds_only"]["id"].tolist() == ["a", "e"]
     assert arms["without_quality"]["keep"].all() and arms["without_quality"]["id"].tolist() == list("abcde")
+
+
+def test_chat_tuned_models_are_asked_the_conversation_before_its_last_answer():
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."},
+            {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"},
+            {"role": "assistant", "content": "Green."}]
+    rows = pd.DataFrame({"id": ["a", "b"], "set": ["eval split", "held-out"],
+                         "instruction": ["Name a color.", "Add 2 and 2."], "input": ["", "Show the sum."],
+                         "output": ["Blue.", "4"], "messages": [talk, None]})
+    base = ScriptedLLM(lambda prompt, params: "Red.")
+    tuned = ScriptedLLM(lambda prompt, params: "Yellow." if len(prompt) > 1 else "4")
+    judge = ScriptedLLM(lambda prompt, params: "7/10")
+    table, stats = side_by_side(rows, base, tuned, max_new_tokens=8, repetition_penalty=1.0, judge_llm=judge,
+                                chat=True)
+    # messages, not an Alpaca prompt: every turn before the last answer, system first
+    assert tuned.calls[0][0] == [talk[:4], [{"role": "user", "content": "Add 2 and 2.\n\nShow the sum."}]]
+    assert base.calls[0][0] == tuned.calls[0][0]
+    assert table["tuned_answer"].tolist() == ["Yellow.", "4"] and stats["template"] == "chat"
+    # the row shows the question asked (its last user turn, which turn) and the last answer as reference
+    assert table["instruction"].tolist() == ["Another one?", "Add 2 and 2."]
+    assert table["input"].tolist() == ["", "Show the sum."]
+    assert table["turn"].tolist() == [2, 1] and table["reference"].tolist() == ["Green.", "4"]
+    # the multi-turn row is judged as its whole conversation, the model's answer in place of the last one
+    judged = [p for prompts, _ in judge.calls for p in prompts]
+    assert len(judged) == 4 and "Blue." in judged[0] and "Another one?" in judged[0] and "Red." in judged[0]
+    assert "Green." not in judged[0] and "Yellow." in judged[2]
+    md = markdown(table, {**stats, "eval_loss_before": 2.0, "eval_loss_after": 1.5}, "Side by side")
+    assert "| eval split | [turn 2] Another one? |" in md
