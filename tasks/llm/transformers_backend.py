@@ -1,4 +1,9 @@
-"""The in-process Hugging Face backend: batched, left-padded generation on GPU when present, else CPU."""
+"""The in-process Hugging Face backend: batched generation on GPU when present, else CPU.
+
+A causal model reads left-padded prompts and continues them. An encoder-decoder model (T5, FLAN-T5, BART; see
+tasks/llm/seq2seq.py) reads the right-padded prompt in its encoder and generates the completion from its
+decoder; its prompt tokens are the encoder's, and its log-probabilities are the decoder's given the prompt.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
+from tasks.llm import seq2seq
 from tasks.llm.base import Completion, GenerationParams, Message, Mode, Prompt, truncate_at_stop
 from tasks.llm.losses import collate, fit_response, make_example, token_losses
 
@@ -48,6 +54,14 @@ def load_causal_lm(model_dir: Path, device: torch.device, dtype: torch.dtype, at
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra)
     return model.to(device)
+
+
+def load_lm(model_dir: Path, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None):
+    """The model of a local directory: an encoder-decoder one (its config says `is_encoder_decoder`) through
+    AutoModelForSeq2SeqLM, any other through AutoModelForCausalLM."""
+    if seq2seq.is_encoder_decoder(model_dir):
+        return seq2seq.load_seq2seq_lm(model_dir, device, dtype, attn_implementation)
+    return load_causal_lm(model_dir, device, dtype, attn_implementation)
 
 
 class NucleusSampling:
@@ -112,6 +126,13 @@ class RowSampling:
         return noise.fill_(float("-inf")).scatter_(-1, drawn, 0.0)  # reuses a (batch, vocabulary) buffer
 
 
+def _tokens(example) -> int:
+    """An example's tokens, for batching similar lengths together (0 for a dropped one)."""
+    if example is None:
+        return 0
+    return example.tokens if isinstance(example, seq2seq.Seq2SeqExample) else len(example.input_ids)
+
+
 GEMMA_TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 
 
@@ -140,8 +161,10 @@ class TransformersLLM:
         self.name = f"transformers:{model_dir.name}"
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
-        self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_causal_lm(model_dir, self.device, self.dtype).eval()
+        # An encoder reads padding at the end (seq2seq.pad_rows); a causal model continues from the last token.
+        self.encoder_decoder = seq2seq.is_encoder_decoder(model_dir)
+        self.tokenizer = load_tokenizer(model_dir, padding_side="right" if self.encoder_decoder else "left")
+        self.model = load_lm(model_dir, self.device, self.dtype).eval()
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {int(e) for e in eos if e is not None} | {int(self.tokenizer.eos_token_id)}
@@ -200,7 +223,8 @@ class TransformersLLM:
     def next_token_logprobs(self, prompts: Sequence[Prompt], candidates: Sequence[str]) -> np.ndarray:
         """Log-probability of each candidate's first token right after each prompt: shape (prompts, candidates).
 
-        One forward pass per batch, no sampling; the output layer runs on the last position only.
+        One forward pass per batch, no sampling; the output layer runs on the last position only. For an
+        encoder-decoder model, the decoder's first token with the prompt in the encoder.
         """
         tok = self.tokenizer
         prompts = [self.render(p) for p in prompts]
@@ -209,6 +233,10 @@ class TransformersLLM:
             raise ValueError(f"candidates {list(candidates)} do not start with distinct tokens")
         rows = []
         for start in range(0, len(prompts), self.batch_size):
+            if self.encoder_decoder:
+                enc_ids, enc_mask = self._encoder_batch(prompts[start:start + self.batch_size])
+                rows.append(seq2seq.first_token_logprobs(self.model, enc_ids, enc_mask, ids))
+                continue
             enc = tok(list(prompts[start:start + self.batch_size]), return_tensors="pt", padding=True,
                       truncation=True, max_length=self.max_prompt_tokens).to(self.device)
             hidden = self.model.get_decoder()(**enc).last_hidden_state[:, -1]  # left padding: last is real
@@ -216,14 +244,25 @@ class TransformersLLM:
             rows.append(torch.log_softmax(logits, dim=-1)[:, ids].cpu().numpy())
         return np.concatenate(rows) if rows else np.zeros((0, len(candidates)))
 
+    def _encoder_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded encoder inputs of prompts, each cut to its last `max_prompt_tokens` tokens."""
+        rows = seq2seq.encoder_ids(self.tokenizer, prompts, self.max_prompt_tokens)
+        ids, mask = seq2seq.pad_rows(rows, self.tokenizer.pad_token_id)
+        return ids.to(self.device), mask.to(self.device)
+
     def _token_pairs(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
         tok = self.tokenizer
+        if self.encoder_decoder:  # the empty prompt is not empty for an encoder (see seq2seq)
+            return list(zip(seq2seq.encoder_ids(tok, prompts),
+                            (tok(r.strip(), add_special_tokens=False)["input_ids"] for r in responses)))
         return [(tok(p, add_special_tokens=True)["input_ids"], tok(r.strip(), add_special_tokens=False)["input_ids"])
                 for p, r in zip(prompts, responses)]
 
     def truncations(self, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> list[str | None]:
-        """What `response_losses` does to each pair that does not fit in `max_length` (see fit_response)."""
-        return [fit_response(len(p), len(r), max_length)[1] for p, r in self._token_pairs(prompts, responses)]
+        """What `response_losses` does to each pair that does not fit in `max_length` (see fit_response; for an
+        encoder-decoder model seq2seq.fit, `max_length` per side)."""
+        fits = seq2seq.fit if self.encoder_decoder else fit_response
+        return [fits(len(p), len(r), max_length)[1] for p, r in self._token_pairs(prompts, responses)]
 
     @torch.inference_mode()
     def response_losses(self, prompts: Sequence[str], responses: Sequence[str], max_length: int,
@@ -235,20 +274,28 @@ class TransformersLLM:
         `room_from`, the head that fits after those prompts instead, so that a response scored alone and
         after its instruction is scored on the same tokens. NaN for a response with no tokens, or when
         the prompt leaves no room.
+
+        An encoder-decoder model scores the response as its decoder's output with the prompt as its
+        encoder's input (an empty prompt: see seq2seq), each side within `max_length`; a response's room
+        does not depend on its prompt there, so `room_from` changes nothing.
         """
         pairs = self._token_pairs(prompts, responses)
-        rooms = ([None] * len(pairs) if room_from is None
-                 else [len(p) for p, _ in self._token_pairs(room_from, [""] * len(room_from))])
-        examples = [make_example(p, r, max_length, room_tokens=room) for (p, r), room in zip(pairs, rooms)]
+        if self.encoder_decoder:
+            examples = [seq2seq.make_example(p, r, max_length) for p, r in pairs]
+            batch_of, losses_of = seq2seq.collate, seq2seq.token_losses
+        else:
+            rooms = ([None] * len(pairs) if room_from is None
+                     else [len(p) for p, _ in self._token_pairs(room_from, [""] * len(room_from))])
+            examples = [make_example(p, r, max_length, room_tokens=room) for (p, r), room in zip(pairs, rooms)]
+            batch_of, losses_of = collate, token_losses
         losses = np.full(len(examples), np.nan)
-        order = [i for i in sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids)
-                                   if examples[i] else 0, reverse=True)
+        order = [i for i in sorted(range(len(examples)), key=lambda i: _tokens(examples[i]), reverse=True)
                  if examples[i] is not None and examples[i].trainable_tokens]
         for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", leave=False):
             rows = order[start:start + self.batch_size]
-            batch = {k: v.to(self.device) for k, v in collate([examples[i] for i in rows],
-                                                               self.tokenizer.pad_token_id).items()}
-            sums, counts = token_losses(self.model, batch)
+            batch = {k: v.to(self.device) for k, v in batch_of([examples[i] for i in rows],
+                                                                self.tokenizer.pad_token_id).items()}
+            sums, counts = losses_of(self.model, batch)
             losses[rows] = (sums / counts).cpu().numpy()
         return losses
 
@@ -256,8 +303,12 @@ class TransformersLLM:
     def _generate_batch(self, prompts: list[str], params: GenerationParams, offset: int,
                         seeds: Sequence[int | None] | None = None) -> list[Completion]:
         tok = self.tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-                  max_length=self.max_prompt_tokens).to(self.device)
+        if self.encoder_decoder:
+            enc_ids, enc_mask = self._encoder_batch(prompts)
+            enc = {"input_ids": enc_ids, "attention_mask": enc_mask}
+        else:
+            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
+                      max_length=self.max_prompt_tokens).to(self.device)
         kwargs: dict = {"max_new_tokens": params.max_new_tokens, "pad_token_id": tok.pad_token_id,
                         "repetition_penalty": params.repetition_penalty if params.repetition_penalty != 1.0 else None}
         if params.temperature > 0:
@@ -274,7 +325,8 @@ class TransformersLLM:
         if seeds is None and params.seed is not None:
             torch.manual_seed(params.seed + offset)
         out = self.model.generate(**enc, **kwargs)
-        new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
+        # A causal model's output repeats its prompt; a decoder's starts with its start token.
+        new_tokens = out[:, 1 if self.encoder_decoder else enc["input_ids"].shape[1]:].tolist()
         prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
         completions = []
         for ids, n_prompt in zip(new_tokens, prompt_lengths):
