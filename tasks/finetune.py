@@ -1,11 +1,17 @@
 """Stage 6, finetune: instruction-tune the base model on the mix, and measure eval loss before and after.
 
-Each example is the Alpaca prompt followed by the output and the end-of-sequence token; the loss covers the
-response tokens only (prompt and padding labels are -100). The prompt is always kept whole: an over-long
-example loses the tail of its response (and with it the end-of-sequence token), or is dropped
-(`finetune.truncation`); the mask report counts both, per reason. Training is a plain AdamW loop with linear warmup and
-cosine decay. The same eval loss (mean over response tokens of the held-out split) is measured on the base
-model and on the tuned model, which is saved with its tokenizer so `from_pretrained` loads it.
+With `finetune.template: alpaca` each example is the Alpaca prompt followed by the output and the
+end-of-sequence token (a multi-turn row is refused); with `chat` it is the row's whole conversation rendered
+with the chat template (tasks/chat_template.py), trained on every assistant turn and its end-of-turn token.
+The loss covers those response tokens only (everything else, padding included, has label -100). The prompt
+is always kept whole: an over-long example loses the tail of its (last kept) response, or its later turns,
+or is dropped (`finetune.truncation`; tasks/llm/losses.py `fit_response`, `fit_turns`); the mask report counts
+each, per reason, and `mask_report.md` in the artifact shows a sample of examples with their trained tokens
+marked. Training is a plain AdamW loop with linear warmup and cosine decay. The same eval loss (mean over
+response tokens of the held-out split) is measured on the base model and on the tuned model, which is saved
+with its tokenizer so `from_pretrained` loads it; trained with `chat`, the tokenizer carries the chat
+template (`apply_chat_template` renders prompts as training did) and generation stops at the end-of-turn
+token as well as at end-of-sequence.
 
 Weights and optimizer state stay in float32; on a GPU the forward and backward run in bfloat16 under
 autocast. Under torchrun (tasks/multigpu.py) every process trains its share of each step's micro-batches
@@ -33,14 +39,17 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from tasks import flops
-from tasks.artifacts import atomic_write_json
+from tasks import chat_template, flops
+from tasks.artifacts import atomic_write_json, atomic_write_text
 from tasks.config import EvaluateConfig, FinetuneConfig, LoraConfig
 from tasks.llm.losses import Example, collate, pack, packed_batch, packed_loss, stack_rows, token_losses
 from tasks.llm.transformers_backend import load_causal_lm, load_tokenizer, pick_device, pick_dtype
-from tasks.tokenized import Tokenized, encode, prepare
+from tasks.tokenized import Tokenized, as_table, encode, encode_chat, encode_rows, prepare
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
+MASK_REPORT = "mask_report.md"  # in the stage's artifact: a sample of examples, trained tokens marked
+MASK_REPORT_EXAMPLES = 8
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"  # around trained text in the mask report
 
 
 def ranks() -> tuple[int, int]:
@@ -64,13 +73,19 @@ def build_example(tokenizer, instruction: str, input: str, output: str, max_leng
     return (Tokenized.from_encoded(enc)[0] if len(enc.kept) else None), next(iter(enc.reasons), None)
 
 
-def build_examples(tokenizer, df: pd.DataFrame, max_length: int,
-                   truncation: str = "response") -> tuple[Tokenized, np.ndarray, dict[str, int]]:
-    """The examples of the rows that are kept (in memory), their row positions in `df`, and the count per
-    truncation reason (truncated_response, dropped_too_long, dropped_prompt_too_long)."""
-    enc = encode(tokenizer, df["instruction"].fillna("").astype(str).tolist(),
-                 df["input"].fillna("").astype(str).tolist(), df["output"].fillna("").astype(str).tolist(),
-                 max_length, truncation)
+def build_chat_example(tokenizer, template: str, messages: list[dict[str, str]], max_length: int,
+                       truncation: str = "response") -> tuple[Example | None, str | None]:
+    """The chat training example of one conversation and what truncation did to it (see fit_turns)."""
+    enc = encode_chat(tokenizer, template, [messages], ["the conversation"], max_length, truncation)
+    return (Tokenized.from_encoded(enc)[0] if len(enc.kept) else None), next(iter(enc.reasons), None)
+
+
+def build_examples(tokenizer, df: pd.DataFrame | pa.Table, max_length: int, truncation: str = "response",
+                   chat_template: str | None = None) -> tuple[Tokenized, np.ndarray, dict[str, int]]:
+    """The examples of the rows that are kept (in memory): Alpaca examples, or chat examples rendered with
+    `chat_template`; their row positions in `df`, and the count per truncation reason (truncated_response,
+    truncated_turns, dropped_too_long, dropped_prompt_too_long)."""
+    enc = encode_rows(tokenizer, as_table(df), max_length, truncation, chat_template)
     return Tokenized.from_encoded(enc), enc.kept, enc.reasons
 
 
@@ -312,6 +327,59 @@ def mask_report(examples: Tokenized | list[Example], ids: list[str], truncation:
             "truncation": dict(sorted((truncation or {}).items()))}
 
 
+def _runs(tokenizer, ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[str, bool]]:
+    """The example's text in runs, each trained or not. Decoded as prefixes, so a run's text is exactly
+    what its tokens add to the text (a character split across runs goes to the run that completes it)."""
+    cuts = sorted({0, len(ids), *(b for span in spans for b in span)})
+    trained = [any(s <= a < e for s, e in spans) for a in cuts[:-1]]
+
+    def text(n: int) -> str:
+        return tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    texts = [text(n) for n in cuts]
+    if all(b.startswith(a) for a, b in zip(texts, texts[1:])):
+        pieces = [b[len(a):] for a, b in zip(texts, texts[1:])]
+    else:  # a tokenizer whose decoded prefixes are not prefixes: each run decoded alone
+        pieces = [tokenizer.decode(ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                  for a, b in zip(cuts, cuts[1:])]
+    return list(zip(pieces, trained))
+
+
+def mask_report_markdown(tokenizer, examples: Tokenized, ids: list[str], template: str,
+                         sample: int = MASK_REPORT_EXAMPLES, seed: int = 0) -> str:
+    """A seeded sample of `sample` training examples as Markdown: each example's whole text, special tokens
+    included, its trained text between ⟦ and ⟧, and its token counts. `template` names how the examples
+    were rendered. What a user reads to see what the model was trained on."""
+    n = len(examples)
+    picked = sorted(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False).tolist()) if n else []
+    lengths, trainable = token_counts(examples)
+    lines = [f"# What finetune trains: {len(picked)} of {n} training examples", "",
+             f"Template: {template}. The trained tokens (those with a loss) are between {TRAINED_OPEN} and "
+             f"{TRAINED_CLOSE}; the rest is context the model reads and is not trained on. Special tokens are "
+             f"shown as they are.", "",
+             f"All {n} examples: {int(lengths.sum())} tokens, {int(trainable.sum())} trained "
+             f"({trainable.sum() / max(lengths.sum(), 1):.1%}). Truncation: "
+             f"{', '.join(f'{k} {v}' for k, v in sorted(examples.truncation.items())) or 'none'} (an answer cut "
+             f"short ends without its end-of-turn token).", ""]
+    for number, i in enumerate(picked, start=1):
+        spans = examples.trained_spans(i)
+        runs = _runs(tokenizer, examples[i].input_ids, spans)
+        body = "".join(f"{TRAINED_OPEN}{t}{TRAINED_CLOSE}" if trained else t for t, trained in runs)
+        fence = "`" * max(3, _longest_run(body, "`") + 1)
+        lines += [f"## {number}. `{ids[i]}`", "",
+                  f"{lengths[i]} tokens, {trainable[i]} trained, in {len(spans)} span{'s' * (len(spans) != 1)}.",
+                  "", f"{fence}text", body, fence, ""]
+    return "\n".join(lines)
+
+
+def _longest_run(text: str, char: str) -> int:
+    longest = current = 0
+    for c in text:
+        current = current + 1 if c == char else 0
+        longest = max(longest, current)
+    return longest
+
+
 def attention_for(cfg: FinetuneConfig, device: torch.device) -> str:
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
@@ -369,9 +437,12 @@ def plot_curve(log: list[dict[str, float]], before: float, after: float, path: P
 
 
 def model_card(metrics: dict[str, Any], data: dict[str, str]) -> str:
+    how = ("the Alpaca template, loss on response tokens only" if metrics["template"] == "alpaca" else
+           "its chat template (saved with the tokenizer: prompt it with `tokenizer.apply_chat_template(messages, "
+           "add_generation_prompt=True)`), loss on every assistant turn and its end-of-turn token only")
     lines = ["# instructflow fine-tune", "",
-             f"Base model: `{metrics['base_model']}`, instruction-tuned with the Alpaca template, loss on response "
-             f"tokens only ({metrics['steps']} optimizer steps, {metrics['train_examples']} training examples"
+             f"Base model: `{metrics['base_model']}`, instruction-tuned with {how} "
+             f"({metrics['steps']} optimizer steps, {metrics['train_examples']} training examples"
              f"{', packed' if metrics['packing'] else ''}{', LoRA adapters merged in' if metrics['lora'] else ''}).",
              "", "## Data", ""]
     lines += [f"- {name}: `{value}`" for name, value in data.items()]
@@ -390,8 +461,9 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
     `data` names what the model was trained on (artifact keys) for its model card. A run that finds
     checkpoints in `out_dir/checkpoints` continues from the newest one. The examples are tokenized once into
     `tokens_root` (tasks/tokenized.py), where a resumed run, every other process and any run with the same
-    tokenizer, rows and length settings find them; by default `out_dir/tokenized`, removed with the
-    checkpoints once the model is saved.
+    tokenizer, rows, template and length settings find them; by default `out_dir/tokenized`, removed with
+    the checkpoints once the model is saved. `cfg.template` and `cfg.chat_template` say how examples are
+    rendered (see the module's docstring); `out_dir/mask_report.md` shows a sample of them.
     """
     # 1. Model (float32 weights; `dtype` is the compute precision), tokenizer and examples. Under torchrun
     # each process takes the GPU of its local rank.
@@ -403,6 +475,7 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
         torch.cuda.set_device(device)
     dtype = pick_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
+    template = chat_template.template_for(tokenizer, cfg.chat_template) if cfg.template == "chat" else None
     model = load_causal_lm(model_dir, device, torch.float32, attn_implementation=attention_for(cfg, device))
     table = mixed if isinstance(mixed, pa.Table) else pa.Table.from_pandas(mixed, preserve_index=False)
     train_rows = table.filter(pc.equal(table.column("split"), "train"))
@@ -414,12 +487,20 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
         raise ValueError(f"finetune needs train and eval rows, got {train_rows.num_rows} and {eval_rows.num_rows}")
     root = tokens_root or out_dir / "tokenized"
     train_examples, train_prep = prepare(tokenizer, train_rows, cfg.max_length, cfg.truncation, root, model_dir,
-                                         "tokenize (train)")
+                                         "tokenize (train)", template)
     eval_examples, eval_prep = prepare(tokenizer, eval_rows, cfg.max_length, cfg.truncation, root, model_dir,
-                                       "tokenize (eval)")
-    masks = mask_report(train_examples, train_rows.column("id").take(train_examples.rows).to_pylist(),
-                        train_examples.truncation, cfg.max_length)
+                                       "tokenize (eval)", template)
+    train_ids = train_rows.column("id").take(train_examples.rows).to_pylist()
+    masks = mask_report(train_examples, train_ids, train_examples.truncation, cfg.max_length)
     masks["eval_truncation"] = dict(sorted(eval_examples.truncation.items()))
+    masks["template"] = cfg.template
+    if rank == 0:  # before training: what will be trained can be read while it trains
+        source = (f"the file `{cfg.chat_template}`" if cfg.chat_template else
+                  "Gemma's turn format" if template == chat_template.GEMMA else "the tokenizer's own")
+        described = ("alpaca (the Alpaca prompt, then the response and end-of-sequence)" if template is None else
+                     f"chat, {source}: every assistant turn and its end-of-turn token trained")
+        atomic_write_text(out_dir / MASK_REPORT, mask_report_markdown(tokenizer, train_examples, train_ids,
+                                                                      described, seed=seed))
     eval_df = eval_rows.select(["id", "instruction"]).take(eval_examples.rows).to_pandas()
     del train_rows, eval_rows
     if not len(eval_examples):
@@ -452,6 +533,7 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
         "base_model": str(model_dir), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "weights_dtype": "float32", "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile,
         "attn_implementation": attention_for(cfg, device), "packing": cfg.packing, "lora": cfg.lora.enabled,
+        "template": cfg.template, "mask_report": MASK_REPORT,
         "train_examples": len(train_examples), "eval_examples": len(eval_examples), "steps": len(log),
         "resumed_from_step": resumed_from, "mask": masks, "tokenized": {"train": train_prep, "eval": eval_prep},
         "eval_loss_before": before, "eval_loss_after": after, "eval_loss_delta": after - before,
@@ -471,6 +553,11 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
     final = out_dir / "model"
     staging = out_dir / "model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    if template is not None:  # prompts render as examples did; a reply ends at the end-of-turn token
+        tokenizer.chat_template = template
+        stop = chat_template.end_of_turn_id(tokenizer, template)
+        eos = int(tokenizer.eos_token_id)
+        model.generation_config.eos_token_id = [eos] + ([stop] if stop is not None and stop != eos else [])
     model.save_pretrained(staging)
     tokenizer.padding_side = "left"  # ready for generation
     tokenizer.save_pretrained(staging)

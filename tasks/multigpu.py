@@ -90,8 +90,12 @@ def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_
 
 def write_launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_dir: Path, out_dir: Path,
                  seed: int, data: dict[str, str], tokens_root: Path | None = None) -> Path:
-    """The launch file every process reads (`out_dir/launch.json`); the results of an earlier launch go."""
+    """The launch file every process reads (`out_dir/launch.json`); the results of an earlier launch go.
+    The whole `finetune` section travels (its template settings included); a relative
+    `finetune.chat_template` is made absolute here, where it was meant, since a Ray worker runs elsewhere."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.chat_template:
+        cfg = cfg.model_copy(update={"chat_template": str(Path(cfg.chat_template).resolve())})
     launch_file = out_dir / LAUNCH
     _clean(out_dir, keep_launch_file=False)
     atomic_write_json(launch_file, {"mix": str(mix_path), "finetune": cfg.model_dump(mode="json"),

@@ -64,7 +64,8 @@ def launch(mix_path: Path, cfg: FinetuneConfig, eval_cfg: EvaluateConfig, model_
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Workers run in directories of their own (and on other machines): every path absolute.
+    # Workers run in directories of their own (and on other machines): every path absolute (the launch file
+    # makes `finetune.chat_template` absolute too).
     out_dir = Path(out_dir).resolve()
     tokens_root = Path(tokens_root).resolve() if tokens_root else None
     worker_cfg = cfg.model_copy(update={"device": "cuda" if use_gpu else "cpu"})  # what Ray gives, not `auto`

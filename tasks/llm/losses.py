@@ -1,9 +1,10 @@
 """Response-token losses of a causal LM: the one computation behind fine-tuning, eval loss and IFD.
 
-An example is a prompt followed by a response; labels are -100 on the prompt (and on padding), so only
-response tokens carry loss. Logits are computed only at the positions that predict a response token, and
-in chunks: with Gemma's 262K-token vocabulary a [tokens x vocabulary] float32 tensor is the largest thing
-in memory (16 x 256 tokens would be 4.3 GB), far more than the transformer itself.
+An example is a prompt followed by a response, or a conversation (tasks/chat_template.py) whose assistant
+turns are its responses; labels are -100 everywhere else (prompt, user and system turns, role headers,
+padding), so only response tokens carry loss. Logits are computed only at the positions that predict a
+response token, and in chunks: with Gemma's 262K-token vocabulary a [tokens x vocabulary] float32 tensor is
+the largest thing in memory (16 x 256 tokens would be 4.3 GB), far more than the transformer itself.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ TRUNCATION = ("response", "drop")
 TRUNCATED = "truncated_response"        # the response lost its tail (and its end-of-sequence token)
 DROPPED_TOO_LONG = "dropped_too_long"   # truncation `drop`: the example is not used
 DROPPED_PROMPT = "dropped_prompt_too_long"  # the prompt alone leaves no room for a response token
+TRUNCATED_TURNS = "truncated_turns"     # a conversation kept its leading whole turns, the later ones left out
 
 
 def fit_response(prompt_tokens: int, response_tokens: int, max_length: int, truncation: str = "response",
@@ -53,6 +55,35 @@ def fit_response(prompt_tokens: int, response_tokens: int, max_length: int, trun
     if truncation == "drop":
         return 0, DROPPED_TOO_LONG
     return room, TRUNCATED
+
+
+def fit_turns(spans, total_tokens: int, max_length: int, truncation: str = "response") -> tuple[int, str | None]:
+    """How many leading tokens of a conversation an example keeps, and why not all of them (None: every
+    trained token kept). `spans` are the trained [start, end) spans of its assistant turns, in order.
+
+    The rule of `fit_response`, turn by turn: a conversation is cut only at its end, so what is kept is a
+    prefix of it. One that fits whole is kept whole; one whose trained tokens all fit loses only the
+    untrained text after its last turn. Otherwise the whole leading turns that fit are kept and
+    - the assistant turn that crosses `max_length` keeps its head and loses its tail, end-of-turn token
+      included (`truncated_response`), with `truncation` "response";
+    - when the cut falls before the next assistant turn's first token (in a user turn or a role header),
+      the example ends with the last whole assistant turn (`truncated_turns`): no user turn is kept without
+      an answer token trained after it;
+    - with "drop" a conversation with any trained token past `max_length` is left out (`dropped_too_long`);
+    - when the first assistant turn starts at or past `max_length` it is left out (`dropped_prompt_too_long`).
+    With one assistant turn this is `fit_response` with the prompt ending where the turn's span starts."""
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+    if total_tokens <= max_length:
+        return total_tokens, None
+    if not len(spans) or spans[0][0] >= max_length:
+        return 0, DROPPED_PROMPT
+    if spans[-1][1] <= max_length:
+        return max_length, None
+    if truncation == "drop":
+        return 0, DROPPED_TOO_LONG
+    start, end = next((s, e) for s, e in reversed(spans) if s < max_length)
+    return (max_length, TRUNCATED) if end > max_length else (end, TRUNCATED_TURNS)
 
 
 def make_example(prompt_ids: list[int], response_ids: list[int], max_length: int, truncation: str = "response",
@@ -194,11 +225,15 @@ def pack(lengths, row_tokens: int, decreasing: bool = True) -> list[list[int]]:
 def packed_batch(examples: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """One row holding `examples` back to back: position ids restart at 0 for each, which is how the
     model's mask builder tells them apart (a block-diagonal causal mask: no attention across examples).
-    The padded tail, if any, is a separate run of positions with no labels."""
+    The padded tail, if any, is a separate run of positions with no labels. An example's first token must
+    have no label: the last position of the example before it would predict it."""
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
     for ex in examples:
+        if ex.labels and ex.labels[0] != IGNORE:
+            raise ValueError("a packed example starts with a trained token: the example before it would be "
+                             "trained to predict it (every example must open with an untrained prompt token)")
         ids += ex.input_ids
         labels += ex.labels
         positions += range(len(ex.input_ids))
@@ -222,7 +257,8 @@ def _packed_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def packed_loss(model, batch: dict[str, torch.Tensor], chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response-token loss and token count of a packed batch, through the chunked output layer.
 
-    Each example starts with a prompt token (label -100), so no position predicts across two examples.
+    Each example starts with a prompt token (label -100: the `<bos>` or the chat template's first header
+    token; `packed_batch` checks it), so no position predicts across two examples.
     """
     hidden = _packed_hidden(model, batch)
     target = batch["labels"][:, 1:]

@@ -88,7 +88,8 @@ def test_two_ray_workers_train_like_two_torchrun_processes_and_like_one_accumula
         assert weights["ray"].keys() == weights[name].keys()
         assert all(torch.allclose(weights["ray"][k], weights[name][k], atol=1e-5) for k in weights["ray"])
     # The launch's files and Ray Train's storage are gone; the checkpoint at step 2 went with the model saved.
-    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["metrics.json", "model", "training_curve.png"]
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["mask_report.md", "metrics.json", "model",
+                                                                       "training_curve.png"]
 
 
 @pytest.mark.parametrize("processes, cpus", [(3, 1.0), (2, 2.0)])

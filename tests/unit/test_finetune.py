@@ -105,7 +105,11 @@ def test_finetune_tiny_model_lowers_eval_loss_and_saves(tiny_model_dir, tmp_path
     assert per_token_floor + head < metrics["model_flops_per_token"] < per_token_floor + head + 12 * 2 * 32 * 2 * 96
     assert (tmp_path / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (tmp_path / "model" / "README.md").read_text()
-    assert "Base model:" in card and "eval_loss_after" in card
+    assert "Base model:" in card and "eval_loss_after" in card and "Alpaca template" in card
+    # The mask report: a sample of 8 of the 8 examples, each response marked as the trained text.
+    report = (tmp_path / metrics["mask_report"]).read_text()
+    assert metrics["mask_report"] == "mask_report.md" and metrics["template"] == "alpaca"
+    assert report.count("```text") == 8 and report.count("### Response:\n⟦The number is ") == 8
 
 
 def test_an_example_without_response_tokens_stops_the_stage():

@@ -43,7 +43,8 @@ def test_two_cpu_processes_train_like_one_with_two_accumulated_micro_batches(tin
     b = load_file(tmp_path / "one" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     # The launch's own files are gone; the checkpoint at step 2 was removed once the model was saved.
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["metrics.json", "model", "training_curve.png"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["mask_report.md", "metrics.json", "model",
+                                                                        "training_curve.png"]
 
 
 def test_a_failing_process_stops_the_launch_with_its_error(tiny_model_dir, tmp_path):
