@@ -1,6 +1,6 @@
 """Run configuration: one YAML profile per run, parsed into typed sections.
 
-A profile has the sections `run`, `llm`, `seeds`, `self_instruct`, `evol_instruct`, `quality`, `mix`,
+A profile has the sections `run`, `llm`, `seeds`, `self_instruct`, `self_chat`, `evol_instruct`, `quality`, `mix`,
 `finetune` and `evaluate`. Every section forbids unknown keys, so a typo stops the run before any stage
 starts with a message that names the key and lists what is allowed. Overrides use dotted keys
 (`mix.seed=2`); their values are parsed as YAML scalars, so `2`, `0.5`, `true` and `[a, b]` get their types.

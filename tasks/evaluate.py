@@ -175,12 +175,16 @@ def side_by_side(rows: pd.DataFrame, base: LLM, tuned: LLM, max_new_tokens: int,
 
 # --- held-out loss and the ablation -------------------------------------------------------------------------
 
-def reference_loss(llm, rows: pd.DataFrame, max_length: int, batch_size: int) -> dict[str, Any]:
+def reference_loss(llm, rows: pd.DataFrame, max_length: int, batch_size: int, chat: bool = False) -> dict[str, Any]:
     """Mean loss per reference-answer token (end-of-sequence included) of a local model (tasks/llm's
-    transformers backend: `model`, `tokenizer`, `device`, `dtype`), as finetune measures eval loss."""
+    transformers backend: `model`, `tokenizer`, `device`, `dtype`), as finetune measures eval loss: in the
+    Alpaca format, or with `chat` through the model's chat template (a tuned model's own; Gemma's turn format
+    for the base Gemma), the end-of-turn token included."""
+    from tasks.chat_template import template_for
     from tasks.finetune import build_examples, evaluate_loss
 
-    examples, kept, cut = build_examples(llm.tokenizer, rows, max_length)
+    template = template_for(llm.tokenizer) if chat else None
+    examples, kept, cut = build_examples(llm.tokenizer, rows, max_length, chat_template=template)
     loss, _ = evaluate_loss(llm.model, examples, batch_size, llm.tokenizer.pad_token_id, llm.device, llm.dtype,
                             desc="held-out loss")
     return {"loss": round(float(loss), 4), "examples": len(examples),

@@ -13,6 +13,13 @@ with its tokenizer so `from_pretrained` loads it; trained with `chat`, the token
 template (`apply_chat_template` renders prompts as training did) and generation stops at the end-of-turn
 token as well as at end-of-sequence.
 
+An encoder-decoder base model (T5, FLAN-T5, BART; its config says `is_encoder_decoder`; tasks/llm/seq2seq.py)
+trains with the Alpaca prompt as the encoder's input and the output and end-of-sequence token as the decoder's
+labels, all of them trained. It trains one example per row whatever `finetune.packing` says (metrics record
+`packing: false` and a `packing_note`); `finetune.template: chat` is refused. Its FLOPs and MFU are not
+counted (None in the metrics): tasks/flops.py counts decoder-only transformers. Its examples are built in
+memory, not in the tokenized cache (see `finetune`).
+
 Weights and optimizer state stay in float32; on a GPU the forward and backward run in bfloat16 under
 autocast. Under torchrun (tasks/multigpu.py) every process trains its share of each step's micro-batches
 and DistributedDataParallel averages the gradients, so N processes take the same steps as one process with
@@ -42,8 +49,10 @@ from tqdm.auto import tqdm
 from tasks import chat_template, flops
 from tasks.artifacts import atomic_write_json, atomic_write_text
 from tasks.config import EvaluateConfig, FinetuneConfig, LoraConfig
+from tasks.llm import seq2seq
 from tasks.llm.losses import Example, collate, pack, packed_batch, packed_loss, stack_rows, token_losses
-from tasks.llm.transformers_backend import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+from tasks.llm.seq2seq import Seq2SeqExample
+from tasks.llm.transformers_backend import load_lm, load_tokenizer, pick_device, pick_dtype
 from tasks.tokenized import Tokenized, as_table, encode, encode_chat, encode_rows, prepare
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
@@ -80,36 +89,56 @@ def build_chat_example(tokenizer, template: str, messages: list[dict[str, str]],
     return (Tokenized.from_encoded(enc)[0] if len(enc.kept) else None), next(iter(enc.reasons), None)
 
 
+Examples = Tokenized | list[Example] | list[Seq2SeqExample]
+
+
 def build_examples(tokenizer, df: pd.DataFrame | pa.Table, max_length: int, truncation: str = "response",
-                   chat_template: str | None = None) -> tuple[Tokenized, np.ndarray, dict[str, int]]:
+                   chat_template: str | None = None, encoder_decoder: bool = False,
+                   ) -> tuple[Tokenized | list[Seq2SeqExample], np.ndarray, dict[str, int]]:
     """The examples of the rows that are kept (in memory): Alpaca examples, or chat examples rendered with
-    `chat_template`; their row positions in `df`, and the count per truncation reason (truncated_response,
-    truncated_turns, dropped_too_long, dropped_prompt_too_long)."""
+    `chat_template`, or with `encoder_decoder` an encoder-decoder model's (the Alpaca prompt for the encoder,
+    the output and end-of-sequence as the decoder's labels: tasks/llm/seq2seq.py); their row positions in
+    `df`, and the count per truncation reason (truncated_response, truncated_turns, dropped_too_long,
+    dropped_prompt_too_long). `token_counts` reads either kind."""
+    if encoder_decoder:
+        if chat_template is not None:
+            seq2seq.check_finetune_settings("chat")
+        return seq2seq.encode_table(tokenizer, as_table(df), max_length, truncation)
     enc = encode_rows(tokenizer, as_table(df), max_length, truncation, chat_template)
     return Tokenized.from_encoded(enc), enc.kept, enc.reasons
 
 
-def token_counts(examples: Tokenized | list[Example]) -> tuple[np.ndarray, np.ndarray]:
-    """Each example's tokens and trainable (response) tokens."""
+def is_seq2seq(examples: Examples) -> bool:
+    """Whether the examples are an encoder-decoder model's (`Seq2SeqExample`s)."""
+    return isinstance(examples, list) and bool(examples) and isinstance(examples[0], Seq2SeqExample)
+
+
+def token_counts(examples: Examples) -> tuple[np.ndarray, np.ndarray]:
+    """Each example's tokens (an encoder-decoder example's: both sides') and trainable (response) tokens."""
     if isinstance(examples, Tokenized):
         return examples.lengths, examples.trainable
+    if is_seq2seq(examples):
+        return seq2seq.token_counts(examples)
     return (np.array([len(ex.input_ids) for ex in examples], dtype=np.int64),
             np.array([ex.trainable_tokens for ex in examples], dtype=np.int64))
 
 
 @torch.inference_mode()
-def evaluate_loss(model, examples: Tokenized | list[Example], batch_size: int, pad_id: int, device: torch.device,
+def evaluate_loss(model, examples: Examples, batch_size: int, pad_id: int, device: torch.device,
                   dtype: torch.dtype = torch.float32, desc: str = "eval loss") -> tuple[float, list[float]]:
-    """Token-weighted mean loss over the examples' response tokens, and each example's own mean.
+    """Token-weighted mean loss over the examples' response tokens, and each example's own mean: a causal
+    model's examples, or an encoder-decoder model's (`Seq2SeqExample`s: the decoder's labels are the response).
     Under torchrun each process takes every N-th example and all receive the whole result."""
     rank, world = ranks()
     model.eval()
+    encoder_decoder = is_seq2seq(examples)
+    batch_of, losses_of = (seq2seq.collate, seq2seq.token_losses) if encoder_decoder else (collate, token_losses)
     mine = [examples[i] for i in range(rank, len(examples), world)]
     sums, counts = [], []
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, leave=False, disable=rank > 0):
-        batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in batch_of(mine[start:start + batch_size], pad_id).items()}
         with autocast(device, dtype):
-            s, c = token_losses(model, batch)
+            s, c = losses_of(model, batch)
         sums += s.tolist()
         counts += c.tolist()
     if world > 1:
@@ -154,8 +183,11 @@ def plan_steps(lengths, cfg: FinetuneConfig, seed: int, world: int = 1) -> list[
     return [batches[s * per_step:(s + 1) * per_step] for s in range(total)]
 
 
-def micro_batch(examples: Tokenized | list[Example], rows: list[list[int]], packing: bool,
-                pad_id: int) -> dict[str, torch.Tensor]:
+def micro_batch(examples: Examples, rows: list[list[int]], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    if is_seq2seq(examples):
+        if packing:
+            raise ValueError(f"encoder-decoder examples cannot be packed: {seq2seq.UNPACKED}")
+        return seq2seq.collate([examples[row[0]] for row in rows], pad_id)
     if not packing:
         return collate([examples[row[0]] for row in rows], pad_id)
     width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)  # pad to the longest row
@@ -163,7 +195,10 @@ def micro_batch(examples: Tokenized | list[Example], rows: list[list[int]], pack
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor], packing: bool, chunk: int) -> tuple[torch.Tensor, int]:
-    """Summed response-token loss of a micro-batch and its number of response tokens."""
+    """Summed response-token loss of a micro-batch and its number of response tokens (an encoder-decoder
+    model's: over its decoder's labels, never packed)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return seq2seq.batch_loss(model, batch, chunk)
     if packing:
         total, count = packed_loss(model, batch, chunk)
         return total, int(count)
@@ -237,6 +272,21 @@ class Checkpoints:
         return int(state["step"]), list(state["log"])
 
 
+def lora_targets(model, configured: list[str]) -> list[str]:
+    """The names of the linear layers LoRA adapts: `configured`, when one of them is a linear layer of the
+    model. The default names a causal model's projections (Gemma, Llama, Qwen); on a T5 model, which has
+    none of them, it stands for T5's (tasks/llm/seq2seq.py LORA_TARGETS). Otherwise the key is refused."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    if names & set(configured):
+        return list(configured)
+    if model.config.is_encoder_decoder and list(configured) == LoraConfig().target_modules:
+        t5 = [name for name in seq2seq.LORA_TARGETS if name in names]
+        if t5:
+            return t5
+    raise ValueError(f"finetune.lora.target_modules: none of {list(configured)} is a linear layer of "
+                     f"{type(model).__name__}; set it to some of its linear layers' names: {sorted(names)}")
+
+
 def with_lora(model, cfg: LoraConfig):
     """The model wrapped with trainable low-rank adapters; everything else frozen."""
     try:
@@ -244,11 +294,13 @@ def with_lora(model, cfg: LoraConfig):
         from peft import get_peft_model
     except ImportError:
         raise RuntimeError("finetune.lora.enabled needs peft: pip install -e '.[lora]'") from None
+    task = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
     return get_peft_model(model, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+                                                target_modules=lora_targets(model, cfg.target_modules),
+                                                task_type=task))
 
 
-def train(model, examples: Tokenized | list[Example], cfg: FinetuneConfig, seed: int, pad_id: int, device: torch.device,
+def train(model, examples: Examples, cfg: FinetuneConfig, seed: int, pad_id: int, device: torch.device,
           checkpoints: Checkpoints | None = None,
           dtype: torch.dtype = torch.float32) -> tuple[list[dict[str, float]], int]:
     """Train; return the log (one entry per optimizer step) and the step the run resumed from (0: none)."""
@@ -269,6 +321,8 @@ def train(model, examples: Tokenized | list[Example], cfg: FinetuneConfig, seed:
         loss_fn = torch.nn.parallel.DistributedDataParallel(
             loss_fn, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
+    # tasks/flops.py counts a decoder-only transformer's attention; an encoder-decoder model's is not counted.
+    count_pairs = not model.config.is_encoder_decoder
     model.train()
     bar = tqdm(range(start, len(steps)), desc="finetune", unit="step", initial=start, total=len(steps), disable=rank > 0)
     for step in bar:
@@ -281,6 +335,10 @@ def train(model, examples: Tokenized | list[Example], cfg: FinetuneConfig, seed:
         mine = steps[step][rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
         step_sum = torch.zeros((), device=device)
         for k, rows in enumerate(mine):
+            # Dropout (T5's `dropout_rate`, LoRA's) draws from a seed of (seed, step, micro-batch of the step):
+            # a resumed run draws the masks the uninterrupted one drew, and N processes those of one process
+            # accumulating N micro-batches.
+            torch.manual_seed(int(np.random.SeedSequence([seed, step, rank * cfg.grad_accum + k]).generate_state(1)[0]))
             batch = {key: v.to(device) for key, v in micro_batch(examples, rows, cfg.packing, pad_id).items()}
             last = k == len(mine) - 1
             sync = contextlib.nullcontext() if last or world == 1 else loss_fn.no_sync()
@@ -297,7 +355,7 @@ def train(model, examples: Tokenized | list[Example], cfg: FinetuneConfig, seed:
         optimizer.zero_grad(set_to_none=True)
         log.append({"step": step + 1, "loss": float(step_sum) / max(n_tokens, 1), "lr": scheduler.get_last_lr()[0],
                     "tokens": n_tokens, "real_tokens": sum(step_lengths),
-                    "attention_pairs": flops.attention_pairs(model.config, step_lengths),
+                    "attention_pairs": flops.attention_pairs(model.config, step_lengths) if count_pairs else None,
                     "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
         if checkpoints and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(steps):
@@ -308,10 +366,11 @@ def train(model, examples: Tokenized | list[Example], cfg: FinetuneConfig, seed:
     return log, start
 
 
-def mask_report(examples: Tokenized | list[Example], ids: list[str], truncation: dict[str, int] | None = None,
+def mask_report(examples: Examples, ids: list[str], truncation: dict[str, int] | None = None,
                 max_length: int | None = None) -> dict[str, Any]:
     """Trainable (response) share of each example's tokens, and what truncation did (count per reason);
-    an example with nothing to learn from stops the stage. `ids` names the examples, in their order."""
+    an example with nothing to learn from stops the stage. `ids` names the examples, in their order. An
+    encoder-decoder example's tokens are both sides', its trainable ones the decoder's labels."""
     lengths, trainable = token_counts(examples)
     empty = np.flatnonzero(trainable == 0)
     if len(empty):
@@ -345,30 +404,43 @@ def _runs(tokenizer, ids: list[int], spans: list[tuple[int, int]]) -> list[tuple
     return list(zip(pieces, trained))
 
 
-def mask_report_markdown(tokenizer, examples: Tokenized, ids: list[str], template: str,
-                         sample: int = MASK_REPORT_EXAMPLES, seed: int = 0) -> str:
+def mask_report_markdown(tokenizer, examples: Tokenized | list[Seq2SeqExample], ids: list[str], template: str,
+                         sample: int = MASK_REPORT_EXAMPLES, seed: int = 0,
+                         truncation: dict[str, int] | None = None) -> str:
     """A seeded sample of `sample` training examples as Markdown: each example's whole text, special tokens
     included, its trained text between ⟦ and ⟧, and its token counts. `template` names how the examples
-    were rendered. What a user reads to see what the model was trained on."""
+    were rendered; `truncation` is the count per reason (None: the Tokenized's own). An encoder-decoder
+    example shows its encoder's text, then its decoder's labels, all trained. What a user reads to see what
+    the model was trained on."""
     n = len(examples)
     picked = sorted(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False).tolist()) if n else []
     lengths, trainable = token_counts(examples)
+    encoder_decoder = is_seq2seq(examples)
+    truncation = examples.truncation if truncation is None else truncation
+    marked = (f"The encoder reads the text before {TRAINED_OPEN}; the decoder is trained on the text between "
+              f"{TRAINED_OPEN} and {TRAINED_CLOSE}, its labels, all of them" if encoder_decoder else
+              f"The trained tokens (those with a loss) are between {TRAINED_OPEN} and {TRAINED_CLOSE}; the rest "
+              f"is context the model reads and is not trained on")
     lines = [f"# What finetune trains: {len(picked)} of {n} training examples", "",
-             f"Template: {template}. The trained tokens (those with a loss) are between {TRAINED_OPEN} and "
-             f"{TRAINED_CLOSE}; the rest is context the model reads and is not trained on. Special tokens are "
-             f"shown as they are.", "",
+             f"Template: {template}. {marked}. Special tokens are shown as they are.", "",
              f"All {n} examples: {int(lengths.sum())} tokens, {int(trainable.sum())} trained "
              f"({trainable.sum() / max(lengths.sum(), 1):.1%}). Truncation: "
-             f"{', '.join(f'{k} {v}' for k, v in sorted(examples.truncation.items())) or 'none'} (an answer cut "
+             f"{', '.join(f'{k} {v}' for k, v in sorted(truncation.items())) or 'none'} (an answer cut "
              f"short ends without its end-of-turn token).", ""]
     for number, i in enumerate(picked, start=1):
-        spans = examples.trained_spans(i)
-        runs = _runs(tokenizer, examples[i].input_ids, spans)
+        if encoder_decoder:
+            example = examples[i]
+            spans = [(len(example.encoder_ids), example.tokens)]
+            runs = _runs(tokenizer, example.encoder_ids + example.labels, spans)
+            counts = (f"{lengths[i]} tokens: {len(example.encoder_ids)} in the encoder, {trainable[i]} trained in "
+                      f"the decoder.")
+        else:
+            spans = examples.trained_spans(i)
+            runs = _runs(tokenizer, examples[i].input_ids, spans)
+            counts = f"{lengths[i]} tokens, {trainable[i]} trained, in {len(spans)} span{'s' * (len(spans) != 1)}."
         body = "".join(f"{TRAINED_OPEN}{t}{TRAINED_CLOSE}" if trained else t for t, trained in runs)
         fence = "`" * max(3, _longest_run(body, "`") + 1)
-        lines += [f"## {number}. `{ids[i]}`", "",
-                  f"{lengths[i]} tokens, {trainable[i]} trained, in {len(spans)} span{'s' * (len(spans) != 1)}.",
-                  "", f"{fence}text", body, fence, ""]
+        lines += [f"## {number}. `{ids[i]}`", "", counts, "", f"{fence}text", body, fence, ""]
     return "\n".join(lines)
 
 
@@ -384,22 +456,26 @@ def attention_for(cfg: FinetuneConfig, device: torch.device) -> str:
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     # Flex attention turns the packed rows' block-diagonal mask into skipped blocks (measured on an H200:
-    # 106K vs 89K real tokens/s for sdpa); it has no backward on CPU.
+    # 106K vs 89K real tokens/s for sdpa); it has no backward on CPU. Unpacked (encoder-decoder models
+    # always are), sdpa.
     return "flex_attention" if device.type == "cuda" and cfg.packing else "sdpa"
 
 
 def training_figures(log: list[dict[str, float]], model, device: torch.device, world: int = 1) -> dict[str, Any]:
-    """Throughput of all processes together: real tokens/s (tokens of the examples, padding never counted)
-    is the headline. The FLOPs are those actually done (tasks/flops.py: 6 x the decoder's matmul weights
-    per token, the attention pairs within each example, the output layer at response positions only, and
-    its weight gradient only when it is trained); MFU is that against `world` GPUs' dense bf16 peak."""
+    """Throughput of all processes together: real tokens/s (tokens of the examples, padding never counted;
+    an encoder-decoder example's on both sides) is the headline. The FLOPs are those actually done
+    (tasks/flops.py: 6 x the decoder's matmul weights per token, the attention pairs within each example, the
+    output layer at response positions only, and its weight gradient only when it is trained); MFU is that
+    against `world` GPUs' dense bf16 peak. Neither is given (None) under LoRA, nor for an encoder-decoder
+    model: tasks/flops.py counts a decoder-only transformer, and T5's encoder, cross-attention and relative
+    position biases are another count."""
     seconds = sum(entry["seconds"] for entry in log) or 1e-9
     real = sum(entry["real_tokens"] for entry in log)
     response = sum(entry["tokens"] for entry in log)
     head_trained = model.get_output_embeddings().weight.requires_grad
     # The count is that of full fine-tuning; under LoRA the frozen weights get no weight gradient and the
     # adapters add their own, so no figure rather than a flattering one.
-    done = None if hasattr(model, "peft_config") else flops.training_flops(
+    done = None if hasattr(model, "peft_config") or model.config.is_encoder_decoder else flops.training_flops(
         model.config, real, response, sum(entry["attention_pairs"] for entry in log), head_trained)
     figures: dict[str, Any] = {"train_tokens": response, "train_real_tokens": real,
                                "real_tokens_per_s": real / seconds, "train_seconds": seconds, "processes": world,
@@ -437,7 +513,9 @@ def plot_curve(log: list[dict[str, float]], before: float, after: float, path: P
 
 
 def model_card(metrics: dict[str, Any], data: dict[str, str]) -> str:
-    how = ("the Alpaca template, loss on response tokens only" if metrics["template"] == "alpaca" else
+    how = ("the Alpaca template as the encoder's input, loss on the response (the decoder's labels)"
+           if metrics.get("encoder_decoder") else
+           "the Alpaca template, loss on response tokens only" if metrics["template"] == "alpaca" else
            "its chat template (saved with the tokenizer: prompt it with `tokenizer.apply_chat_template(messages, "
            "add_generation_prompt=True)`), loss on every assistant turn and its end-of-turn token only")
     lines = ["# instructflow fine-tune", "",

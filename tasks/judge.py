@@ -135,8 +135,8 @@ def judge_params(mode: Mode, max_new_tokens: int) -> GenerationParams:
 
 
 def judge(instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str], llm: LLM,
-          max_new_tokens: int, usage: Usage,
-          conversations: Sequence[Sequence[Message] | None] | None = None) -> tuple[np.ndarray, list[str | None], list[str]]:
+          max_new_tokens: int, usage: Usage, conversations: Sequence[Sequence[Message] | None] | None = None,
+          ) -> tuple[np.ndarray, list[str | None], list[str]]:
     """Ratings (NaN where none could be read), the reason for each missing one, and the raw answers, in one
     batch (the evaluate stage's few rows; quality's judge runs its rows through the work engine). A row
     with a conversation (`conversations[i]`, its last turn the answer rated) is judged whole."""

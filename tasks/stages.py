@@ -206,7 +206,7 @@ def _run_evaluate(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     stats.update(eval_loss_before=trained["eval_loss_before"], eval_loss_after=trained["eval_loss_after"],
                  model_path=trained["model_path"])
     if heldout is not None:
-        losses = {name: evaluate.reference_loss(llm, heldout, cfg.finetune.max_length, e.batch_size)
+        losses = {name: evaluate.reference_loss(llm, heldout, cfg.finetune.max_length, e.batch_size, mode == "chat")
                   for name, llm in (("base", base), ("tuned", tuned))}
         stats["heldout"] = {"path": e.heldout_path, "tasks": len(heldout), **losses}
     if e.ablation:
@@ -242,7 +242,7 @@ def _ablation(cfg: Config, inputs: Inputs, out: Artifact, heldout: pd.DataFrame,
                       "train_real_tokens": arm_stats["train_real_tokens"],
                       "sources": {s: v["rows"] for s, v in mixed.manifest["sources"].items()},
                       "heldout_loss": evaluate.reference_loss(llm, heldout, cfg.finetune.max_length,
-                                                              e.batch_size)["loss"],
+                                                              e.batch_size, _answering(cfg) == "chat")["loss"],
                       "stops": evaluate.stop_shares(pd.Series(kinds))}
         shutil.rmtree(arm_dir / "model")  # measured; a gigabyte of float32 weights the run does not need
     return {"arms": arms, "steps": trained["steps"],
@@ -274,8 +274,11 @@ def _mix_key(c: Config) -> dict[str, Any]:
 
 
 def _finetune_key(c: Config) -> dict[str, Any]:
+    template = c.finetune.chat_template
     return {"seed": c.run.seed, "model": fingerprint(c.finetune.base_model or c.llm.model),
             "finetune": c.finetune.identity(),
+            # the template file's content, not only its path: a template edited in place trains anew
+            "chat_template": source_hash(template) if template and Path(template).is_file() else None,
             "eval_loss": {k: c.section("evaluate")[k] for k in ("max_examples", "batch_size")}}
 
 

@@ -19,8 +19,10 @@ No prompt (IFD's direct loss) is the tokenizer's encoding of the empty string: T
 one position for the decoder to attend to.
 
 Packing does not apply: an encoder-decoder example is two sequences, and the decoder's cross-attention would
-need a block mask across encoder and decoder rows that these models do not take. Chat templates do not apply
-either: they format a conversation as one causal sequence. `check_finetune_settings` refuses both.
+need a block mask across encoder and decoder rows that these models do not take, so finetune trains them one
+example per row whatever `finetune.packing` says (and records that in its metrics). Chat templates do not
+apply either: they format a conversation as one causal sequence; `check_finetune_settings` refuses them, and
+`encode_table` refuses a conversation row (more than one exchange, or a system prompt).
 
 Logits are computed in chunks of LOGIT_CHUNK positions, never for a whole batch at once: FLAN-T5's 32K-entry
 vocabulary is small next to Gemma's 262K, yet 16 responses of 512 tokens still make 1 GB of float32 logits.
@@ -34,10 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tasks import conversation
 from tasks.llm.losses import DROPPED_PROMPT, IGNORE, LOGIT_CHUNK, TRUNCATED, TRUNCATION, fit_response
 from tasks.prompts import alpaca_prompt
 
@@ -59,15 +63,29 @@ def is_encoder_decoder(model_or_dir) -> bool:
     return bool(AutoConfig.from_pretrained(str(path.parent)).is_encoder_decoder)
 
 
-def check_finetune_settings(packing: bool, template: str) -> None:
+UNPACKED = ("encoder-decoder models train unpacked: one example per row, the prompt in the encoder and the "
+            "response in the decoder (finetune.packing does not apply)")
+# LoRA's targets in T5 (FLAN-T5, mT5): the attention projections q, k, v, o (self- and cross-attention) and
+# the MLP's wi and wo; a gated MLP (FLAN-T5's, mT5's) has wi_0 and wi_1 instead of wi.
+LORA_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+
+
+def check_finetune_settings(template: str) -> None:
     """Refuse fine-tuning settings that do not apply to an encoder-decoder model (see the module)."""
-    if packing:
-        raise ValueError("finetune.packing: an encoder-decoder model trains one example per row (the prompt in "
-                         "the encoder, the response in the decoder), so examples cannot be packed; set "
-                         "`finetune.packing: false`")
     if template != "alpaca":
         raise ValueError(f"finetune.template: `{template}` renders a conversation as one causal sequence, which an "
                          f"encoder-decoder model does not read; set `finetune.template: alpaca`")
+
+
+def layers(model) -> list[torch.nn.Module]:
+    """The transformer layers of the encoder and the decoder (T5's `block`s, BART's `layers`)."""
+    out = []
+    for stack in (model.get_encoder(), model.get_decoder()):
+        found = getattr(stack, "block", None) if hasattr(stack, "block") else getattr(stack, "layers", None)
+        if found is None:
+            raise ValueError(f"{type(stack).__name__} has neither `block` nor `layers`: its layers are unknown")
+        out += list(found)
+    return out
 
 
 def load_seq2seq_lm(model_dir: Path, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None):
@@ -153,6 +171,25 @@ def encode_rows(tokenizer, instructions: Sequence[str], inputs: Sequence[str], o
     truncation reason (truncated_response, dropped_too_long, dropped_prompt_too_long)."""
     prompts = [alpaca_prompt(i, x or "") for i, x in zip(instructions, inputs)]
     return encode_pairs(tokenizer, prompts, outputs, max_length, truncation, eos=True)
+
+
+def encode_table(tokenizer, table: pa.Table, max_length: int,
+                 truncation: str = "response") -> tuple[list[Seq2SeqExample], np.ndarray, dict[str, int]]:
+    """`encode_rows` over a table's `instruction`, `input` and `output` columns (tasks/tokenized.py
+    `as_table`); a row with `messages` (a conversation: tasks/conversation.py) is refused, naming the row."""
+    if conversation.COLUMN in table.column_names:
+        multi = np.flatnonzero(table.column(conversation.COLUMN).is_valid().to_numpy(zero_copy_only=False))
+        if len(multi):
+            row = int(multi[0])
+            at = f"row {table.column('id')[row].as_py()!r}" if "id" in table.column_names else f"row {row}"
+            raise ValueError(f"{at} is a conversation (more than one exchange, or a system prompt; {len(multi)} "
+                             f"such rows): an encoder-decoder model trains on one instruction and its answer "
+                             f"per row (finetune.template: alpaca); leave conversations out of its mix")
+
+    def texts(name: str) -> list[str]:
+        return table.column(name).to_pandas().fillna("").astype(str).tolist()
+
+    return encode_rows(tokenizer, texts("instruction"), texts("input"), texts("output"), max_length, truncation)
 
 
 def token_counts(examples: Sequence[Seq2SeqExample]) -> tuple[np.ndarray, np.ndarray]:

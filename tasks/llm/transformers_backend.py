@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
+from tasks import chat_template
 from tasks.llm import seq2seq
-from tasks.llm.base import Completion, GenerationParams, Message, Mode, Prompt, truncate_at_stop
+from tasks.llm.base import Completion, GenerationParams, Mode, Prompt, truncate_at_stop
 from tasks.llm.losses import collate, fit_response, make_example, token_losses
 
 log = logging.getLogger(__name__)
@@ -133,23 +134,6 @@ def _tokens(example) -> int:
     return example.tokens if isinstance(example, seq2seq.Seq2SeqExample) else len(example.input_ids)
 
 
-GEMMA_TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
-
-
-def gemma_chat_text(messages: Sequence[Message]) -> str:
-    """Gemma's turn format, for Gemma tokenizers that carry no chat template (the bundled GGUF's does not).
-
-    Gemma has no system role: a system message is put at the top of the first user turn.
-    """
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    turns = []
-    for m in (m for m in messages if m["role"] != "system"):
-        content = m["content"]
-        if system and m["role"] == "user":
-            content, system = f"{system}\n\n{content}", ""
-        role = "model" if m["role"] == "assistant" else m["role"]
-        turns.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
-    return "".join(turns) + "<start_of_turn>model\n"
 
 
 class TransformersLLM:
@@ -169,7 +153,7 @@ class TransformersLLM:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {int(e) for e in eos if e is not None} | {int(self.tokenizer.eos_token_id)}
         vocab = self.tokenizer.get_vocab()
-        self.gemma_turns = all(marker in vocab for marker in GEMMA_TURN_MARKERS)
+        self.gemma_turns = all(marker in vocab for marker in chat_template.GEMMA_TURN_TOKENS)
         if mode == "chat":
             if not self.tokenizer.chat_template and not self.gemma_turns:
                 raise ValueError(f"llm.mode is `chat` but {model_dir} has no chat template; use "
@@ -187,10 +171,10 @@ class TransformersLLM:
                 return prompt
         if self.mode != "chat":
             raise TypeError("llm.mode is `completions` but a stage built chat messages; this is a bug")
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        else:
-            text = gemma_chat_text(prompt)
+        # The tokenizer's own template (a model tuned with finetune.template: chat is saved with it), else
+        # Gemma's turn format, the one training uses for Gemma tokenizers without a template.
+        text = chat_template.render(self.tokenizer, self.tokenizer.chat_template or chat_template.GEMMA, prompt,
+                                    add_generation_prompt=True)
         bos = self.tokenizer.bos_token
         return text[len(bos):] if bos and text.startswith(bos) else text  # the tokenizer adds <bos> itself
 

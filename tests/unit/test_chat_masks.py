@@ -321,3 +321,14 @@ def test_the_launch_file_carries_the_template_settings(tmp_path, monkeypatch):
                                    0, {})
     sent = FinetuneConfig.model_validate(json.loads(launch.read_text())["finetune"])
     assert sent.template == "chat" and sent.chat_template == str(tmp_path / "t.jinja")
+
+
+def test_the_backend_asks_in_chat_mode_with_the_ids_training_used(tiny_model_dir):
+    from tasks.llm.transformers_backend import TransformersLLM
+
+    llm = TransformersLLM(tiny_model_dir, mode="chat")
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."},
+             {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]
+    sent = llm.tokenizer(llm.render(asked))["input_ids"]  # as the backend tokenizes (it adds <bos>)
+    assert sent == chat_template.prompt_ids(llm.tokenizer, asked, chat_template.GEMMA)
+    assert llm.tokenizer.convert_tokens_to_ids("<end_of_turn>") in llm.eos_ids

@@ -3,7 +3,6 @@ at a time, a second preparation or a resumed run reads them instead of tokenizin
 rows or length settings gets its own."""
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
