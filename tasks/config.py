@@ -171,6 +171,12 @@ class LLMConfig(Section):
 SeedFormat = Literal["auto", "self_instruct", "alpaca", "table", "hf_dataset", "sharegpt", "messages"]
 
 
+# A conversation record that breaks the rules (roles out of order, an empty turn, an unknown speaker): stop
+# the run naming it (file:line), or leave it out and count it (`dropped.bad_conversation`, the first few
+# named in stats.json). Real ShareGPT dumps hold many such records.
+BadConversations = Literal["stop", "skip"]
+
+
 class SeedSource(Section):
     """One dataset among several (`seeds.sources`)."""
 
@@ -179,6 +185,7 @@ class SeedSource(Section):
     limit: int | None = Field(None, ge=1, description="keep only the first N tasks of this file")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
                              description="the rows' `dataset` (default: the file's name without suffix)")
+    bad_conversations: BadConversations = "stop"
 
     @property
     def dataset(self) -> str:
@@ -189,6 +196,7 @@ class SeedsConfig(Section):
     path: str = "data/seed_tasks.jsonl"
     format: SeedFormat = "auto"
     limit: int | None = Field(None, ge=1, description="keep only the first N tasks")
+    bad_conversations: BadConversations = "stop"
     # Several datasets as the sources of one run, replacing `path`: each read as `path` would be (its own
     # format and limit), its rows tagged with its name in the `dataset` column and their ids prefixed with
     # `<name>/`; the mix can then weight them (`mix.source_by: dataset`).
@@ -196,9 +204,9 @@ class SeedsConfig(Section):
 
     @model_validator(mode="after")
     def _one_way(self) -> "SeedsConfig":
-        if self.sources and (self.format != "auto" or self.limit is not None):
-            raise ValueError("with `sources`, give each source its own `format` and `limit` (set `format: auto` "
-                             "and `limit: null` here)")
+        if self.sources and (self.format != "auto" or self.limit is not None or self.bad_conversations != "stop"):
+            raise ValueError("with `sources`, give each source its own `format`, `limit` and `bad_conversations` "
+                             "(leave them unset here)")
         names = [s.dataset for s in self.sources]
         if len(set(names)) < len(names):
             raise ValueError(f"two sources share a name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
@@ -207,7 +215,8 @@ class SeedsConfig(Section):
 
     def datasets(self) -> list[SeedSource]:
         """What to read: `sources`, or `path` as the one source."""
-        return list(self.sources) or [SeedSource(path=self.path, format=self.format, limit=self.limit)]
+        return list(self.sources) or [SeedSource(path=self.path, format=self.format, limit=self.limit,
+                                                 bad_conversations=self.bad_conversations)]
 
 
 class SelfInstructConfig(Section):

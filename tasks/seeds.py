@@ -183,14 +183,26 @@ def _conversation_task(obj: Any, where: str, index: int, key: str) -> dict[str, 
     return {**task, conversation.COLUMN: row[conversation.COLUMN]}
 
 
-def read_sharegpt(path: Path) -> pa.Table:
-    return _finish(path, [(where, _conversation_task(obj, where, n, "conversations"))
-                          for n, (where, obj) in enumerate(_records(path, "a ShareGPT"))])
+def _kept(where: str, build, skipped: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
+    """[(where, task)] of one record, or [] when it is bad and bad records are skipped (`skipped` collects
+    each one's message, `file:line` first); without `skipped` a bad record stops the run."""
+    try:
+        return [(where, build())]
+    except SeedFormatError as exc:
+        if skipped is None:
+            raise
+        skipped.append(str(exc))
+        return []
 
 
-def read_messages(path: Path) -> pa.Table:
-    return _finish(path, [(where, _conversation_task(obj, where, n, "messages"))
-                          for n, (where, obj) in enumerate(_records(path, "a messages"))])
+def read_sharegpt(path: Path, skipped: list[str] | None = None) -> pa.Table:
+    return _finish(path, [t for n, (where, obj) in enumerate(_records(path, "a ShareGPT"))
+                          for t in _kept(where, lambda: _conversation_task(obj, where, n, "conversations"), skipped)])
+
+
+def read_messages(path: Path, skipped: list[str] | None = None) -> pa.Table:
+    return _finish(path, [t for n, (where, obj) in enumerate(_records(path, "a messages"))
+                          for t in _kept(where, lambda: _conversation_task(obj, where, n, "messages"), skipped)])
 
 
 def _conversation_key(table: pa.Table) -> str | None:
@@ -199,7 +211,7 @@ def _conversation_key(table: pa.Table) -> str | None:
                  and not pa.types.is_null(table.column(k).type)), None)
 
 
-def _conversation_table_tasks(path: Path, table: pa.Table, key: str) -> pa.Table:
+def _conversation_table_tasks(path: Path, table: pa.Table, key: str, skipped: list[str] | None = None) -> pa.Table:
     """A table of conversations, row by row (`path row N`), each row a record of the JSON format. A row
     whose conversation is null is read by its Alpaca columns when the table has them."""
     alpaca = "instruction" in table.column_names
@@ -209,7 +221,7 @@ def _conversation_table_tasks(path: Path, table: pa.Table, key: str) -> pa.Table
             where = f"{path} row {n}"
             record = {k: v for k, v in row.items() if v is not None}  # a null is an absent field
             if key in record or not alpaca:
-                tasks.append((where, _conversation_task(record, where, n, key)))
+                tasks += _kept(where, lambda: _conversation_task(record, where, n, key), skipped)
             else:
                 tasks.append((where, _alpaca_task(record, where, n)))
             n += 1
@@ -288,15 +300,16 @@ def _table_tasks(path: Path, table: pa.Table, first_row: int, what: str) -> pa.T
                      conversation.COLUMN: pa.nulls(n, conversation.MESSAGES)}, schema=SCHEMA)
 
 
-def _tasks_of_table(path: Path, table: pa.Table) -> pa.Table:
+def _tasks_of_table(path: Path, table: pa.Table, skipped: list[str] | None = None) -> pa.Table:
     key = _conversation_key(table)
-    return _table_tasks(path, table, 0, "row") if key is None else _conversation_table_tasks(path, table, key)
+    return (_table_tasks(path, table, 0, "row") if key is None
+            else _conversation_table_tasks(path, table, key, skipped))
 
 
-def read_table_file(path: Path) -> pa.Table:
+def read_table_file(path: Path, skipped: list[str] | None = None) -> pa.Table:
     try:
         if path.suffix == ".parquet":
-            return _tasks_of_table(path, pq.read_table(path))
+            return _tasks_of_table(path, pq.read_table(path), skipped)
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException) as exc:
         if isinstance(exc, SeedFormatError):
@@ -305,7 +318,7 @@ def read_table_file(path: Path) -> pa.Table:
     return _table_tasks(path, pa.Table.from_pandas(frame, preserve_index=False), 2, "line")  # line 1: the header
 
 
-def read_hf_dataset(path: Path) -> pa.Table:
+def read_hf_dataset(path: Path, skipped: list[str] | None = None) -> pa.Table:
     import datasets
 
     try:
@@ -314,7 +327,7 @@ def read_hf_dataset(path: Path) -> pa.Table:
         raise SeedFormatError(f"{path}: not a dataset saved with save_to_disk ({exc})") from None
     if isinstance(dataset, datasets.DatasetDict):
         raise SeedFormatError(f"{path}: a DatasetDict with splits {list(dataset)}; point at one split's directory")
-    return _tasks_of_table(path, dataset.with_format("arrow")[:])
+    return _tasks_of_table(path, dataset.with_format("arrow")[:], skipped)
 
 
 HEAD_BYTES = 1 << 20
@@ -371,6 +384,7 @@ def detect_format(path: Path) -> str:
     raise SeedFormatError(f"{path}: cannot detect the seed format from the name; set `seeds.format`")
 
 
+CONVERSATION_READERS = ("sharegpt", "messages", "table", "hf_dataset")  # formats that hold conversations
 READERS = {"self_instruct": read_self_instruct_jsonl, "alpaca": read_alpaca, "table": read_table_file,
            "hf_dataset": read_hf_dataset, "sharegpt": read_sharegpt, "messages": read_messages}
 
@@ -396,16 +410,22 @@ def load_seeds(cfg: SeedsConfig, base_dir: Path = Path(".")) -> tuple[pa.Table, 
         if not path.exists():
             raise SeedFormatError(f"{path}: seed file not found (config key `{key}`)")
         fmt = detect_format(path) if src.format == "auto" else src.format
-        table = READERS[fmt](path)
-        rows_in = table.num_rows
+        # Conversation records that break the rules stop the run, or with `bad_conversations: skip` are left
+        # out and counted (real ShareGPT dumps hold many); the other formats always stop.
+        skipped: list[str] | None = [] if src.bad_conversations == "skip" and fmt in CONVERSATION_READERS else None
+        table = READERS[fmt](path, skipped) if skipped is not None else READERS[fmt](path)
+        rows_in = table.num_rows + len(skipped or [])
         if src.limit is not None:
             table = table.slice(0, src.limit)
         if cfg.sources:  # ids stay unique across files
             table = table.set_column(0, "id", pc.binary_join_element_wise(f"{src.dataset}/", table.column("id"), ""))
         tables.append(table.append_column("dataset", pa.array([src.dataset] * table.num_rows, pa.string())))
         per_source[src.dataset] = {"path": str(path), "format": fmt, "rows_in": rows_in, "rows": table.num_rows}
+        if skipped:
+            per_source[src.dataset]["bad_conversations"] = {"skipped": len(skipped), "first": skipped[:5]}
     table = pa.concat_tables(tables)
     rows_in = sum(s["rows_in"] for s in per_source.values())
+    bad = sum(s.get("bad_conversations", {}).get("skipped", 0) for s in per_source.values())
     paths, formats = [s["path"] for s in per_source.values()], [s["format"] for s in per_source.values()]
     categories = table.column("category").value_counts().to_pylist()
     stats = {
@@ -413,7 +433,8 @@ def load_seeds(cfg: SeedsConfig, base_dir: Path = Path(".")) -> tuple[pa.Table, 
         "source": paths[0] if len(paths) == 1 else paths,
         "format": formats[0] if len(formats) == 1 else "several",
         "datasets": per_source,
-        "dropped": {"over_limit": rows_in - table.num_rows} if table.num_rows < rows_in else {},
+        "dropped": {reason: n for reason, n in (("bad_conversation", bad),
+                                                ("over_limit", rows_in - bad - table.num_rows)) if n},
         "classification_tasks": int(pc.sum(table.column("is_classification")).as_py() or 0),
         "instances": int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0),
         "categories": {c["values"]: c["counts"] for c in categories},

@@ -173,7 +173,8 @@ def test_one_path_is_one_dataset_named_after_its_file(tmp_path):
 
 @pytest.mark.parametrize("section,message", [
     ({"sources": [{"path": "a.json"}, {"path": "b/a.jsonl"}]}, r"two sources share a name \(a\)"),
-    ({"sources": [{"path": "a.json"}], "limit": 5}, "give each source its own `format` and `limit`"),
+    ({"sources": [{"path": "a.json"}], "limit": 5},
+     "give each source its own `format`, `limit` and `bad_conversations`"),
     ({"sources": [{"path": "a.json", "name": "has space"}]}, "name"),
 ])
 def test_bad_sources_are_refused(section, message):
@@ -503,3 +504,33 @@ def test_conversations_and_alpaca_rows_as_sources_of_one_table(tmp_path):
                                                                             True]
     assert stats["conversations"] == 4 and stats["turns"] == {"1": 4, "2": 2, "3": 1}
     assert {k: v["format"] for k, v in stats["datasets"].items()} == {"alpaca": "alpaca", "vicuna": "sharegpt"}
+
+
+def test_bad_conversations_stop_the_run_or_are_skipped_and_counted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                                         {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye!"}]}
+    lines = [good, {"id": "b", "conversations": [{"from": "gpt", "value": "I start"}]},
+             {"id": "c", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": " "}]},
+             {"id": "d", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}]
+    path = tmp_path / "dump.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(SeedFormatError, match=rf"^{path}:2: turn 0 is an assistant turn"):
+        load_seeds(SeedsConfig(path=str(path)))
+    table, stats = load_seeds(SeedsConfig(path=str(path), bad_conversations="skip"))
+    assert table.column("id").to_pylist() == ["a", "d"]
+    assert stats["rows_in"] == 4 and stats["dropped"] == {"bad_conversation": 2}
+    skipped = stats["datasets"]["dump"]["bad_conversations"]
+    assert skipped["skipped"] == 2 and [m.split(": ")[0] for m in skipped["first"]] == [f"{path}:2", f"{path}:3"]
+    # the same rule for a table with a messages column, and with a limit on top
+    rows = [{"id": r["id"], "messages": [{"role": {"human": "user", "gpt": "assistant"}[t["from"]],
+                                          "content": t["value"]} for t in r["conversations"]]} for r in lines]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "dump.parquet")
+    table, stats = load_seeds(SeedsConfig(path=str(tmp_path / "dump.parquet"), bad_conversations="skip", limit=1))
+    assert table.column("id").to_pylist() == ["a"] and stats["dropped"] == {"bad_conversation": 2, "over_limit": 1}
+    # an Alpaca file is not a conversation file: its bad records still stop the run
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n')
+    with pytest.raises(SeedFormatError, match="`output` must be a non-empty string"):
+        load_seeds(SeedsConfig(path=str(tmp_path / "bad.jsonl"), bad_conversations="skip"))
