@@ -181,14 +181,16 @@ def reference_loss(llm, rows: pd.DataFrame, max_length: int, batch_size: int, ch
     Alpaca format, or with `chat` through the model's chat template (a tuned model's own; Gemma's turn format
     for the base Gemma), the end-of-turn token included."""
     from tasks.chat_template import template_for
-    from tasks.finetune import build_examples, evaluate_loss
+    from tasks.finetune import build_examples, evaluate_loss, token_counts
 
-    template = template_for(llm.tokenizer) if chat else None
-    examples, kept, cut = build_examples(llm.tokenizer, rows, max_length, chat_template=template)
+    seq2seq = getattr(llm, "encoder_decoder", False)  # an encoder-decoder model: the prompt in its encoder
+    template = template_for(llm.tokenizer) if chat and not seq2seq else None
+    examples, kept, cut = build_examples(llm.tokenizer, rows, max_length, chat_template=template,
+                                         encoder_decoder=seq2seq)
     loss, _ = evaluate_loss(llm.model, examples, batch_size, llm.tokenizer.pad_token_id, llm.device, llm.dtype,
                             desc="held-out loss")
     return {"loss": round(float(loss), 4), "examples": len(examples),
-            "reference_tokens": int(examples.trainable.sum()), "truncation": cut}
+            "reference_tokens": int(token_counts(examples)[1].sum()), "truncation": cut}
 
 
 def ablation_inputs(scored: pd.DataFrame) -> dict[str, pd.DataFrame]:

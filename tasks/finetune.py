@@ -540,12 +540,18 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
     checkpoints in `out_dir/checkpoints` continues from the newest one. The examples are tokenized once into
     `tokens_root` (tasks/tokenized.py), where a resumed run, every other process and any run with the same
     tokenizer, rows, template and length settings find them; by default `out_dir/tokenized`, removed with
-    the checkpoints once the model is saved. `cfg.template` and `cfg.chat_template` say how examples are
-    rendered (see the module's docstring); `out_dir/mask_report.md` shows a sample of them.
+    the checkpoints once the model is saved (an encoder-decoder model's examples are built in memory instead).
+    `cfg.template` and `cfg.chat_template` say how examples are rendered (see the module's docstring);
+    `out_dir/mask_report.md` shows a sample of them.
     """
     # 1. Model (float32 weights; `dtype` is the compute precision), tokenizer and examples. Under torchrun
-    # each process takes the GPU of its local rank.
+    # each process takes the GPU of its local rank. An encoder-decoder model trains one example per row (its
+    # prompt in the encoder, its response in the decoder: nothing to pack) and refuses chat templates.
     rank, world = ranks()
+    encoder_decoder = seq2seq.is_encoder_decoder(model_dir)
+    if encoder_decoder:
+        seq2seq.check_finetune_settings(cfg.template)
+        cfg = cfg.model_copy(update={"packing": False})
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     if device.type == "cuda" and world > 1:
@@ -554,7 +560,7 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
     dtype = pick_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     template = chat_template.template_for(tokenizer, cfg.chat_template) if cfg.template == "chat" else None
-    model = load_causal_lm(model_dir, device, torch.float32, attn_implementation=attention_for(cfg, device))
+    model = load_lm(model_dir, device, torch.float32, attn_implementation=attention_for(cfg, device))
     table = mixed if isinstance(mixed, pa.Table) else pa.Table.from_pandas(mixed, preserve_index=False)
     train_rows = table.filter(pc.equal(table.column("split"), "train"))
     eval_rows = table.filter(pc.equal(table.column("split"), "eval"))
@@ -564,25 +570,41 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
     if not train_rows.num_rows or not eval_rows.num_rows:
         raise ValueError(f"finetune needs train and eval rows, got {train_rows.num_rows} and {eval_rows.num_rows}")
     root = tokens_root or out_dir / "tokenized"
-    train_examples, train_prep = prepare(tokenizer, train_rows, cfg.max_length, cfg.truncation, root, model_dir,
-                                         "tokenize (train)", template)
-    eval_examples, eval_prep = prepare(tokenizer, eval_rows, cfg.max_length, cfg.truncation, root, model_dir,
-                                       "tokenize (eval)", template)
-    train_ids = train_rows.column("id").take(train_examples.rows).to_pylist()
-    masks = mask_report(train_examples, train_ids, train_examples.truncation, cfg.max_length)
-    masks["eval_truncation"] = dict(sorted(eval_examples.truncation.items()))
+    if encoder_decoder:
+        # In memory (Python lists, ~44 bytes a token, in every process): tasks/tokenized.py's cache holds
+        # causal examples, and its `prepare` encodes rows causally (prompt and response as one sequence, the
+        # key covering that code). An encoder-decoder example would fit its arrays (encoder ids, then the
+        # labels as the one trained span) once `prepare` takes the model kind; until then a resumed run
+        # tokenizes again, which for FLAN-T5-sized mixes takes seconds.
+        train_examples, train_kept, train_cut = seq2seq.encode_table(tokenizer, train_rows, cfg.max_length,
+                                                                     cfg.truncation)
+        eval_examples, eval_kept, eval_cut = seq2seq.encode_table(tokenizer, eval_rows, cfg.max_length,
+                                                                  cfg.truncation)
+        train_prep = eval_prep = None
+    else:
+        train_examples, train_prep = prepare(tokenizer, train_rows, cfg.max_length, cfg.truncation, root,
+                                             model_dir, "tokenize (train)", template)
+        eval_examples, eval_prep = prepare(tokenizer, eval_rows, cfg.max_length, cfg.truncation, root, model_dir,
+                                           "tokenize (eval)", template)
+        train_kept, train_cut = train_examples.rows, train_examples.truncation
+        eval_kept, eval_cut = eval_examples.rows, eval_examples.truncation
+    train_ids = train_rows.column("id").take(train_kept).to_pylist()
+    masks = mask_report(train_examples, train_ids, train_cut, cfg.max_length)
+    masks["eval_truncation"] = dict(sorted(eval_cut.items()))
     masks["template"] = cfg.template
     if rank == 0:  # before training: what will be trained can be read while it trains
         source = (f"the file `{cfg.chat_template}`" if cfg.chat_template else
                   "Gemma's turn format" if template == chat_template.GEMMA else "the tokenizer's own")
-        described = ("alpaca (the Alpaca prompt, then the response and end-of-sequence)" if template is None else
+        described = ("alpaca on an encoder-decoder model (the Alpaca prompt in the encoder; the response and "
+                     "end-of-sequence as the decoder's labels)" if encoder_decoder else
+                     "alpaca (the Alpaca prompt, then the response and end-of-sequence)" if template is None else
                      f"chat, {source}: every assistant turn and its end-of-turn token trained")
         atomic_write_text(out_dir / MASK_REPORT, mask_report_markdown(tokenizer, train_examples, train_ids,
-                                                                      described, seed=seed))
-    eval_df = eval_rows.select(["id", "instruction"]).take(eval_examples.rows).to_pandas()
+                                                                      described, seed=seed, truncation=train_cut))
+    eval_df = eval_rows.select(["id", "instruction"]).take(eval_kept).to_pandas()
     del train_rows, eval_rows
     if not len(eval_examples):
-        raise ValueError(f"finetune: every eval example was dropped as too long ({eval_examples.truncation}); "
+        raise ValueError(f"finetune: every eval example was dropped as too long ({eval_cut}); "
                          f"raise finetune.max_length (now {cfg.max_length}) or set finetune.truncation: response")
     pad_id = tokenizer.pad_token_id
     if cfg.lora.enabled:
@@ -592,8 +614,8 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        for layer in model.get_decoder().layers:
+    if cfg.compile:  # each transformer layer (an encoder-decoder model's: the encoder's and the decoder's)
+        for layer in seq2seq.layers(model) if encoder_decoder else model.get_decoder().layers:
             layer.compile()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -611,6 +633,7 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
         "base_model": str(model_dir), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "weights_dtype": "float32", "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile,
         "attn_implementation": attention_for(cfg, device), "packing": cfg.packing, "lora": cfg.lora.enabled,
+        "encoder_decoder": encoder_decoder, "packing_note": seq2seq.UNPACKED if encoder_decoder else None,
         "template": cfg.template, "mask_report": MASK_REPORT,
         "train_examples": len(train_examples), "eval_examples": len(eval_examples), "steps": len(log),
         "resumed_from_step": resumed_from, "mask": masks, "tokenized": {"train": train_prep, "eval": eval_prep},
@@ -637,7 +660,9 @@ def finetune(mixed: pd.DataFrame | pa.Table, cfg: FinetuneConfig, eval_cfg: Eval
         eos = int(tokenizer.eos_token_id)
         model.generation_config.eos_token_id = [eos] + ([stop] if stop is not None and stop != eos else [])
     model.save_pretrained(staging)
-    tokenizer.padding_side = "left"  # ready for generation
+    # Ready for generation: a causal model continues left-padded prompts, an encoder reads right-padded ones.
+    # save_pretrained writes the side only from init_kwargs (transformers 5); else loading gives the class's.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "right" if encoder_decoder else "left"
     tokenizer.save_pretrained(staging)
     (staging / "README.md").write_text(model_card(metrics, data or {}))
     shutil.rmtree(final, ignore_errors=True)

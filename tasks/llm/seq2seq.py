@@ -78,12 +78,15 @@ def check_finetune_settings(template: str) -> None:
 
 
 def layers(model) -> list[torch.nn.Module]:
-    """The transformer layers of the encoder and the decoder (T5's `block`s, BART's `layers`)."""
+    """The transformer layers of the encoder and the decoder (T5's `block`s, BART's `layers`), which
+    finetune compiles one by one."""
     out = []
     for stack in (model.get_encoder(), model.get_decoder()):
-        found = getattr(stack, "block", None) if hasattr(stack, "block") else getattr(stack, "layers", None)
+        found = getattr(stack, "block", None)
+        found = getattr(stack, "layers", None) if found is None else found
         if found is None:
-            raise ValueError(f"{type(stack).__name__} has neither `block` nor `layers`: its layers are unknown")
+            raise ValueError(f"finetune.compile: {type(stack).__name__} has neither `block` nor `layers`, so its "
+                             f"layers cannot be compiled one by one; set `finetune.compile: false`")
         out += list(found)
     return out
 

@@ -83,3 +83,36 @@ def test_a_sharegpt_file_goes_through_every_stage_and_trains_with_the_chat_templ
     # Evaluate asked both models through the template.
     evaluated = json.loads((stage_dir("evaluate") / "stats.json").read_text())
     assert evaluated["template"] == "chat" and evaluated["generations"] > 0
+
+
+def test_an_encoder_decoder_model_makes_scores_and_learns_through_every_stage(harness, gemma_tokenizer_dir, tmp_path):
+    """FLAN-T5's family (a tiny random T5 here): it writes the tasks, scores them (the judge, DEITA and IFD
+    through its decoder), and is fine-tuned with labels on the decoder side, unpacked."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from flows.pipeline import instruction_tuning
+    from tests.unit.test_seq2seq import build_tiny_t5
+
+    t5 = build_tiny_t5(gemma_tokenizer_dir, tmp_path / "tiny-t5")
+    overrides = [f"llm.model={t5}", f"run.artifacts_dir={tmp_path / 'artifacts'}", f"run.runs_dir={tmp_path / 'runs'}",
+                 f"seeds.path={ROOT / 'data' / 'seed_tasks.jsonl'}"]
+    state = instruction_tuning(config=str(ROOT / "configs" / "tiny.yaml"), overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    states = asyncio.run(_task_states(state.state_details.flow_run_id))
+    assert states == {stage: "Completed" for stage in STAGES}
+
+    def stats(stage: str) -> dict:
+        (found,) = (tmp_path / "artifacts" / stage_dirname(stage)).iterdir()
+        return json.loads((found / "stats.json").read_text())
+
+    assert stats("self_instruct")["llm_calls"] > 0 and stats("evol_instruct")["rows_in"] > 0
+    quality = stats("quality")
+    assert {"score_judge", "score_deita", "score_ifd"} <= set(quality["scores"])
+    trained = stats("finetune")
+    assert trained["packing"] is False and trained["encoder_decoder"] is True
+    assert trained["train_flops"] is None and trained["model_flops_per_token"] is None  # no FLOPs model for T5
+    assert trained["steps"] == 2 and trained["eval_loss_after"] == trained["eval_loss_after"]  # not NaN
+    assert AutoModelForSeq2SeqLM.from_pretrained(summary["model_path"]).config.is_encoder_decoder
+    evaluated = stats("evaluate")
+    assert evaluated["template"] == "alpaca" and evaluated["heldout"]["tuned"]["examples"] > 0

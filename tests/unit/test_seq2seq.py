@@ -4,6 +4,7 @@ over the bundled Gemma tokenizer, built here (no hub)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,25 +22,28 @@ PROMPTS = ["Write a poem about the sea.", "Hi", "Explain how tides form, step by
 SEEDS = [11, 22, 33, 44, 55, 66]
 
 
-@pytest.fixture(scope="module")
-def tiny_t5_dir(gemma_tokenizer_dir, tmp_path_factory):
-    """A randomly initialised 2+2-layer T5 over the Gemma tokenizer's 262K-token vocabulary. T5's decoder
-    starts from the pad token (id 0 here, as in T5's own vocabulary); `</s>` is Gemma's `<eos>`. Its weights
-    are drawn at three times T5's scale: at T5's own, a random model decodes nearly the same tokens whatever
-    its prompt, which would hide an encoder bug (3 of these tests' 6 prompts got distinct greedy texts,
-    all 6 at this scale)."""
+def build_tiny_t5(tokenizer_dir: Path, out: Path, scale: float = 3.0) -> Path:
+    """A randomly initialised 2+2-layer T5 over the Gemma tokenizer's 262K-token vocabulary, saved with the
+    tokenizer in `out`. T5's decoder starts from the pad token (id 0 here, as in T5's own vocabulary); `</s>`
+    is Gemma's `<eos>`; dropout is T5's (0.1). Its weights are drawn at `scale` times T5's scale. These tests
+    take three: at T5's own, a random model decodes nearly the same tokens whatever its prompt, which would
+    hide an encoder bug (3 of these tests' 6 prompts got distinct greedy texts, all 6 at this scale)."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    tokenizer = AutoTokenizer.from_pretrained(gemma_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
                       num_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      decoder_start_token_id=tokenizer.pad_token_id, initializer_factor=3.0)
+                      decoder_start_token_id=tokenizer.pad_token_id, initializer_factor=scale)
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(config)
-    out = tmp_path_factory.mktemp("tiny-t5")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(gemma_tokenizer_dir, tmp_path_factory):
+    return build_tiny_t5(gemma_tokenizer_dir, tmp_path_factory.mktemp("tiny-t5"))
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +280,7 @@ def test_checkpointed_chunks_give_the_models_gradients_and_training_lowers_the_l
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_packing_and_chat_templates_are_refused_by_their_keys():
-    with pytest.raises(ValueError, match=r"set `finetune.packing: false`"):
-        seq2seq.check_finetune_settings(packing=True, template="alpaca")
+def test_chat_templates_are_refused_by_their_key():
     with pytest.raises(ValueError, match=r"finetune.template: `chat`.*set `finetune.template: alpaca`"):
-        seq2seq.check_finetune_settings(packing=False, template="chat")
-    seq2seq.check_finetune_settings(packing=False, template="alpaca")
+        seq2seq.check_finetune_settings(template="chat")
+    seq2seq.check_finetune_settings(template="alpaca")
