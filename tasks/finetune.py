@@ -324,7 +324,8 @@ def train(model, examples: Examples, cfg: FinetuneConfig, seed: int, pad_id: int
     # tasks/flops.py counts a decoder-only transformer's attention; an encoder-decoder model's is not counted.
     count_pairs = not model.config.is_encoder_decoder
     model.train()
-    bar = tqdm(range(start, len(steps)), desc="finetune", unit="step", initial=start, total=len(steps), disable=rank > 0)
+    bar = tqdm(range(start, len(steps)), desc="finetune", unit="step", initial=start, total=len(steps),
+               disable=rank > 0)
     for step in bar:
         t0 = time.perf_counter()
         # Every process knows the whole step; it trains its own micro-batches and scales its loss so that
@@ -381,7 +382,8 @@ def mask_report(examples: Examples, ids: list[str], truncation: dict[str, int] |
                          f"finetune.max_length (now {max_length}) or set finetune.truncation: response")
     shares = trainable / lengths
     return {"examples": len(lengths), "trainable_tokens": int(trainable.sum()), "tokens": int(lengths.sum()),
-            "trainable_share_min": round(float(shares.min()), 4), "trainable_share_mean": round(float(shares.mean()), 4),
+            "trainable_share_min": round(float(shares.min()), 4),
+            "trainable_share_mean": round(float(shares.mean()), 4),
             "trainable_share_p10": round(float(np.quantile(shares, 0.1)), 4),
             "truncation": dict(sorted((truncation or {}).items()))}
 

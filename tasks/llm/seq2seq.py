@@ -147,7 +147,8 @@ def encoder_ids(tokenizer, texts: Sequence[str], max_tokens: int | None = None) 
     return [row if row else [tokenizer.eos_token_id] for row in ids]
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int, truncation: str = "response",
+def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int,
+                 truncation: str = "response",
                  eos: bool = True) -> tuple[list[Seq2SeqExample], np.ndarray, dict[str, int]]:
     """The examples of prompt/response texts (each response stripped, then its end-of-sequence token when
     `eos`), the positions of the pairs that gave one, and the count per truncation reason."""
