@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks import (conversation, evaluate, evol_instruct, exports, finetune, mix, multigpu, quality, ray_train, report, seeds,
-                   self_chat, self_instruct, shards)
+from tasks import (conversation, evaluate, evol_instruct, exports, finetune, mix, multigpu, quality, ray_train,
+                   report, seeds, self_chat, self_instruct, shards)
 from tasks.artifacts import (KEY_LENGTH, Artifact, PartWriter, StorageError, artifact_key, atomic_write_json,
                              atomic_write_parquet, atomic_write_text, input_hashes, source_hash, storage_refusal)
 from tasks.codehash import code_hash
@@ -195,7 +195,8 @@ def _run_evaluate(cfg: Config, inputs: Inputs, out: Artifact) -> StageOutput:
     rows = [evaluate.draw_across(mixed[mixed["split"] == "eval"], e.max_generations, "origin", cfg.run.seed)
             .assign(set="eval split")]
     if heldout is not None:
-        rows.append(evaluate.draw_across(heldout, e.heldout_generations, "category", cfg.run.seed).assign(set="held-out"))
+        rows.append(evaluate.draw_across(heldout, e.heldout_generations, "category", cfg.run.seed)
+                    .assign(set="held-out"))
     shown = pd.concat(rows, ignore_index=True)
     trained = inputs["finetune"].stats()
     mode = _answering(cfg)
