@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 COLUMN = "messages"
@@ -124,6 +125,13 @@ def as_messages(value: Any) -> list[Message] | None:
     if value is None or (isinstance(value, float) and value != value):
         return None
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def has_messages(frame: Any) -> np.ndarray:
+    """Which rows of a DataFrame carry a conversation in `messages` (all False without the column)."""
+    if COLUMN not in frame.columns:
+        return np.zeros(len(frame), dtype=bool)
+    return frame[COLUMN].notna().to_numpy(dtype=bool)
 
 
 def rows_messages(table: pa.Table) -> list[list[Message] | None]:

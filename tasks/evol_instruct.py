@@ -361,17 +361,10 @@ async def _chain(evolver: Evolver, root: dict[str, Any], index: int, cfg: EvolIn
     return Finished(key=root["id"], rows=rows)
 
 
-def multi_turn(rows: pd.DataFrame) -> np.ndarray:
-    """Which rows are conversations (`messages` set), which evolution leaves alone."""
-    if conversation.COLUMN not in rows.columns:
-        return np.zeros(len(rows), dtype=bool)
-    return rows[conversation.COLUMN].notna().to_numpy()
-
-
 def chosen_rows(rows: pd.DataFrame, cfg: EvolInstructConfig, seed: int) -> list[int]:
     """The positions of the rows to evolve: every one-exchange row, or `max_per_round` of them drawn with
     `seed`."""
-    chosen = np.flatnonzero(~multi_turn(rows)).tolist()
+    chosen = np.flatnonzero(~conversation.has_messages(rows)).tolist()
     if cfg.max_per_round is not None and len(chosen) > cfg.max_per_round:
         picked = np.random.default_rng([seed, 0]).choice(len(chosen), cfg.max_per_round, replace=False)
         chosen = [chosen[i] for i in sorted(picked)]
@@ -420,7 +413,8 @@ def evolve(rows: pd.DataFrame, cfg: EvolInstructConfig, llm: LLM, seed: int,
         out = unevolved(rows)
     failed = {(r["root_id"], r["evol_iteration"]) for r in attempts if r["drop_reason"]}
     retried = sum((r["root_id"], r["evol_iteration"] - 1) in failed for r in attempts)
-    stats = {"attempted": len(attempts), "kept": len(kept), "not_evolved_multi_turn": int(multi_turn(rows).sum()),
+    stats = {"attempted": len(attempts), "kept": len(kept),
+             "not_evolved_multi_turn": int(conversation.has_messages(rows).sum()),
              "dropped": dict(Counter(r["drop_reason"] for r in attempts if r["drop_reason"])),
              "operations": _pass_rates(attempts, "evol_operation",
                                        [op for op in EVOL_OPERATIONS if cfg.operations.get(op, 0) > 0]),

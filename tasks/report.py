@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.conversation import COLUMN, ROLE_NAMES, as_messages, turn_count
+from tasks.conversation import COLUMN, ROLE_NAMES, as_messages, has_messages, turn_count
 
 BINS = 20
 _SNIPPET = 400  # characters shown of each text of an example: instruction, input, output, or a turn
@@ -70,15 +70,8 @@ def conversation_of(row: pd.Series) -> list[dict[str, str]] | None:
     return as_messages(row.get(COLUMN))
 
 
-def multi_turn(df: pd.DataFrame) -> np.ndarray:
-    """Which rows are multi-turn conversations (have `messages`)."""
-    if COLUMN not in df.columns:
-        return np.zeros(len(df), dtype=bool)
-    return df[COLUMN].notna().to_numpy(dtype=bool)
-
-
 def _conversation_summary(df: pd.DataFrame, kept: np.ndarray) -> str:
-    multi = multi_turn(df)
+    multi = has_messages(df)
     return f"{int(multi.sum())} multi-turn conversations ({int((multi & kept).sum())} kept)."
 
 

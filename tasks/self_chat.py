@@ -182,12 +182,8 @@ async def extend_one(model: Model, messages: list[Message], index: int, cfg: Sel
 
 
 def row_messages(rows: pd.DataFrame, i: int) -> list[Message] | None:
-    """Row i's `messages` (a pandas cell: null, NaN, or a list or array of turns) as a list, or None."""
-    if conversation.COLUMN not in rows.columns:
-        return None
-    value = rows[conversation.COLUMN].iat[i]
-    return None if not isinstance(value, (list, np.ndarray)) else [{"role": m["role"], "content": m["content"]}
-                                                                  for m in value]
+    """Row i's `messages` as a list, or None (no column, or a one-exchange row)."""
+    return conversation.as_messages(rows[conversation.COLUMN].iat[i]) if conversation.COLUMN in rows.columns else None
 
 
 def eligible_rows(rows: pd.DataFrame, cfg: SelfChatConfig) -> list[int]:
