@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 COLUMN = "messages"
 ROLES = ("system", "user", "assistant")
@@ -158,6 +159,21 @@ def assistant_turns(messages: Iterable[Message]) -> list[str]:
 def turn_count(messages: Sequence[Message] | None) -> int:
     """Assistant turns in a conversation: 1 for a row without `messages`."""
     return 1 if messages is None else sum(1 for m in messages if m["role"] == "assistant")
+
+
+def turn_counts(messages: pa.Array | pa.ChunkedArray | None, n: int) -> np.ndarray:
+    """Assistant turns per row of a `messages` column (`turn_count`, column-wise): 1 for a row without."""
+    turns = np.ones(n, dtype=np.int64)
+    if messages is None:
+        return turns
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks()
+    counts = np.asarray(pc.list_value_length(messages).fill_null(0), dtype=np.int64)
+    parent = np.repeat(np.arange(n), counts)  # list_flatten skips null rows, as counts does
+    answers = np.asarray(pc.equal(pc.list_flatten(messages).field("role"), "assistant"), dtype=bool)
+    valid = np.asarray(messages.is_valid(), dtype=bool)
+    turns[valid] = np.bincount(parent[answers], minlength=n)[valid]
+    return turns
 
 
 def transcript(messages: Iterable[Message]) -> str:

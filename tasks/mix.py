@@ -288,21 +288,6 @@ def split_eval(codes: np.ndarray, names: list[str], groups: np.ndarray, cfg: Mix
     return chosen[groups]
 
 
-def turn_counts(messages: pa.Array | pa.ChunkedArray | None, n: int) -> np.ndarray:
-    """Assistant turns per row (conversation.turn_count, column-wise): 1 for a row without `messages`."""
-    turns = np.ones(n, dtype=np.int64)
-    if messages is None:
-        return turns
-    if isinstance(messages, pa.ChunkedArray):
-        messages = messages.combine_chunks()
-    counts = np.asarray(pc.list_value_length(messages).fill_null(0), dtype=np.int64)
-    parent = np.repeat(np.arange(n), counts)  # list_flatten skips null rows, as counts does
-    answers = np.asarray(pc.equal(pc.list_flatten(messages).field("role"), "assistant"), dtype=bool)
-    valid = np.asarray(messages.is_valid(), dtype=bool)
-    turns[valid] = np.bincount(parent[answers], minlength=n)[valid]
-    return turns
-
-
 def _messages_of(df: pd.DataFrame) -> pa.Array | None:
     if conversation.COLUMN not in df:
         return None
@@ -364,7 +349,7 @@ def _draw_rows(df: pd.DataFrame, cfg: MixConfig, messages: pa.Array | pa.Chunked
 
     name_array = np.asarray(names, dtype=object)
     train_rows = kept_pos[pool_pos[picked]]
-    turns = turn_counts(messages, len(df))[train_rows]
+    turns = conversation.turn_counts(messages, len(df))[train_rows]
     multi = np.zeros(len(df), dtype=bool) if messages is None else np.asarray(messages.is_valid(), dtype=bool)
     source_turns = np.bincount(all_codes[train_rows], weights=turns, minlength=len(names)).astype(np.int64)
     source_multi = np.bincount(all_codes[train_rows], weights=multi[train_rows], minlength=len(names)).astype(np.int64)

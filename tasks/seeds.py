@@ -30,7 +30,6 @@ row) it was found on.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -390,12 +389,9 @@ READERS = {"self_instruct": read_self_instruct_jsonl, "alpaca": read_alpaca, "ta
 
 
 def turns_histogram(messages: pa.ChunkedArray) -> dict[str, int]:
-    """{assistant turns: rows}: a row without `messages` is one turn; a conversation is counted row by row
-    (`conversation.turn_count`), and only the conversations are."""
-    counts = Counter(conversation.turn_count(m) for m in messages.filter(pc.is_valid(messages)).to_pylist())
-    if messages.null_count:
-        counts[1] += messages.null_count
-    return {str(t): counts[t] for t in sorted(counts)}
+    """{assistant turns: rows}: a row without `messages` is one turn."""
+    turns, rows = np.unique(conversation.turn_counts(messages, len(messages)), return_counts=True)
+    return {str(t): int(n) for t, n in zip(turns.tolist(), rows.tolist())}
 
 
 def load_seeds(cfg: SeedsConfig, base_dir: Path = Path(".")) -> tuple[pa.Table, dict[str, Any]]:
